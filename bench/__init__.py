@@ -1,0 +1,1 @@
+"""Microbenchmarks of topn_kernels (``make bench`` / ``python -m bench``)."""

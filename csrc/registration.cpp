@@ -1,0 +1,20 @@
+// Schemas of the topn_kernels operators. Implementations register per device
+// (csrc/cpu/*.cpp); fake kernels and autograd are registered from Python
+// (topn_kernels/native/topn_create.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(topn_kernels, m) {
+  // Top-n creation (DESIGN 3.1). n: (B,) int64 set sizes; outputs x (B, n_max, d),
+  // mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding), weight (B, n_max).
+  m.def(
+      "topn_create(Tensor query, Tensor angles, Tensor table, Tensor bias, Tensor n, "
+      "Tensor film, SymInt n_max, str score_norm, bool sorted) "
+      "-> (Tensor x, Tensor mask, Tensor index, Tensor weight)");
+  // Gradients of topn_create for query, angles, table, bias, film, given the upstream
+  // gradients of x and weight and the index the forward produced.
+  m.def(
+      "topn_create_backward(Tensor grad_x, Tensor grad_weight, Tensor query, Tensor angles, "
+      "Tensor table, Tensor bias, Tensor film, Tensor index, str score_norm) "
+      "-> (Tensor grad_query, Tensor grad_angles, Tensor grad_table, Tensor grad_bias, "
+      "Tensor grad_film)");
+}

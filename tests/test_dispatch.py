@@ -1,0 +1,98 @@
+"""Backend selection (DESIGN 4) and the package without its C++ extension."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from topn_kernels.ops import _dispatch
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+
+
+def test_auto_picks_native_on_cpu():
+    assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "native"
+
+
+def test_auto_falls_back_to_reference_once_with_a_warning():
+    with pytest.warns(RuntimeWarning, match="'triton' unavailable"):
+        assert _dispatch.resolve("topn_create", "topn_create", "auto", CUDA) == "reference"
+    with pytest.warns(RuntimeWarning, match="'keops' unavailable"):
+        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
+    with warnings_as_errors():  # the same reason is not repeated
+        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
+
+
+def test_explicit_backend_that_cannot_run_is_an_error():
+    with pytest.raises(ValueError, match="native backend runs on CPU"):
+        _dispatch.resolve("topn_create", "topn_create", "native", CUDA)
+    with pytest.raises(NotImplementedError, match="keops"):
+        _dispatch.resolve("sinkhorn_loss", "losses", "keops", CPU)
+
+
+def test_environment_variable_replaces_auto_only(monkeypatch):
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
+    assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "reference"
+    assert _dispatch.resolve("topn_create", "topn_create", "native", CPU) == "native"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=_dispatch.ENV_VAR):
+        _dispatch.resolve("topn_create", "topn_create", "auto", CPU)
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def test_package_imports_without_the_extension():
+    """With topn_kernels._C hidden, the package imports, native says why it is missing,
+    auto falls back to the reference and an explicit native request is an error."""
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys, warnings
+
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "topn_kernels._C":
+                    raise ModuleNotFoundError(name)
+                return None
+
+        sys.meta_path.insert(0, Hide())
+        import torch, topn_kernels as tk
+        from topn_kernels import native
+        assert not native.AVAILABLE and "not built" in native.UNAVAILABLE_REASON
+        shapes = [(2, 3), (5, 3), (5, 4), (2, 4)]
+        args = (*[torch.randn(s) for s in shapes], 2, torch.randn(4, 4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = tk.topn_create(*args)
+        assert out.x.shape == (2, 2, 4) and "not built" in str(caught[0].message)
+        try:
+            tk.topn_create(*args, backend="native")
+        except RuntimeError as err:
+            assert "not built" in str(err)
+        else:
+            raise AssertionError("backend='native' ran without the extension")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

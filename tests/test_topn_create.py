@@ -1,0 +1,165 @@
+"""Equivalence of every topn_create backend with the reference (DESIGN 3.1, 5).
+
+One suite, parametrized by backend: forward (x, mask, index, weight) and gradients of
+query, angles, table, bias and film under a random upstream gradient of x and weight.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import topn_kernels as tk
+from topn_kernels import reference
+
+from .inputs import assert_close_scaled, random_sizes, topn_inputs
+
+BACKENDS = ["native"]
+
+# (B, n0, n, a, d); n is an int or (low, high) for per-set sizes
+CASES = [
+    pytest.param(3, 1, 1, 2, 4, id="B3-n0_1-n1"),
+    pytest.param(5, 37, 1, 3, 8, id="B5-n0_37-n1"),
+    pytest.param(5, 37, 37, 3, 8, id="B5-n0_37-n=n0"),
+    pytest.param(16, 70, (2, 35), 3, 16, id="B16-n0_70-n2..35"),
+    pytest.param(9, 100, (1, 100), 5, 33, id="B9-n0_100-n1..100"),
+    pytest.param(6, 257, 64, 8, 48, id="B6-n0_257-n64"),
+]
+
+FORWARD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def _sizes(n, batch):
+    return random_sizes(batch, *n, seed=batch) if isinstance(n, tuple) else n
+
+
+def _run(backend, inputs, n, **kwargs):
+    """Forward, then gradients of <x, gx> + <weight, gw> for seeded random gx, gw."""
+    out = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend, **kwargs)
+    g = torch.Generator().manual_seed(7)
+    gx = torch.randn(out.x.shape, generator=g).to(out.x.dtype)
+    gw = torch.randn(out.weight.shape, generator=g).to(out.weight.dtype)
+    grads = torch.autograd.grad((out.x * gx).sum() + (out.weight * gw).sum(), inputs)
+    return out, grads
+
+
+def _compare(out, grads, ref_out, ref_grads, fwd_rtol, grad_rtol):
+    assert torch.equal(out.mask, ref_out.mask)
+    assert torch.equal(out.index, ref_out.index)
+    assert out.x.dtype == ref_out.x.dtype and out.weight.dtype == ref_out.weight.dtype
+    assert_close_scaled(out.x, ref_out.x, fwd_rtol)
+    assert_close_scaled(out.weight, ref_out.weight, fwd_rtol)
+    for name, got, want in zip(
+        ("query", "angles", "table", "bias", "film"), grads, ref_grads, strict=True
+    ):
+        assert got.dtype == want.dtype, name
+        assert_close_scaled(got, want, grad_rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sorted", [True, False], ids=["sorted", "by_index"])
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+@pytest.mark.parametrize(("B", "n0", "n", "a", "d"), CASES)
+def test_matches_reference(backend, dtype, sorted, score_norm, B, n0, n, a, d):
+    inputs = topn_inputs(B, n0, a, d, dtype=dtype, ties=True, requires_grad=True)
+    n = _sizes(n, B)
+    kwargs = {"score_norm": score_norm, "sorted": sorted}
+    out, grads = _run(backend, inputs, n, **kwargs)
+    ref_out, ref_grads = _run("reference", inputs, n, **kwargs)
+    _compare(out, grads, ref_out, ref_grads, FORWARD_RTOL[dtype], GRAD_RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+def test_low_precision_matches_reference(backend, dtype, score_norm):
+    """Both compute in fp32 and round once: results agree to one unit in the last place."""
+    inputs = topn_inputs(12, 70, 3, 32, dtype=dtype, ties=True, requires_grad=True)
+    n = random_sizes(12, 2, 35)
+    out, grads = _run(backend, inputs, n, score_norm=score_norm)
+    ref_out, ref_grads = _run("reference", inputs, n, score_norm=score_norm)
+    ulp = torch.finfo(dtype).eps
+    _compare(out, grads, ref_out, ref_grads, ulp, ulp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_longer_than_the_reference_set(backend):
+    """n_max may exceed every n_b and even n0: the extra rows are padding."""
+    inputs = topn_inputs(4, 5, 3, 6, requires_grad=True)
+    n = torch.tensor([1, 5, 3, 2])
+    out, grads = _run(backend, inputs, n, n_max=9)
+    ref_out, ref_grads = _run("reference", inputs, n, n_max=9)
+    assert out.x.shape == (4, 9, 6)
+    assert torch.equal(out.mask.sum(1), n)
+    assert (out.index[~out.mask] == -1).all() and (out.weight[~out.mask] == 0).all()
+    assert (out.x[~out.mask] == 0).all()
+    _compare(out, grads, ref_out, ref_grads, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_go_to_the_smaller_index(backend):
+    """Identical angle rows score equally: the smaller index ranks first, in both orders."""
+    query, angles, table, bias, film = topn_inputs(2, 6, 3, 4)
+    angles[:] = angles[0]  # every score equal
+    for sorted in (True, False):
+        out = tk.topn_create(query, angles, table, bias, 4, film, sorted=sorted, backend=backend)
+        assert out.index.tolist() == [[0, 1, 2, 3]] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sorted_false_is_the_same_selection_by_index(backend):
+    inputs = topn_inputs(8, 50, 4, 8)
+    n = random_sizes(8, 1, 50)
+    by_score = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend)
+    by_index = tk.topn_create(*inputs[:4], n, inputs[4], sorted=False, backend=backend)
+    for b in range(8):
+        chosen = by_score.index[b, : n[b]]
+        assert by_index.index[b, : n[b]].tolist() == sorted(chosen.tolist())
+        scores = by_score.weight[b, : n[b]]
+        assert (scores[:-1] >= scores[1:]).all()  # decreasing weight = decreasing score
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_input_gives_nan_not_a_crash(backend):
+    query, angles, table, bias, film = topn_inputs(3, 20, 3, 5)
+    query[1, 0] = float("nan")
+    angles[7, 2] = float("nan")
+    out = tk.topn_create(query, angles, table, bias, 6, film, backend=backend)
+    ref = reference.topn_create(query, angles, table, bias, 6, film)
+    assert out.x[1].isnan().all() and out.weight[1].isnan().all()
+    assert ((out.index >= 0) & (out.index < 20)).all()
+    torch.testing.assert_close(out.x, ref[0], equal_nan=True)
+    assert torch.equal(out.index, ref[2])
+
+
+def test_native_is_deterministic_across_runs_and_thread_counts():
+    inputs = topn_inputs(64, 300, 3, 32, ties=True, requires_grad=True)
+    n = random_sizes(64, 1, 300)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (threads, threads, 1):
+            torch.set_num_threads(num_threads)
+            for score_norm in ("selected", "all"):
+                out, grads = _run("native", inputs, n, score_norm=score_norm)
+                results.append((num_threads, score_norm, [*out, *grads]))
+    finally:
+        torch.set_num_threads(threads)
+    first = {sn: tensors for _, sn, tensors in results[:2]}
+    for _, score_norm, tensors in results[2:]:
+        for got, want in zip(tensors, first[score_norm], strict=True):
+            assert torch.equal(got, want)
+
+
+def test_native_indexes_past_int32():
+    """x has more than 2^31 elements: the last set's rows land where the reference puts them."""
+    batch, n0, d = 1025, 1024, 2048
+    assert batch * n0 * d > 2**31
+    query, angles, table, bias, film = topn_inputs(batch, n0, 3, d, dtype=torch.float16)
+    out = tk.topn_create(query, angles, table, bias, n0, film, backend="native")
+    for b in (0, batch - 1):
+        ref = reference.topn_create(query[b : b + 1], angles, table, bias[b : b + 1], n0, film)
+        assert torch.equal(out.index[b], ref[2][0])
+        assert_close_scaled(out.x[b], ref[0][0], torch.finfo(torch.float16).eps)

@@ -1,0 +1,28 @@
+"""topn_kernels: Top-n set creation and ragged set losses for one-shot set and graph generation.
+
+Operators (DESIGN.md section 3): :func:`topn_create`, :func:`chamfer_loss`,
+:func:`sinkhorn_loss`, :func:`repulsion_penalty`, :func:`valency_penalty`; creation layers in
+:mod:`topn_kernels.nn`; the pure-PyTorch oracle in :mod:`topn_kernels.reference`.
+"""
+
+from . import native
+from .ops import (
+    TopNOutput,
+    chamfer_loss,
+    repulsion_penalty,
+    sinkhorn_loss,
+    topn_create,
+    valency_penalty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TopNOutput",
+    "chamfer_loss",
+    "native",
+    "repulsion_penalty",
+    "sinkhorn_loss",
+    "topn_create",
+    "valency_penalty",
+]

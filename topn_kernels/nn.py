@@ -1,0 +1,125 @@
+"""Set creation layers (DESIGN 3.2): turn a latent vector into a padded set of points.
+
+Every module is called as ``module(z, n, n_max=None)`` with ``z`` (B, latent_dim) and ``n`` an
+int or an integer tensor (B,) of set sizes, and returns ``(x, mask)``: x (B, n_max, set_dim)
+with zero rows past each set's size, mask (B, n_max) bool. Only :class:`TopNCreation` can
+create sets larger than any seen in training (up to ``n_ref``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import _checks
+from .ops.topn_create import topn_create
+
+__all__ = ["FirstNCreation", "IIDCreation", "MLPCreation", "TopNCreation"]
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+def _sizes_and_mask(
+    z: Tensor, n: int | Tensor, n_max: int | None, capacity: int | None
+) -> tuple[Tensor, int]:
+    """The mask (B, n_max) of validated sizes n <= capacity (None: any), and n_max."""
+    z = _checks.float_tensor(z, "z", "(B, latent_dim)")
+    sizes, n_max = _checks.set_sizes(n, n_max, z.shape[0], capacity, "capacity", z.device)
+    mask = torch.arange(n_max, device=z.device)[None, :] < sizes[:, None]
+    return mask, n_max
+
+
+class TopNCreation(nn.Module):
+    """Top-n creation (paper section 4): a learned query picks the n most relevant points of
+    a trainable reference set of ``n_ref`` points, modulated by their scores (FiLM).
+
+    Parameters: ``angle_mlp`` (z -> query, paper eq. 5), ``angles`` (n_ref, angle_dim),
+    ``points`` R (n_ref, ref_dim), ``W1`` (ref_dim -> set_dim, no bias), ``W2`` (latent_dim ->
+    set_dim, with bias), ``film`` (4, set_dim) rows gamma_w, gamma_b, beta_w, beta_b, initialised
+    as the authors' two ``nn.Linear(1, set_dim)`` layers.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        set_dim: int,
+        n_ref: int,
+        angle_dim: int = 3,
+        ref_dim: int | None = None,
+        hidden: int = 32,
+        score_norm: str = "selected",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        ref_dim = set_dim if ref_dim is None else ref_dim
+        self.n_ref, self.score_norm, self.backend = n_ref, score_norm, backend
+        self.angle_mlp = _mlp(latent_dim, hidden, angle_dim)
+        self.angles = nn.Parameter(F.normalize(torch.randn(n_ref, angle_dim), dim=-1))
+        self.points = nn.Parameter(torch.randn(n_ref, ref_dim))
+        self.W1 = nn.Linear(ref_dim, set_dim, bias=False)
+        self.W2 = nn.Linear(latent_dim, set_dim)
+        self.film = nn.Parameter(torch.empty(4, set_dim).uniform_(-1.0, 1.0))
+
+    def forward(
+        self, z: Tensor, n: int | Tensor, n_max: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        table = self.W1(self.points)  # (n_ref, set_dim) = R W1, shared by every set
+        out = topn_create(
+            self.angle_mlp(z), self.angles, table, self.W2(z), n, self.film,
+            n_max=n_max, score_norm=self.score_norm, backend=self.backend,
+        )  # fmt: skip
+        return out.x, out.mask
+
+
+class FirstNCreation(nn.Module):
+    """First-n creation: the first n rows of a trainable set of ``n_max`` points, plus z W2."""
+
+    def __init__(self, latent_dim: int, set_dim: int, n_max: int) -> None:
+        super().__init__()
+        self.points = nn.Parameter(torch.randn(n_max, set_dim))
+        self.W2 = nn.Linear(latent_dim, set_dim)
+
+    def forward(
+        self, z: Tensor, n: int | Tensor, n_max: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        mask, n_max = _sizes_and_mask(z, n, n_max, self.points.shape[0])
+        points = F.pad(self.points[:n_max], (0, 0, 0, n_max - min(n_max, self.points.shape[0])))
+        x = points[None] + self.W2(z)[:, None, :]
+        return x.masked_fill(~mask[..., None], 0.0), mask
+
+
+class IIDCreation(nn.Module):
+    """i.i.d. creation: n standard normal points per set, plus z W2. Any size can be asked."""
+
+    def __init__(self, latent_dim: int, set_dim: int) -> None:
+        super().__init__()
+        self.set_dim = set_dim
+        self.W2 = nn.Linear(latent_dim, set_dim)
+
+    def forward(
+        self, z: Tensor, n: int | Tensor, n_max: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        mask, n_max = _sizes_and_mask(z, n, n_max, None)
+        noise = torch.randn(z.shape[0], n_max, self.set_dim, device=z.device, dtype=z.dtype)
+        x = noise + self.W2(z)[:, None, :]
+        return x.masked_fill(~mask[..., None], 0.0), mask
+
+
+class MLPCreation(nn.Module):
+    """MLP creation: an MLP maps z to ``n_max * set_dim`` values; a set keeps its first n rows."""
+
+    def __init__(self, latent_dim: int, set_dim: int, n_max: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.n_max, self.set_dim = n_max, set_dim
+        self.mlp = _mlp(latent_dim, hidden, n_max * set_dim)
+
+    def forward(
+        self, z: Tensor, n: int | Tensor, n_max: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        mask, n_max = _sizes_and_mask(z, n, n_max, self.n_max)
+        x = self.mlp(z).view(z.shape[0], self.n_max, self.set_dim)
+        x = F.pad(x[:, :n_max], (0, 0, 0, n_max - min(n_max, self.n_max)))
+        return x.masked_fill(~mask[..., None], 0.0), mask

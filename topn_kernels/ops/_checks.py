@@ -1,0 +1,130 @@
+"""Input validation shared by the public operators (DESIGN 5).
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
+device) with a message that names the argument, what was expected and what was received,
+before any kernel runs. Checks that read tensor values (set sizes, lengths) run in eager mode
+only: under ``torch.compile`` they would need a device sync and a graph break, so there the
+kernels' own bounds checks are the safety net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def float_tensor(value: object, name: str, shape: str) -> Tensor:
+    """A floating-point tensor whose number of dimensions matches ``shape`` (e.g. "(B, a)")."""
+    ndim = shape.count(",") + 1
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}"
+        )
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(value.shape)}")
+    return value
+
+
+def dim_equal(name: str, shape: tuple[int, ...], axis: int, expected: int, what: str) -> None:
+    if shape[axis] != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(shape)}: its dim {axis} must equal {what} = {expected}"
+        )
+
+
+def same_dtype(tensors: dict[str, Tensor]) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {ref.dtype}: mixed dtypes")
+
+
+def same_device(tensors: dict[str, Tensor]) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}")
+
+
+def choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def integer(value: object, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and _eager() and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def int_vector(value: Tensor, name: str, batch: int, device: torch.device) -> Tensor:
+    """An integer tensor (B,) (or 0-d, broadcast) on ``device``, returned as int64 (B,)."""
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+    return value.to(torch.int64).expand(batch).contiguous()
+
+
+def values_in_range(value: Tensor, name: str, low: int, high: int | None, high_name: str) -> None:
+    """Every entry of ``value`` in [low, high] (high None: no upper bound); eager mode only."""
+    if _eager() and value.numel() > 0:
+        lo, hi = int(value.min()), int(value.max())
+        if lo < low or (high is not None and hi > high):
+            bad = lo if lo < low else hi
+            upper = "" if high is None else f", {high_name}={high}"
+            raise ValueError(f"{name} must be in [{low}{upper}], got {bad}")
+
+
+def set_sizes(
+    n: object, n_max: object, batch: int, upper: int | None, upper_name: str, device: torch.device
+) -> tuple[Tensor, int]:
+    """Set sizes ``n`` (int or integer tensor (B,)), each in [1, upper] (None: no upper bound),
+    and the padded length ``n_max`` (default: the largest size; else >= every size).
+    Returns (sizes int64 (B,), n_max)."""
+    if isinstance(n, Tensor):
+        sizes = int_vector(n, "n", batch, device)
+        values_in_range(sizes, "n", 1, upper, upper_name)
+        if n_max is None:
+            return sizes, (int(sizes.max()) if batch > 0 else 0)
+        integer(n_max, "n_max", minimum=0)
+        values_in_range(sizes, "n", 1, n_max, "n_max")
+        return sizes, n_max
+    n = integer(n, "n")
+    if _eager() and (n < 1 or (upper is not None and n > upper)):
+        upper_text = "" if upper is None else f", {upper_name}={upper}"
+        raise ValueError(f"n must be in [1{upper_text}], got {n}")
+    if n_max is None:
+        n_max = n
+    elif _eager() and integer(n_max, "n_max") < n:
+        raise ValueError(f"n_max must be >= n = {n}, got {n_max}")
+    return torch.full((batch,), n, dtype=torch.int64, device=device), n_max

@@ -1,0 +1,79 @@
+"""Backend selection (DESIGN 4).
+
+``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
+native extension on CPU for ``topn_create``, KeOps for the losses. When that backend is not
+available the call runs the reference instead and warns once, naming the reason. The
+environment variable ``TOPN_KERNELS_BACKEND`` replaces ``"auto"`` (an explicit ``backend=``
+argument wins). An explicitly requested backend that cannot run is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .. import native
+from . import _checks
+
+ENV_VAR = "TOPN_KERNELS_BACKEND"
+
+# backends each operator family accepts, besides "auto"
+BACKENDS = {
+    "topn_create": ("reference", "native", "triton"),
+    "losses": ("reference", "keops"),
+}
+
+_NOT_YET = {
+    "triton": "the Triton kernels are not implemented yet",
+    "keops": "the KeOps losses are not implemented yet",
+}
+
+_warned: set[str] = set()
+
+
+def _preferred(family: str, device: torch.device) -> str:
+    if family == "losses":
+        return "keops"
+    return "triton" if device.type == "cuda" else "native"
+
+
+def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], str] | None:
+    """Why ``backend`` cannot run on ``device`` (exception type and reason), or None."""
+    if backend in _NOT_YET:
+        return NotImplementedError, _NOT_YET[backend]
+    if backend == "native":
+        if device.type != "cpu":
+            return ValueError, f"the native backend runs on CPU tensors, got {device} tensors"
+        if not native.AVAILABLE:
+            return RuntimeError, str(native.UNAVAILABLE_REASON)
+    return None
+
+
+def resolve(op: str, family: str, backend: object, device: torch.device) -> str:
+    """The backend that runs ``op`` (of ``family``) on ``device`` for the requested ``backend``."""
+    allowed = BACKENDS[family]
+    backend = _checks.choice(backend, "backend", ("auto", *allowed))
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR)
+        if forced:
+            backend = _checks.choice(forced, ENV_VAR, ("auto", *allowed))
+    if backend != "auto":
+        problem = _unavailable(backend, device)
+        if problem is not None:
+            error, reason = problem
+            raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
+        return backend
+
+    wanted = _preferred(family, device)
+    problem = _unavailable(wanted, device)
+    if problem is None:
+        return wanted
+    message = (
+        f"{op}: backend 'auto' falls back to 'reference': {wanted!r} unavailable ({problem[1]})"
+    )
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return "reference"

@@ -1,0 +1,100 @@
+"""Public ``topn_create``: validation, then the reference or the native kernel (DESIGN 3.1)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from .. import native, reference
+from . import _checks, _dispatch
+
+__all__ = ["TopNOutput", "topn_create"]
+
+
+class TopNOutput(NamedTuple):
+    """Result of :func:`topn_create`; B sets, n_max slots, d features."""
+
+    x: Tensor
+    """(B, n_max, d), input dtype: the created points, rows past n_b are 0."""
+    mask: Tensor
+    """(B, n_max) bool: True on real points."""
+    index: Tensor
+    """(B, n_max) int64: the selected reference points sigma, -1 on padding."""
+    weight: Tensor
+    """(B, n_max), input dtype: the weights m, 0 on padding."""
+
+
+def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted):
+    query = _checks.float_tensor(query, "query", "(B, a)")
+    angles = _checks.float_tensor(angles, "angles", "(n0, a)")
+    table = _checks.float_tensor(table, "table", "(n0, d)")
+    bias = _checks.float_tensor(bias, "bias", "(B, d)")
+    film = _checks.float_tensor(film, "film", "(4, d)")
+    floats = {"query": query, "angles": angles, "table": table, "bias": bias, "film": film}
+    _checks.same_dtype(floats)
+    _checks.same_device(floats)
+    batch, a = query.shape
+    n0, d = table.shape
+    _checks.dim_equal("angles", angles.shape, 1, a, "the angle dim a of query")
+    _checks.dim_equal("table", table.shape, 0, angles.shape[0], "the n0 of angles")
+    _checks.dim_equal("bias", bias.shape, 0, batch, "the batch size B of query")
+    _checks.dim_equal("bias", bias.shape, 1, d, "the feature dim d of table")
+    _checks.dim_equal("film", film.shape, 0, 4, "4 (gamma_w, gamma_b, beta_w, beta_b)")
+    _checks.dim_equal("film", film.shape, 1, d, "the feature dim d of table")
+    _checks.choice(score_norm, "score_norm", ("selected", "all"))
+    _checks.flag(sorted, "sorted")
+    return _checks.set_sizes(n, n_max, batch, n0, "n0", query.device)
+
+
+def topn_create(
+    query: Tensor,
+    angles: Tensor,
+    table: Tensor,
+    bias: Tensor,
+    n: int | Tensor,
+    film: Tensor,
+    *,
+    n_max: int | None = None,
+    score_norm: str = "selected",
+    sorted: bool = True,
+    backend: str = "auto",
+) -> TopNOutput:
+    """Top-n creation (Vignac & Frossard 2022, eqs. 5-10; DESIGN 3.1).
+
+    Per set b: score every reference angle by its cosine with the query, keep the ``n_b``
+    best (equal scores by increasing index), weight them by a softmax of their scores, and
+    return ``x_bj = h_bj * (m_bj gamma_w + gamma_b) + (m_bj beta_w + beta_b)`` with
+    ``h_bj = table[sigma_bj] + bias_b``.
+
+    Args:
+        query: (B, a) angle query, ``MLP(z)``.
+        angles: (n0, a) reference angles.
+        table: (n0, d) reference points times the first linear map, ``R @ W1``.
+        bias: (B, d) per-set additive term, ``z @ W2 + b``.
+        n: int, or integer tensor (B,) of set sizes, each in [1, n0].
+        film: (4, d) rows gamma_w, gamma_b, beta_w, beta_b.
+        n_max: padded length of the output, >= every n_b (default: max n_b). Pass it when
+            ``n`` is a tensor under ``torch.compile``: computing it reads ``n``.
+        score_norm: "selected" (softmax over the selected scores, paper eq. 8) or "all"
+            (``n_b * softmax`` over all n0 scores, as the authors' code).
+        sorted: selected points in decreasing score order (True) or increasing index (False).
+        backend: "auto", "reference", "native" (CPU) or "triton" (see DESIGN 4).
+
+    Returns:
+        :class:`TopNOutput` ``(x, mask, index, weight)``. float16/bfloat16/float32/float64
+        inputs (one dtype for all); computed in float32 (float64 for float64), returned in the
+        input dtype. Gradients reach query, angles, table, bias and film.
+    """
+    sizes, n_max = _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted)
+    chosen = _dispatch.resolve("topn_create", "topn_create", backend, query.device)
+    if chosen == "native":
+        out = native.topn_create.topn_create(
+            query, angles, table, bias, sizes, film, n_max, score_norm, sorted
+        )
+    else:
+        out = reference.topn_create(
+            query, angles, table, bias, sizes, film,
+            n_max=n_max, score_norm=score_norm, sorted=sorted,
+        )  # fmt: skip
+    return TopNOutput(*out)

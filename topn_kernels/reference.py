@@ -1,0 +1,297 @@
+"""Pure-PyTorch oracle of every operator (DESIGN.md section 3).
+
+Plain, differentiable PyTorch, written to be read and trusted rather than to be fast. Tests
+and benchmarks compare every backend with these functions; ``backend="reference"`` runs them.
+This module imports nothing else of the package and does no input validation (the public
+functions in :mod:`topn_kernels.ops` do); it computes in float32 (float64 for float64 inputs)
+and returns results in the input dtype.
+
+Padded sets: rows past a set's length are replaced by zeros before any arithmetic, so whatever
+the padding holds (NaN included) never reaches a value or a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "chamfer_loss",
+    "repulsion_penalty",
+    "sinkhorn_loss",
+    "topn_create",
+    "valency_penalty",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sizes(n: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    """Set sizes as an int64 tensor (B,)."""
+    if isinstance(n, Tensor):
+        return n.to(device=device, dtype=torch.int64).expand(batch)
+    return torch.full((batch,), int(n), dtype=torch.int64, device=device)
+
+
+def _point_mask(lengths: Tensor | None, batch: int, size: int, device: torch.device) -> Tensor:
+    """(B, size) bool, True on the real points of each set."""
+    if lengths is None:
+        return torch.ones(batch, size, dtype=torch.bool, device=device)
+    return torch.arange(size, device=device)[None, :] < lengths.to(device)[:, None]
+
+
+def _real_points(x: Tensor, mask: Tensor) -> Tensor:
+    """x in the compute dtype with its padding rows set to 0."""
+    return torch.where(mask[..., None], x.to(_compute_dtype(x.dtype)), 0.0)
+
+
+def _reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
+    if batch_reduction == "mean":
+        return values.mean()
+    if batch_reduction == "sum":
+        return values.sum()
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-n creation (DESIGN 3.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def topn_create(
+    query: Tensor,
+    angles: Tensor,
+    table: Tensor,
+    bias: Tensor,
+    n: int | Tensor,
+    film: Tensor,
+    *,
+    n_max: int | None = None,
+    score_norm: str = "selected",
+    sorted: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-n creation; returns ``(x, mask, index, weight)`` as DESIGN 3.1.
+
+    query (B, a), angles (n0, a), table (n0, d), bias (B, d), film (4, d); n an int or (B,).
+    x (B, n_max, d), mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding),
+    weight (B, n_max) (0 on padding).
+    """
+    out_dtype = query.dtype
+    ct = _compute_dtype(out_dtype)
+    query, angles, table, bias, film = (t.to(ct) for t in (query, angles, table, bias, film))
+    batch, n0 = query.shape[0], angles.shape[0]
+    sizes = _sizes(n, batch, query.device)
+    if n_max is None:
+        n_max = int(sizes.max()) if batch > 0 else 0
+
+    # 1. cosine scores (B, n0)
+    scores = F.normalize(query, dim=-1) @ F.normalize(angles, dim=-1).T
+    # 2. ranking: decreasing score; a stable sort keeps equal scores in increasing index order
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    mask = torch.arange(n_max, device=query.device)[None, :] < sizes[:, None]
+    top = F.pad(order[:, : min(n_max, n0)], (0, max(n_max - n0, 0)))  # (B, n_max)
+    if not sorted:  # the same selection, in increasing index order (padding n0 sorts last)
+        top = torch.where(mask, top, n0).sort(dim=-1).values
+        top = torch.where(mask, top, 0)
+    index = torch.where(mask, top, -1)
+
+    # 3. weights of the selected points
+    if score_norm == "selected":
+        weight = torch.softmax(scores.gather(1, top).masked_fill(~mask, -math.inf), dim=-1)
+    else:  # "all": n_b * softmax over all n0 scores, read at the selected points
+        weight = sizes[:, None].to(ct) * torch.softmax(scores, dim=-1).gather(1, top)
+    weight = weight.masked_fill(~mask, 0.0)
+
+    # 4-5. gather, add the per-set bias, FiLM; padding rows are 0
+    h = table[top] + bias[:, None, :]
+    m = weight[..., None]
+    x = h * (m * film[0] + film[1]) + (m * film[2] + film[3])
+    x = x.masked_fill(~mask[..., None], 0.0)
+    return x.to(out_dtype), mask, index, weight.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (DESIGN 3.3)
+# ---------------------------------------------------------------------------------------------
+
+
+def chamfer_loss(
+    x: Tensor,
+    y: Tensor,
+    x_lengths: Tensor | None = None,
+    y_lengths: Tensor | None = None,
+    *,
+    point_reduction: str = "mean",
+    batch_reduction: str = "mean",
+    return_index: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Chamfer distance between padded sets x (B, N, D) and y (B, M, D).
+
+    ``red_i min_j |x_i - y_j|^2 + red_j min_i |x_i - y_j|^2`` per set, squared distances summed
+    over channels, ``red`` the mean or sum over the set's own points. With ``return_index`` also
+    returns the nearest-neighbour indices x->y (B, N) and y->x (B, M), -1 on padding.
+    """
+    out_dtype = x.dtype
+    batch, n, m = x.shape[0], x.shape[1], y.shape[1]
+    x_mask = _point_mask(x_lengths, batch, n, x.device)
+    y_mask = _point_mask(y_lengths, batch, m, x.device)
+    x, y = _real_points(x, x_mask), _real_points(y, y_mask)
+
+    d2 = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)  # (B, N, M)
+    d2 = d2.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), math.inf)
+    x_dist, x_index = d2.min(dim=2)  # nearest y of each x
+    y_dist, y_index = d2.min(dim=1)  # nearest x of each y
+    x_term = x_dist.masked_fill(~x_mask, 0.0).sum(1)
+    y_term = y_dist.masked_fill(~y_mask, 0.0).sum(1)
+    if point_reduction == "mean":
+        x_term = x_term / x_mask.sum(1)
+        y_term = y_term / y_mask.sum(1)
+    loss = _reduce_batch(x_term + y_term, batch_reduction).to(out_dtype)
+    if return_index:
+        return loss, torch.where(x_mask, x_index, -1), torch.where(y_mask, y_index, -1)
+    return loss
+
+
+def _diameter(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor) -> float:
+    """Diagonal of the bounding box of the real points of the whole batch (geomloss's rule)."""
+    pts = torch.cat([x.flatten(0, 1), y.flatten(0, 1)]).detach()
+    real = torch.cat([x_mask.flatten(), y_mask.flatten()])[:, None]
+    lo = pts.masked_fill(~real, math.inf).amin(0)
+    hi = pts.masked_fill(~real, -math.inf).amax(0)
+    return float((hi - lo).norm())
+
+
+def _epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> list[float]:
+    """geomloss's eps-scaling: diameter^p, then down by scaling^p per step, to blur^p.
+
+    The schedule starts at max(diameter, blur): a zero or non-finite diameter (identical or
+    NaN clouds) then gives a short, valid schedule instead of log(0) or NaN steps.
+    """
+    if not math.isfinite(diameter) or diameter < blur:
+        diameter = blur
+    steps = np.arange(p * np.log(diameter), p * np.log(blur), p * np.log(scaling))
+    return [diameter**p] + [float(np.exp(e)) for e in steps] + [blur**p]
+
+
+def sinkhorn_loss(
+    x: Tensor,
+    y: Tensor,
+    x_lengths: Tensor | None = None,
+    y_lengths: Tensor | None = None,
+    *,
+    p: int = 2,
+    blur: float = 0.05,
+    scaling: float = 0.5,
+    diameter: float | None = None,
+    debias: bool = True,
+    batch_reduction: str = "mean",
+) -> Tensor:
+    """Debiased Sinkhorn divergence between uniform measures on padded sets (dense, log domain).
+
+    geomloss's conventions: cost |x-y|^2 / 2 (p=2), eps = blur^p, eps-scaling from diameter^p
+    to blur^p by scaling^p, symmetric (averaged) updates, ``S = OT(a,b) - OT(a,a)/2 -
+    OT(b,b)/2`` written with the dual potentials. The iterations run without autograd; the
+    gradient comes from one last extrapolation step under autograd, with the potentials held
+    fixed (envelope theorem), as geomloss does. ``diameter=None``: the bounding-box diagonal of
+    the real points of the batch. Returns (B,) or its mean/sum.
+    """
+    if p != 2:
+        raise ValueError(f"sinkhorn_loss: only p=2 is implemented, got p={p}")
+    out_dtype = x.dtype
+    batch, n, m = x.shape[0], x.shape[1], y.shape[1]
+    x_mask = _point_mask(x_lengths, batch, n, x.device)
+    y_mask = _point_mask(y_lengths, batch, m, x.device)
+    x, y = _real_points(x, x_mask), _real_points(y, y_mask)
+    if diameter is None:
+        diameter = _diameter(x, y, x_mask, y_mask)
+    eps_list = _epsilon_schedule(p, diameter, blur, scaling)
+
+    # uniform weights on the real points; log-weight -inf on padding removes it from every sum
+    a = x_mask / x_mask.sum(1, keepdim=True).to(x.dtype)
+    b = y_mask / y_mask.sum(1, keepdim=True).to(x.dtype)
+    a_log, b_log = a.log(), b.log()
+
+    def cost(u: Tensor, v: Tensor) -> Tensor:  # (B, I, J): |u_i - v_j|^2 / 2
+        return ((u[:, :, None, :] - v[:, None, :, :]) ** 2).sum(-1) / 2
+
+    def softmin(eps: float, c: Tensor, h: Tensor) -> Tensor:  # -eps log sum_j exp(h_j - c_ij/eps)
+        return -eps * torch.logsumexp(h[:, None, :] - c / eps, dim=2)
+
+    # geomloss differentiates C(x, y) through its first argument only
+    c_xy, c_yx = cost(x, y.detach()), cost(y, x.detach())
+    c_xx, c_yy = cost(x, x.detach()), cost(y, y.detach())
+
+    with torch.no_grad():
+        eps = eps_list[0]
+        f_ba, g_ab = softmin(eps, c_xy, b_log), softmin(eps, c_yx, a_log)
+        f_aa, g_bb = softmin(eps, c_xx, a_log), softmin(eps, c_yy, b_log)
+        for eps in eps_list:
+            ft_ba = softmin(eps, c_xy, b_log + g_ab / eps)
+            gt_ab = softmin(eps, c_yx, a_log + f_ba / eps)
+            ft_aa = softmin(eps, c_xx, a_log + f_aa / eps)
+            gt_bb = softmin(eps, c_yy, b_log + g_bb / eps)
+            f_ba, g_ab = (f_ba + ft_ba) / 2, (g_ab + gt_ab) / 2
+            f_aa, g_bb = (f_aa + ft_aa) / 2, (g_bb + gt_bb) / 2
+
+    eps = eps_list[-1]  # last extrapolation, under autograd
+    f_ba, g_ab = (
+        softmin(eps, c_xy, (b_log + g_ab / eps).detach()),
+        softmin(eps, c_yx, (a_log + f_ba / eps).detach()),
+    )
+    if debias:
+        f_aa = softmin(eps, c_xx, (a_log + f_aa / eps).detach())
+        g_bb = softmin(eps, c_yy, (b_log + g_bb / eps).detach())
+        f_ba, g_ab = f_ba - f_aa, g_ab - g_bb
+    value = torch.where(x_mask, a * f_ba, 0.0).sum(1) + torch.where(y_mask, b * g_ab, 0.0).sum(1)
+    return _reduce_batch(value, batch_reduction).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise penalties (paper appendix D.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pairwise_distances(x: Tensor) -> Tensor:
+    """(B, N, N) Euclidean distances; the gradient at a zero distance is 0, not NaN."""
+    return torch.linalg.vector_norm(x[:, :, None, :] - x[:, None, :, :], dim=-1)
+
+
+def repulsion_penalty(x: Tensor, lengths: Tensor | None = None, *, min_dist: float = 1.0) -> Tensor:
+    """Per set, ``sum_{i<j} relu(min_dist - |x_i - x_j|)``; x (B, N, D) -> (B,)."""
+    out_dtype = x.dtype
+    batch, n = x.shape[0], x.shape[1]
+    mask = _point_mask(lengths, batch, n, x.device)
+    x = _real_points(x, mask)
+    pairs = mask[:, :, None] & mask[:, None, :]
+    pairs = pairs & torch.ones(n, n, dtype=torch.bool, device=x.device).triu(diagonal=1)
+    penalty = torch.relu(min_dist - _pairwise_distances(x))
+    return torch.where(pairs, penalty, 0.0).sum((1, 2)).to(out_dtype)
+
+
+def valency_penalty(
+    x: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    neighbor_dist: float = 2.0,
+    max_valency: int = 4,
+) -> Tensor:
+    """Per set, ``sum_i relu(s_i0 - neighbor_dist) + sum_{k >= max_valency} relu(neighbor_dist -
+    s_ik)``, s_i the sorted distances from point i to the other points of its set; (B,).
+    A set of one point contributes 0.
+    """
+    out_dtype = x.dtype
+    batch, n = x.shape[0], x.shape[1]
+    mask = _point_mask(lengths, batch, n, x.device)
+    x = _real_points(x, mask)
+    others = mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    s = _pairwise_distances(x).masked_fill(~others, math.inf).sort(dim=-1).values  # inf last
+    no_neighbor = torch.relu(s[..., 0] - neighbor_dist) if n > 0 else x.new_zeros(batch, 0)
+    too_many = torch.relu(neighbor_dist - s[..., max_valency:]).sum(-1)  # relu(-inf) = 0
+    counted = mask & (mask.sum(1, keepdim=True) >= 2)
+    return torch.where(counted, no_neighbor + too_many, 0.0).sum(1).to(out_dtype)
