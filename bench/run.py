@@ -1,29 +1,29 @@
-"""The benchmark runner: every case of every operator, a table, and a JSON of rows.
+"""The benchmark runner: every case of every operator, then a table, JSON rows and a plot.
 
     python -m bench [--quick] [--op topn_create] [--shape paper] [--out bench/results]
 
-Each row: op, provider, shape, direction, ms (median), ms_p20, ms_p80, gbps (forward only),
-pct_peak (gbps against a memory copy measured in the same run), device, versions, commit.
-Speed-ups are ratios against "eager" (the reference) and "compile" (torch.compile of the
-reference) measured in the same run.
+Writes <out>/latest.json (a list of rows: op, provider, shape, direction, ms, ms_p20, ms_p80,
+gbps, pct_peak, peak_bytes, params, device, versions, commit, date), <out>/latest.png, and a
+dated copy of both. GB/s is a forward's bytes over its median time; %peak compares it with a
+memory copy measured in the same run. "vs eager" and "vs compile" are speed-ups against the
+reference and torch.compile of the reference, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import importlib.metadata
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from . import timing
-from . import topn_create as topn_bench
-
-DIRECTIONS = ("fwd", "fwd+bwd")
+from . import memory, report, timing
+from .cases import OPS, all_cases
 
 
 def _device_name(device: torch.device) -> str:
@@ -42,64 +42,21 @@ def _versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for name in ("triton", "pykeops"):
         try:
-            out[name] = __import__(name).__version__
-        except ImportError:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
 
 
 def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-        return sha + ("+dirty" if dirty else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def run_topn_create(args, device, peak_gbps, common, progress) -> list[dict]:
-    rows = []
-    shapes = [s for s in topn_bench.SHAPES if args.shape in (None, s.name)]
-    for shape in shapes:
-        inputs, n, n_max, nbytes = topn_bench.make_case(shape, device)
-        for direction in DIRECTIONS:
-            for provider, fn in topn_bench.providers(device).items():
-                progress(f"topn_create {shape.name} {direction} {provider}")
-                call = topn_bench.make_call(fn, inputs, n, n_max, direction)
-                t = timing.time_fn(call, device, args.budget)
-                gbps = nbytes / (t.ms * 1e-3) / 1e9 if direction == "fwd" else None
-                rows.append({
-                    "op": "topn_create", "provider": provider, "shape": shape.name,
-                    "direction": direction, "ms": t.ms, "ms_p20": t.ms_p20, "ms_p80": t.ms_p80,
-                    "gbps": gbps, "pct_peak": None if gbps is None else 100 * gbps / peak_gbps,
-                    "params": {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a,
-                               "d": shape.d, "dtype": "float32"},
-                    **common,
-                })  # fmt: skip
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    base = {(r["op"], r["shape"], r["direction"], r["provider"]): r["ms"] for r in rows}
-    header = ("op", "shape", "direction", "provider", "ms", "p20-p80", "GB/s", "%peak",
-              "vs eager", "vs compile")  # fmt: skip
-    lines = [header]
-    for r in rows:
-        key = (r["op"], r["shape"], r["direction"])
-        ratio = {p: base.get((*key, p), float("nan")) / r["ms"] for p in ("eager", "compile")}
-        lines.append((
-            r["op"], r["shape"], r["direction"], r["provider"], f"{r['ms']:.3f}",
-            f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}",
-            "" if r["gbps"] is None else f"{r['gbps']:.2f}",
-            "" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}",
-            f"{ratio['eager']:.2f}x", f"{ratio['compile']:.2f}x",
-        ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,32 +65,49 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--op", choices=["topn_create"], default=None, help="one operator only")
-    parser.add_argument("--shape", default=None, help="one named shape only")
-    parser.add_argument("--quick", action="store_true", help="short timing budget (smoke run)")
+    parser.add_argument("--op", choices=OPS, help="one operator only")
+    parser.add_argument("--shape", help="one named shape only")
+    parser.add_argument("--quick", action="store_true", help="a short timing budget: smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
-    args.budget = 0.1 if args.quick else 1.0
+    budget = 0.1 if args.quick else 1.0
     device = torch.device(args.device)
 
-    def progress(message: str) -> None:
-        print(f"  running {message} ...", file=sys.stderr, flush=True)
-
-    peak = timing.copy_bandwidth_gbps(device, args.budget)
+    cases = [c for c in all_cases(device)
+             if args.op in (None, c.op) and args.shape in (None, c.shape)]  # fmt: skip
+    if not cases:
+        parser.error(f"no case matches --op {args.op} --shape {args.shape}")
+    copy_gbps = timing.copy_bandwidth_gbps(device, budget)
     common = {
         "device": _device_name(device),
         "versions": _versions(),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": copy_gbps,
     }
-    print(f"device: {common['device']}; memory copy {peak:.1f} GB/s (read + write)")
-    rows = []
-    if args.op in (None, "topn_create"):
-        rows += run_topn_create(args, device, peak, common, progress)
+    print(f"{common['device']}: memory copy {copy_gbps:.1f} GB/s (bytes read + written)")
 
-    print(format_table(rows))
+    rows = []
+    for k, case in enumerate(cases, 1):
+        print(f"[{k:>{len(str(len(cases)))}}/{len(cases)}] {case.id}", file=sys.stderr, flush=True)
+        call = case.build()
+        with case.context():
+            t = timing.time_fn(call, device, budget)
+            peak = memory.peak_bytes(call, device)
+        gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
+        rows.append({
+            "op": case.op, "provider": case.provider, "shape": case.shape,
+            "direction": case.direction, "ms": t.ms, "ms_p20": t.ms_p20, "ms_p80": t.ms_p80,
+            "gbps": gbps, "pct_peak": None if gbps is None else 100 * gbps / copy_gbps,
+            "peak_bytes": peak, "params": case.params, **common,
+        })  # fmt: skip
+
+    print(report.table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "latest.json"
-    path.write_text(json.dumps({"copy_gbps": peak, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {path}")
+    stamp = f"{common['date'][:10]}_{common['commit']}"
+    for suffix, write in ((".json", report.write_json), (".png", report.plot)):
+        latest = args.out / f"latest{suffix}"
+        write(rows, latest)
+        shutil.copyfile(latest, args.out / f"{stamp}{suffix}")
+    print(f"wrote {args.out}/latest.json, latest.png and {stamp}.json, .png")

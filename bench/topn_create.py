@@ -1,14 +1,17 @@
-"""topn_create cases: named shapes x providers x directions."""
+"""topn_create cases: named shapes x providers x directions (DESIGN 3.1)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 import topn_kernels as tk
 from topn_kernels import reference
+
+from .cases import DIRECTIONS, Case
 
 
 @dataclass(frozen=True)
@@ -28,37 +31,61 @@ SHAPES = [
 ]
 
 
-def providers(device: torch.device) -> dict[str, Callable]:
-    """name -> topn_create-like callable (the same arguments as the public function)."""
+def _native(*args, **kwargs):
+    return tk.topn_create(*args, backend="native", **kwargs)
+
+
+@contextlib.contextmanager
+def _no_output_cache():
+    """The native op without its pool of output blocks: fresh pages at every call."""
+    previous = tk.native.set_cache_limit(0)
+    try:
+        yield
+    finally:
+        tk.native.set_cache_limit(previous)
+
+
+def providers(device: torch.device) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (topn_create-like callable, context to time it in)."""
     out = {
-        "eager": reference.topn_create,
-        "compile": torch.compile(reference.topn_create, dynamic=False),
+        "eager": (reference.topn_create, contextlib.nullcontext),
+        "compile": (torch.compile(reference.topn_create, dynamic=False), contextlib.nullcontext),
     }
     if device.type == "cpu" and tk.native.AVAILABLE:
-        out["native"] = lambda *args, **kw: tk.topn_create(*args, backend="native", **kw)
+        out["native"] = (_native, contextlib.nullcontext)
+        out["native_nocache"] = (_native, _no_output_cache)
     return out
 
 
-def make_case(shape: Shape, device: torch.device, dtype: torch.dtype = torch.float32):
-    """Inputs (requiring grad), set sizes, n_max, and the bytes a forward must move."""
-    g = torch.Generator().manual_seed(0)
+def _sizes(shape: Shape) -> tuple[torch.Tensor, int]:
+    """The seeded set sizes (B,) of a shape and its n_max."""
+    if isinstance(shape.n, tuple):
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(shape.n[0], shape.n[1] + 1, (shape.batch,), generator=g), shape.n[1]
+    return torch.full((shape.batch,), shape.n), shape.n
+
+
+def forward_bytes(shape: Shape, element_size: int = 4) -> int:
+    """Bytes a forward must move: x, index and weight written, the selected table rows read."""
+    sizes, n_max = _sizes(shape)
+    slots = shape.batch * n_max
+    return (slots * (shape.d * element_size + 8 + element_size)
+            + int(sizes.sum()) * shape.d * element_size)  # fmt: skip
+
+
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype = torch.float32):
+    """[query, angles, table, bias, film] (requiring grad), n (int or (B,)) and n_max."""
+    g = torch.Generator().manual_seed(1)
     dims = [(shape.batch, shape.a), (shape.n0, shape.a), (shape.n0, shape.d),
             (shape.batch, shape.d), (4, shape.d)]  # fmt: skip
     inputs = [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in dims]
-    if isinstance(shape.n, tuple):
-        sizes = torch.randint(shape.n[0], shape.n[1] + 1, (shape.batch,), generator=g)
-        n, n_max = sizes.to(device), shape.n[1]
-    else:
-        sizes = torch.full((shape.batch,), shape.n)
-        n, n_max = shape.n, shape.n
-    es = inputs[0].element_size()
-    slots = shape.batch * n_max
-    nbytes = slots * (shape.d * es + 8 + es) + int(sizes.sum()) * shape.d * es
-    return inputs, n, n_max, nbytes
+    sizes, n_max = _sizes(shape)
+    n = sizes.to(device) if isinstance(shape.n, tuple) else shape.n
+    return inputs, n, n_max
 
 
-def make_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[[], object]:
-    """The timed closure: forward, or forward + backward from fixed upstream gradients."""
+def timed_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[[], object]:
+    """Forward under no_grad, or forward + backward from fixed upstream gradients."""
     query, angles, table, bias, film = inputs
 
     def forward():
@@ -72,7 +99,7 @@ def make_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[[
 
         return forward_only
     out = forward()
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(2)
     grad_x = torch.randn(out[0].shape, generator=g).to(out[0])
     grad_w = torch.randn(out[3].shape, generator=g).to(out[3])
 
@@ -81,3 +108,19 @@ def make_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[[
         return torch.autograd.grad((x, weight), inputs, (grad_x, grad_w))
 
     return forward_backward
+
+
+def cases(device: torch.device) -> Iterator[Case]:
+    for shape in SHAPES:
+        params = {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a, "d": shape.d,
+                  "dtype": "float32"}  # fmt: skip
+        nbytes = forward_bytes(shape)
+        for direction in DIRECTIONS:
+            for name, (fn, context) in providers(device).items():
+
+                def build(fn=fn, shape=shape, direction=direction):
+                    inputs, n, n_max = make_inputs(shape, device)
+                    return timed_call(fn, inputs, n, n_max, direction)
+
+                yield Case("topn_create", shape.name, direction, name, params,
+                           nbytes if direction == "fwd" else None, build, context)  # fmt: skip

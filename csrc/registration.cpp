@@ -3,6 +3,8 @@
 // (topn_kernels/native/topn_create.py).
 #include <torch/library.h>
 
+#include "cpu/output_pool.h"
+
 TORCH_LIBRARY(topn_kernels, m) {
   // Top-n creation (DESIGN 3.1). n: (B,) int64 set sizes; outputs x (B, n_max, d),
   // mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding), weight (B, n_max).
@@ -17,4 +19,8 @@ TORCH_LIBRARY(topn_kernels, m) {
       "Tensor table, Tensor bias, Tensor film, Tensor index, str score_norm) "
       "-> (Tensor grad_query, Tensor grad_angles, Tensor grad_table, Tensor grad_bias, "
       "Tensor grad_film)");
+  // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
+  m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
+  m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);
+  m.def("cpu_cache_set_limit(int bytes) -> int", &topn_kernels::pool_set_limit);
 }

@@ -51,6 +51,25 @@ def _real_points(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask[..., None], x.to(_compute_dtype(x.dtype)), 0.0)
 
 
+def _normalize(v: Tensor) -> Tensor:
+    """``v / max(|v|, 1e-12)`` over the last dim, as ``F.normalize``, written as
+    ``v / sqrt(max(sum_k v_k^2, 1e-24))`` with the squares summed in index order: every backend
+    computes the same rounding, so equal inputs give bit-equal scores and the same ranking."""
+    sq = torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device)
+    for k in range(v.shape[-1]):
+        sq = sq + v[..., k] * v[..., k]
+    return v / sq.clamp_min(1e-24).sqrt()[..., None]
+
+
+def _cosine_scores(query: Tensor, angles: Tensor) -> Tensor:
+    """(B, n0) ``<normalize(query_b), normalize(angles_i)>``, summed over k in order."""
+    qn, an = _normalize(query), _normalize(angles)
+    scores = torch.zeros(query.shape[0], angles.shape[0], dtype=qn.dtype, device=qn.device)
+    for k in range(query.shape[-1]):
+        scores = scores + qn[:, None, k] * an[None, :, k]
+    return scores
+
+
 def _reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
     if batch_reduction == "mean":
         return values.mean()
@@ -91,7 +110,7 @@ def topn_create(
         n_max = int(sizes.max()) if batch > 0 else 0
 
     # 1. cosine scores (B, n0)
-    scores = F.normalize(query, dim=-1) @ F.normalize(angles, dim=-1).T
+    scores = _cosine_scores(query, angles)
     # 2. ranking: decreasing score; a stable sort keeps equal scores in increasing index order
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     mask = torch.arange(n_max, device=query.device)[None, :] < sizes[:, None]

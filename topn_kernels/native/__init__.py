@@ -3,6 +3,11 @@
 The library registers ``torch.ops.topn_kernels.*`` (schemas in ``csrc/registration.cpp``, CPU
 kernels in ``csrc/cpu/``). Importing this module loads it when it is there; when it is not, the
 package still imports, ``AVAILABLE`` is False and ``UNAVAILABLE_REASON`` says why.
+
+Large CPU outputs (1 MiB and more) come from a pool that keeps the blocks of freed outputs for
+the next call of the same size, so a training loop does not pay the kernel's page zeroing at
+every step (``csrc/cpu/output_pool.cpp``). ``cached_bytes()``, ``empty_cache()`` and
+``set_cache_limit()`` manage it; ``TOPN_KERNELS_CPU_CACHE_MB`` sets its bound (default 2048).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "cached_bytes", "empty_cache", "set_cache_limit"]
 
 
 def _load() -> str | None:
@@ -37,3 +42,24 @@ AVAILABLE: bool = UNAVAILABLE_REASON is None
 
 if AVAILABLE:
     from . import topn_create as _topn_create  # noqa: F401  (registers fake and autograd)
+
+
+def _ops():
+    if not AVAILABLE:
+        raise RuntimeError(f"the native backend is unavailable: {UNAVAILABLE_REASON}")
+    return torch.ops.topn_kernels
+
+
+def cached_bytes() -> int:
+    """Bytes the output pool holds for reuse (owned by no tensor)."""
+    return int(_ops().cpu_cache_bytes())
+
+
+def empty_cache() -> None:
+    """Returns the pool's cached blocks to the system (tensors alive keep theirs)."""
+    _ops().cpu_cache_clear()
+
+
+def set_cache_limit(nbytes: int) -> int:
+    """Sets the most bytes the pool keeps for reuse (0: none); returns the previous limit."""
+    return int(_ops().cpu_cache_set_limit(nbytes))

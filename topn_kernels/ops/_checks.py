@@ -92,13 +92,15 @@ def int_vector(value: Tensor, name: str, batch: int, device: torch.device) -> Te
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+    if value.dtype == torch.int64 and value.dim() == 1 and value.is_contiguous():
+        return value
     return value.to(torch.int64).expand(batch).contiguous()
 
 
 def values_in_range(value: Tensor, name: str, low: int, high: int | None, high_name: str) -> None:
     """Every entry of ``value`` in [low, high] (high None: no upper bound); eager mode only."""
     if _eager() and value.numel() > 0:
-        lo, hi = int(value.min()), int(value.max())
+        lo, hi = (int(v) for v in torch.aminmax(value))
         if lo < low or (high is not None and hi > high):
             bad = lo if lo < low else hi
             upper = "" if high is None else f", {high_name}={high}"
@@ -106,18 +108,27 @@ def values_in_range(value: Tensor, name: str, low: int, high: int | None, high_n
 
 
 def set_sizes(
-    n: object, n_max: object, batch: int, upper: int | None, upper_name: str, device: torch.device
+    n: object,
+    n_max: object,
+    batch: int,
+    upper: int | None,
+    upper_name: str,
+    device: torch.device,
+    check_values: bool = True,
 ) -> tuple[Tensor, int]:
     """Set sizes ``n`` (int or integer tensor (B,)), each in [1, upper] (None: no upper bound),
     and the padded length ``n_max`` (default: the largest size; else >= every size).
-    Returns (sizes int64 (B,), n_max)."""
+    Returns (sizes int64 (B,), n_max). ``check_values=False`` leaves the checks that read a
+    tensor ``n`` to a kernel that makes them itself (the native one)."""
     if isinstance(n, Tensor):
         sizes = int_vector(n, "n", batch, device)
-        values_in_range(sizes, "n", 1, upper, upper_name)
         if n_max is None:
-            return sizes, (int(sizes.max()) if batch > 0 else 0)
-        integer(n_max, "n_max", minimum=0)
-        values_in_range(sizes, "n", 1, n_max, "n_max")
+            n_max = int(sizes.max()) if batch > 0 else 0
+        else:
+            integer(n_max, "n_max", minimum=0)
+        if check_values:
+            values_in_range(sizes, "n", 1, upper, upper_name)
+            values_in_range(sizes, "n", 1, n_max, "n_max")
         return sizes, n_max
     n = integer(n, "n")
     if _eager() and (n < 1 or (upper is not None and n > upper)):

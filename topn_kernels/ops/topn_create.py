@@ -25,7 +25,8 @@ class TopNOutput(NamedTuple):
     """(B, n_max), input dtype: the weights m, 0 on padding."""
 
 
-def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted):
+def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, backend):
+    """Checks every argument; returns (sizes int64 (B,), n_max, the backend to run)."""
     query = _checks.float_tensor(query, "query", "(B, a)")
     angles = _checks.float_tensor(angles, "angles", "(n0, a)")
     table = _checks.float_tensor(table, "table", "(n0, d)")
@@ -44,7 +45,11 @@ def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted):
     _checks.dim_equal("film", film.shape, 1, d, "the feature dim d of table")
     _checks.choice(score_norm, "score_norm", ("selected", "all"))
     _checks.flag(sorted, "sorted")
-    return _checks.set_sizes(n, n_max, batch, n0, "n0", query.device)
+    chosen = _dispatch.resolve("topn_create", "topn_create", backend, query.device)
+    sizes, n_max = _checks.set_sizes(
+        n, n_max, batch, n0, "n0", query.device, check_values=chosen != "native"
+    )
+    return sizes, n_max, chosen
 
 
 def topn_create(
@@ -86,8 +91,9 @@ def topn_create(
         inputs (one dtype for all); computed in float32 (float64 for float64), returned in the
         input dtype. Gradients reach query, angles, table, bias and film.
     """
-    sizes, n_max = _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted)
-    chosen = _dispatch.resolve("topn_create", "topn_create", backend, query.device)
+    sizes, n_max, chosen = _validate(
+        query, angles, table, bias, n, film, n_max, score_norm, sorted, backend
+    )
     if chosen == "native":
         out = native.topn_create.topn_create(
             query, angles, table, bias, sizes, film, n_max, score_norm, sorted

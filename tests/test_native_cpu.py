@@ -1,0 +1,92 @@
+"""What only the native CPU kernel has: its output pool, its streaming stores, and the paths
+of its selection (clustered scores, large n0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import topn_kernels as tk
+from topn_kernels import native, reference
+
+from .inputs import assert_close_scaled, random_sizes, topn_inputs
+
+
+def _assert_matches_reference(inputs, n, **kwargs):
+    out = tk.topn_create(*inputs[:4], n, inputs[4], backend="native", **kwargs)
+    ref = reference.topn_create(*inputs[:4], n, inputs[4], **kwargs)
+    assert torch.equal(out.index, ref[2]) and torch.equal(out.mask, ref[1])
+    assert_close_scaled(out.x, ref[0], 1e-5)
+    assert_close_scaled(out.weight, ref[3], 1e-5)
+    return out
+
+
+def test_reused_output_blocks_are_fully_rewritten():
+    """A block poisoned with NaN by its previous owner comes back from the pool: every element
+    of the new output, padding included, must be written."""
+    inputs = topn_inputs(64, 300, 3, 64, ties=True)
+    n = random_sizes(64, 1, 300)
+    first = tk.topn_create(*inputs[:4], n, inputs[4], backend="native").x
+    assert first.nbytes >= 2**20  # large enough to come from the pool
+    first.fill_(float("nan"))
+    pointer = first.data_ptr()
+    del first
+    assert native.cached_bytes() > 0
+    out = _assert_matches_reference(inputs, n)
+    assert out.x.data_ptr() == pointer  # the same block, reused
+    assert not out.x.isnan().any()
+
+
+def test_cache_limit_and_empty_cache():
+    inputs = topn_inputs(64, 100, 3, 64)
+    previous = native.set_cache_limit(0)
+    try:
+        assert native.cached_bytes() == 0
+        x = tk.topn_create(*inputs[:4], 100, inputs[4], backend="native").x
+        del x
+        assert native.cached_bytes() == 0  # nothing kept
+        native.set_cache_limit(1 << 30)
+        x = tk.topn_create(*inputs[:4], 100, inputs[4], backend="native").x
+        del x
+        assert native.cached_bytes() > 0
+        native.empty_cache()
+        assert native.cached_bytes() == 0
+    finally:
+        native.set_cache_limit(previous)
+
+
+def test_pooled_outputs_behave_as_tensors():
+    inputs = topn_inputs(64, 100, 3, 64)
+    x = tk.topn_create(*inputs[:4], 100, inputs[4], backend="native").x
+    x.resize_(2, 3)  # a resizable storage, as at::empty gives
+    assert x.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_streaming_stores_write_the_same_values(monkeypatch, dtype):
+    """Outputs above TOPN_KERNELS_STREAM_MIN_BYTES bypass the caches (float32); forcing the
+    threshold to 0 runs that path on a small, odd-sized output (rows not 16-byte aligned)."""
+    monkeypatch.setenv("TOPN_KERNELS_STREAM_MIN_BYTES", "0")
+    inputs = topn_inputs(9, 50, 3, 37, dtype=dtype, ties=True)
+    n = random_sizes(9, 1, 50)
+    out = tk.topn_create(*inputs[:4], n, inputs[4], backend="native")
+    ref = reference.topn_create(*inputs[:4], n, inputs[4])
+    assert torch.equal(out.index, ref[2])
+    assert_close_scaled(out.x, ref[0], torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("sorted", [True, False], ids=["sorted", "by_index"])
+def test_clustered_scores(sorted):
+    """Angles within 1e-4 of each other: all scores fall in one or two selection buckets,
+    which then need a real sort (not the few-per-bucket fast path)."""
+    query, angles, table, bias, film = topn_inputs(6, 600, 3, 8)
+    angles = angles[:1] + 1e-4 * angles
+    n = random_sizes(6, 1, 600)
+    _assert_matches_reference([query, angles, table, bias, film], n, sorted=sorted)
+
+
+@pytest.mark.parametrize("sorted", [True, False], ids=["sorted", "by_index"])
+def test_large_reference_set(sorted):
+    inputs = topn_inputs(4, 5000, 8, 16, ties=True)
+    n = torch.tensor([1, 17, 2500, 5000])
+    _assert_matches_reference(inputs, n, sorted=sorted)
