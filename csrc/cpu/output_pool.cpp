@@ -4,8 +4,8 @@
 // page at its first touch: writing a new 134 MB output costs ~5x writing into memory that was
 // used before. A training loop allocates the same output sizes every step, so the pool keeps
 // freed blocks (exact size, rounded to 2 MiB) for the next allocation, as CUDA's caching
-// allocator does. New blocks are 2 MiB aligned and, when the pool keeps blocks, advised as
-// transparent huge pages.
+// allocator does. New blocks are 2 MiB aligned and advised as transparent huge pages. With a
+// limit of 0 the pool is off and outputs come from at::empty.
 //
 // TOPN_KERNELS_CPU_CACHE_MB bounds what the pool keeps (default 2048; 0 keeps nothing);
 // topn_kernels.native.set_cache_limit changes the bound and empty_cache() returns the cached
@@ -69,6 +69,8 @@ class PooledAllocator final : public c10::Allocator {
     cached_ = 0;
   }
 
+  bool enabled() const { return limit_.load() > 0; }
+
   size_t set_limit(size_t bytes) {
     const size_t previous = limit_.exchange(bytes);
     if (bytes < previous) empty_cache();
@@ -105,9 +107,9 @@ class PooledAllocator final : public c10::Allocator {
       TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&ptr, kBlockAlign, size) == 0,
                        "topn_kernels: failed to allocate ", size, " bytes");
     }
-    // Huge pages make the writes faster, but their first touch can stall on memory compaction:
-    // worth it only for a block that the pool will keep.
-    if (limit_.load() > 0) madvise(ptr, size, MADV_HUGEPAGE);  // advice: failure is harmless
+    // Huge pages make the writes faster, though their first touch can stall on memory
+    // compaction: the pool keeps the block, so that cost is paid once.
+    madvise(ptr, size, MADV_HUGEPAGE);  // advice: failure is harmless
     return ptr;
   }
 
@@ -133,7 +135,8 @@ class PooledAllocator final : public c10::Allocator {
 
 at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const int64_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (static_cast<size_t>(nbytes) < kMinPooledBytes) return at::empty(sizes, options);
+  if (static_cast<size_t>(nbytes) < kMinPooledBytes || !PooledAllocator::instance().enabled())
+    return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &PooledAllocator::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
