@@ -64,12 +64,17 @@ def test_pooled_outputs_behave_as_tensors():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_streaming_stores_write_the_same_values(monkeypatch, dtype):
-    """Outputs above TOPN_KERNELS_STREAM_MIN_BYTES bypass the caches (float32); forcing the
-    threshold to 0 runs that path on a small, odd-sized output (rows not 16-byte aligned)."""
+    """float32 outputs above TOPN_KERNELS_STREAM_MIN_BYTES, in a block the pool recycles, are
+    written with streaming stores; a threshold of 0 takes that path at a small, odd size
+    (rows not 16-byte aligned)."""
     monkeypatch.setenv("TOPN_KERNELS_STREAM_MIN_BYTES", "0")
-    inputs = topn_inputs(9, 50, 3, 37, dtype=dtype, ties=True)
-    n = random_sizes(9, 1, 50)
+    inputs = topn_inputs(64, 300, 3, 37, dtype=dtype, ties=True)
+    n = random_sizes(64, 1, 300)
+    first = tk.topn_create(*inputs[:4], n, inputs[4], backend="native").x
+    pointer = first.data_ptr()
+    del first
     out = tk.topn_create(*inputs[:4], n, inputs[4], backend="native")
+    assert out.x.data_ptr() == pointer  # a recycled block: the streaming path
     ref = reference.topn_create(*inputs[:4], n, inputs[4])
     assert torch.equal(out.index, ref[2])
     assert_close_scaled(out.x, ref[0], torch.finfo(dtype).eps)

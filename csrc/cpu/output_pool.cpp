@@ -41,6 +41,7 @@ size_t cache_limit_from_env() {
 struct Block {
   void* ptr;
   size_t size;
+  bool recycled;  // taken from the free list (pages already touched)
 };
 
 class PooledAllocator final : public c10::Allocator {
@@ -48,8 +49,13 @@ class PooledAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     const size_t size = (nbytes + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
     void* ptr = take(size);
-    if (ptr == nullptr) ptr = fresh(size);
-    return {ptr, new Block{ptr, size}, &release, c10::Device(c10::DeviceType::CPU)};
+    const bool recycled = ptr != nullptr;
+    if (!recycled) ptr = fresh(size);
+    return {ptr, new Block{ptr, size, recycled}, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  static bool is_recycled(const c10::DataPtr& data) {
+    return data.get_deleter() == &release && static_cast<Block*>(data.get_context())->recycled;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -140,6 +146,10 @@ at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& options)
   return at::detail::empty_generic(sizes, &PooledAllocator::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+bool is_recycled_block(const at::Tensor& t) {
+  return t.has_storage() && PooledAllocator::is_recycled(t.storage().data_ptr());
 }
 
 int64_t pool_cached_bytes() { return PooledAllocator::instance().cached_bytes(); }

@@ -9,6 +9,11 @@ namespace topn_kernels {
 // blocks of freed tensors for the next call of the same size.
 at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// Whether t's memory is a pool block that was used before: its pages are resident, so writes
+// can stream past the caches (streaming stores into fresh pages, which the kernel zeroes at
+// first touch, are slower than plain stores).
+bool is_recycled_block(const at::Tensor& t);
+
 // Bytes held by the pool for reuse (not owned by any tensor).
 int64_t pool_cached_bytes();
 
