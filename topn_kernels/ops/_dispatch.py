@@ -14,7 +14,9 @@ import warnings
 
 import torch
 
+from .. import keops as keops_backend
 from .. import native
+from .. import triton as triton_backend
 from . import _checks
 
 ENV_VAR = "TOPN_KERNELS_BACKEND"
@@ -23,11 +25,6 @@ ENV_VAR = "TOPN_KERNELS_BACKEND"
 BACKENDS = {
     "topn_create": ("reference", "native", "triton"),
     "losses": ("reference", "keops"),
-}
-
-_NOT_YET = {
-    "triton": "the Triton kernels are not implemented yet",
-    "keops": "the KeOps losses are not implemented yet",
 }
 
 _warned: set[str] = set()
@@ -41,13 +38,15 @@ def _preferred(family: str, device: torch.device) -> str:
 
 def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], str] | None:
     """Why ``backend`` cannot run on ``device`` (exception type and reason), or None."""
-    if backend in _NOT_YET:
-        return NotImplementedError, _NOT_YET[backend]
     if backend == "native":
         if device.type != "cpu":
             return ValueError, f"the native backend runs on CPU tensors, got {device} tensors"
         if not native.AVAILABLE:
             return RuntimeError, str(native.UNAVAILABLE_REASON)
+    elif backend == "triton":
+        return triton_backend.unavailable(device)
+    elif backend == "keops":
+        return keops_backend.unavailable(device)
     return None
 
 
