@@ -24,20 +24,28 @@ def test_auto_picks_native_on_cpu():
     assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "native"
 
 
-def test_auto_falls_back_to_reference_once_with_a_warning():
-    with pytest.warns(RuntimeWarning, match="'triton' unavailable"):
-        assert _dispatch.resolve("topn_create", "topn_create", "auto", CUDA) == "reference"
-    with pytest.warns(RuntimeWarning, match="'keops' unavailable"):
+def test_auto_picks_keops_for_losses_and_the_reference_for_small_ones():
+    assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "keops"
+    with warnings_as_errors():  # a deliberate choice, not a fallback: no warning
+        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU, small=True) == "reference"
+    assert _dispatch.resolve("chamfer_loss", "losses", "keops", CPU, small=True) == "keops"
+
+
+def test_auto_falls_back_to_reference_once_with_a_warning(monkeypatch):
+    monkeypatch.setattr(
+        _dispatch.keops_backend, "unavailable", lambda device: (RuntimeError, "no pykeops")
+    )
+    with pytest.warns(RuntimeWarning, match="'keops' unavailable \\(no pykeops\\)"):
         assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
     with warnings_as_errors():  # the same reason is not repeated
         assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
+    with pytest.raises(RuntimeError, match="no pykeops"):
+        _dispatch.resolve("chamfer_loss", "losses", "keops", CPU)
 
 
 def test_explicit_backend_that_cannot_run_is_an_error():
     with pytest.raises(ValueError, match="native backend runs on CPU"):
         _dispatch.resolve("topn_create", "topn_create", "native", CUDA)
-    with pytest.raises(NotImplementedError, match="keops"):
-        _dispatch.resolve("sinkhorn_loss", "losses", "keops", CPU)
 
 
 def test_environment_variable_replaces_auto_only(monkeypatch):

@@ -213,15 +213,16 @@ def sinkhorn_loss(
 ) -> Tensor:
     """Debiased Sinkhorn divergence between uniform measures on padded sets (dense, log domain).
 
-    geomloss's conventions: cost |x-y|^2 / 2 (p=2), eps = blur^p, eps-scaling from diameter^p
-    to blur^p by scaling^p, symmetric (averaged) updates, ``S = OT(a,b) - OT(a,a)/2 -
-    OT(b,b)/2`` written with the dual potentials. The iterations run without autograd; the
+    geomloss's conventions: cost |x-y|^p / p (p = 1 or 2), eps = blur^p, eps-scaling from
+    diameter^p to blur^p by scaling^p, symmetric (averaged) updates, ``S = OT(a,b) - OT(a,a)/2
+    - OT(b,b)/2`` written with the dual potentials. The iterations run without autograd; the
     gradient comes from one last extrapolation step under autograd, with the potentials held
     fixed (envelope theorem), as geomloss does. ``diameter=None``: the bounding-box diagonal of
-    the real points of the batch. Returns (B,) or its mean/sum.
+    the real points of the batch. Returns (B,) or its mean/sum. (For p=1 the gradient of
+    |x - y| at x = y is taken as 0; geomloss clamps the distance at 1e-4 there instead.)
     """
-    if p != 2:
-        raise ValueError(f"sinkhorn_loss: only p=2 is implemented, got p={p}")
+    if p not in (1, 2):
+        raise ValueError(f"sinkhorn_loss: p must be 1 or 2, got p={p}")
     out_dtype = x.dtype
     batch, n, m = x.shape[0], x.shape[1], y.shape[1]
     x_mask = _point_mask(x_lengths, batch, n, x.device)
@@ -236,7 +237,9 @@ def sinkhorn_loss(
     b = y_mask / y_mask.sum(1, keepdim=True).to(x.dtype)
     a_log, b_log = a.log(), b.log()
 
-    def cost(u: Tensor, v: Tensor) -> Tensor:  # (B, I, J): |u_i - v_j|^2 / 2
+    def cost(u: Tensor, v: Tensor) -> Tensor:  # (B, I, J): |u_i - v_j|^p / p
+        if p == 1:
+            return torch.linalg.vector_norm(u[:, :, None, :] - v[:, None, :, :], dim=-1)
         return ((u[:, :, None, :] - v[:, None, :, :]) ** 2).sum(-1) / 2
 
     def softmin(eps: float, c: Tensor, h: Tensor) -> Tensor:  # -eps log sum_j exp(h_j - c_ij/eps)

@@ -50,8 +50,14 @@ def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], s
     return None
 
 
-def resolve(op: str, family: str, backend: object, device: torch.device) -> str:
-    """The backend that runs ``op`` (of ``family``) on ``device`` for the requested ``backend``."""
+def resolve(
+    op: str, family: str, backend: object, device: torch.device, *, small: bool = False
+) -> str:
+    """The backend that runs ``op`` (of ``family``) on ``device`` for the requested ``backend``.
+
+    ``small``: the problem is small enough that the reference beats the fast backend's
+    launch and set-up costs; ``"auto"`` then runs the reference.
+    """
     allowed = BACKENDS[family]
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
     if backend == "auto":
@@ -65,6 +71,8 @@ def resolve(op: str, family: str, backend: object, device: torch.device) -> str:
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
         return backend
 
+    if small:
+        return "reference"
     wanted = _preferred(family, device)
     problem = _unavailable(wanted, device)
     if problem is None:

@@ -1,7 +1,9 @@
 """Public set losses and penalties (DESIGN 3.3): validation, then the backend.
 
 Sets come padded, x (B, N, D) and y (B, M, D), with optional integer lengths (B,); padding is
-ignored exactly. Until the KeOps backend lands, every call runs the dense reference.
+ignored exactly. Backends: "reference" (dense PyTorch, memory quadratic in the set size) and
+"keops" (memory linear). "auto" runs the reference on small problems, where KeOps' launch and
+set-up costs dominate, and KeOps on the others (see ``_SMALL_PAIRS``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,23 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import reference
+from ..keops import chamfer as keops_chamfer
+from ..keops import penalties as keops_penalties
+from ..keops import sinkhorn as keops_sinkhorn
 from . import _checks, _dispatch
 
 __all__ = ["chamfer_loss", "repulsion_penalty", "sinkhorn_loss", "valency_penalty"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+# "auto" runs the reference when the dense problem has at most this many point pairs
+# (B * N * M): measured with `python -m bench --op ...` on a 2-core CPU, where the dense
+# reference is faster than KeOps at the paper's scale (B=64, sets of 2..35 points).
+_SMALL_PAIRS = 1 << 17
+
+
+def _small(x: Tensor, y: Tensor) -> bool:
+    return x.shape[0] * x.shape[1] * y.shape[1] <= _SMALL_PAIRS
 
 
 def _lengths(lengths: Tensor | None, name: str, x: Tensor, minimum: int) -> Tensor | None:
@@ -60,14 +74,15 @@ def chamfer_loss(
         batch_reduction: "mean", "sum" or "none" (a (B,) tensor).
         return_index: also return the nearest-neighbour indices x->y (B, N) and y->x (B, M),
             int64, -1 on padding.
-        backend: "auto", "reference" or "keops" (not implemented yet).
+        backend: "auto", "reference" or "keops".
     """
     x_lengths, y_lengths = _pair(x, y, x_lengths, y_lengths)
     _checks.choice(point_reduction, "point_reduction", ("mean", "sum"))
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
     _checks.flag(return_index, "return_index")
-    _dispatch.resolve("chamfer_loss", "losses", backend, x.device)
-    return reference.chamfer_loss(
+    chosen = _dispatch.resolve("chamfer_loss", "losses", backend, x.device, small=_small(x, y))
+    impl = keops_chamfer.chamfer_loss if chosen == "keops" else reference.chamfer_loss
+    return impl(
         x, y, x_lengths, y_lengths,
         point_reduction=point_reduction, batch_reduction=batch_reduction,
         return_index=return_index,
@@ -91,26 +106,27 @@ def sinkhorn_loss(
     """Sinkhorn divergence between uniform measures on padded sets (geomloss's conventions).
 
     ``S = OT_eps(a, b) - OT_eps(a, a)/2 - OT_eps(b, b)/2`` (``debias=True``) with cost
-    ``|x - y|^2 / 2``, ``eps = blur^2``, eps-scaling from ``diameter^2`` down to ``blur^2`` by
-    ``scaling^2`` per step; comparable with ``geomloss.SamplesLoss("sinkhorn", p=2, ...)``.
+    ``|x - y|^p / p``, ``eps = blur^p``, eps-scaling from ``diameter^p`` down to ``blur^p`` by
+    ``scaling^p`` per step; comparable with ``geomloss.SamplesLoss("sinkhorn", p=p, ...)``.
+    As blur goes to 0 it tends to the exact OT cost (W2^2 / 2 for p=2, W1 for p=1).
     Each set's value equals that set computed alone with the same diameter.
 
     Args:
         x: (B, N, D) padded sets; y: (B, M, D).
         x_lengths, y_lengths: integer (B,) real sizes, each in [1, N] (resp. M); None: all.
-        p: exponent of the cost; only 2 is implemented.
+        p: 1 (cost |x - y|) or 2 (cost |x - y|^2 / 2).
         blur: > 0, the final entropic scale.
         scaling: in (0, 1), the ratio between successive scales.
         diameter: > 0, the first scale; None: the bounding-box diagonal of the batch's real
             points.
         debias: subtract the self-transport terms (the Sinkhorn divergence) or not (OT_eps).
         batch_reduction: "mean", "sum" or "none" (a (B,) tensor).
-        backend: "auto", "reference" or "keops" (not implemented yet).
+        backend: "auto", "reference" or "keops".
     """
     x_lengths, y_lengths = _pair(x, y, x_lengths, y_lengths)
     p = _checks.integer(p, "p")
-    if p != 2:
-        raise ValueError(f"p must be 2 (the only cost implemented: |x-y|^2/2), got {p}")
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 (cost |x-y|) or 2 (cost |x-y|^2 / 2), got {p}")
     blur = _checks.positive_number(blur, "blur")
     scaling = _checks.positive_number(scaling, "scaling")
     if not scaling < 1:
@@ -119,8 +135,9 @@ def sinkhorn_loss(
         diameter = _checks.positive_number(diameter, "diameter")
     _checks.flag(debias, "debias")
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
-    _dispatch.resolve("sinkhorn_loss", "losses", backend, x.device)
-    return reference.sinkhorn_loss(
+    chosen = _dispatch.resolve("sinkhorn_loss", "losses", backend, x.device, small=_small(x, y))
+    impl = keops_sinkhorn.sinkhorn_loss if chosen == "keops" else reference.sinkhorn_loss
+    return impl(
         x, y, x_lengths, y_lengths,
         p=p, blur=blur, scaling=scaling, diameter=diameter, debias=debias,
         batch_reduction=batch_reduction,
@@ -137,8 +154,9 @@ def repulsion_penalty(
     x = _checks.float_tensor(x, "x", "(B, N, D)")
     lengths = _lengths(lengths, "lengths", x, 0)
     min_dist = _checks.positive_number(min_dist, "min_dist")
-    _dispatch.resolve("repulsion_penalty", "losses", backend, x.device)
-    return reference.repulsion_penalty(x, lengths, min_dist=min_dist)
+    chosen = _dispatch.resolve("repulsion_penalty", "losses", backend, x.device, small=_small(x, x))
+    impl = keops_penalties.repulsion_penalty if chosen == "keops" else reference.repulsion_penalty
+    return impl(x, lengths, min_dist=min_dist)
 
 
 def valency_penalty(
@@ -160,7 +178,6 @@ def valency_penalty(
     lengths = _lengths(lengths, "lengths", x, 0)
     neighbor_dist = _checks.positive_number(neighbor_dist, "neighbor_dist")
     _checks.integer(max_valency, "max_valency", minimum=0)
-    _dispatch.resolve("valency_penalty", "losses", backend, x.device)
-    return reference.valency_penalty(
-        x, lengths, neighbor_dist=neighbor_dist, max_valency=max_valency
-    )
+    chosen = _dispatch.resolve("valency_penalty", "losses", backend, x.device, small=_small(x, x))
+    impl = keops_penalties.valency_penalty if chosen == "keops" else reference.valency_penalty
+    return impl(x, lengths, neighbor_dist=neighbor_dist, max_valency=max_valency)
