@@ -23,6 +23,7 @@ class Case:
     nbytes: int | None  # bytes one forward must move (for GB/s), None where not meaningful
     build: Callable[[], Callable[[], object]]  # makes the inputs, returns the timed closure
     context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    heavy: bool = False  # seconds per call: one warm-up and one timed call, peak memory of it
 
     @property
     def id(self) -> str:
@@ -30,9 +31,10 @@ class Case:
 
 
 def all_cases(device: torch.device) -> Iterator[Case]:
-    from . import topn_create
+    from . import losses, topn_create
 
     yield from topn_create.cases(device)
+    yield from losses.cases(device)
 
 
-OPS = ("topn_create",)
+OPS = ("topn_create", "chamfer_loss", "sinkhorn_loss", "repulsion_penalty", "valency_penalty")

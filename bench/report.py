@@ -10,18 +10,29 @@ BASELINES = ("eager", "compile")
 
 
 def _speedups(rows: list[dict]) -> list[dict[str, float]]:
-    """Per row, ms of each baseline of the same (op, shape, direction) / the row's ms."""
+    """Per row, ms of each baseline (and of the fastest provider) of the same (op, shape,
+    direction) / the row's ms."""
     ms = {(r["op"], r["shape"], r["direction"], r["provider"]): r["ms"] for r in rows}
+    fastest: dict[tuple, float] = {}
+    for r in rows:
+        key = (r["op"], r["shape"], r["direction"])
+        fastest[key] = min(fastest.get(key, math.inf), r["ms"])
     out = []
     for r in rows:
         key = (r["op"], r["shape"], r["direction"])
-        out.append({b: ms.get((*key, b), math.nan) / r["ms"] for b in BASELINES})
+        ratios = {b: ms.get((*key, b), math.nan) / r["ms"] for b in BASELINES}
+        ratios["fastest"] = fastest[key] / r["ms"]
+        out.append(ratios)
     return out
+
+
+def _ratio(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.2f}x"
 
 
 def table(rows: list[dict]) -> str:
     header = ("op", "shape", "direction", "provider", "ms", "p20-p80", "GB/s", "%peak",
-              "peak MB", "vs eager", "vs compile")  # fmt: skip
+              "peak MB", "vs eager", "vs compile", "vs fastest")  # fmt: skip
     lines = [header]
     for r, speedup in zip(rows, _speedups(rows), strict=True):
         peak = r.get("peak_bytes")
@@ -31,7 +42,7 @@ def table(rows: list[dict]) -> str:
             "" if r["gbps"] is None else f"{r['gbps']:.1f}",
             "" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}",
             "" if peak is None else f"{peak / 2**20:.1f}",
-            f"{speedup['eager']:.2f}x", f"{speedup['compile']:.2f}x",
+            _ratio(speedup["eager"]), _ratio(speedup["compile"]), _ratio(speedup["fastest"]),
         ))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()

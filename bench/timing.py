@@ -51,6 +51,25 @@ def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float) -> 
     return time_cpu(fn, budget_s=budget_s)
 
 
+def time_once_with_peak(
+    fn: Callable[[], object], device: torch.device, peak_bytes: Callable
+) -> tuple[Timing, int | None]:
+    """One timed call (for cases of seconds per call), and the peak memory it added."""
+    elapsed: list[float] = []
+
+    def timed() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed.append((time.perf_counter() - start) * 1e3)
+
+    peak = peak_bytes(timed, device)
+    return Timing(elapsed[0], elapsed[0], elapsed[0]), peak
+
+
 def copy_bandwidth_gbps(device: torch.device, budget_s: float, nbytes: int = 1 << 28) -> float:
     """GB/s of a large tensor copy (bytes read + bytes written): the "peak" of this run."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)

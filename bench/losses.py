@@ -1,0 +1,136 @@
+"""Loss and penalty cases (DESIGN 3.3): Chamfer, Sinkhorn and the pairwise penalties, on
+ragged batches at the paper's scale and on large sets, against dense PyTorch and geomloss.
+
+Providers: ``eager`` (the dense reference), ``compile`` (torch.compile of it, paper scale),
+``keops``, ``auto`` (what the public function picks), ``cdist`` (dense ``torch.cdist`` +
+min, the usual Chamfer), ``geomloss_online`` / ``geomloss_tensorized`` (the peer library's
+Sinkhorn). Dense providers run only where their (B, N, M) matrices fit comfortably.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+import topn_kernels as tk
+from topn_kernels import reference
+
+from .cases import DIRECTIONS, Case
+
+SINKHORN = {"blur": 0.05, "scaling": 0.5}
+PENALTIES = {
+    "repulsion_penalty": {"min_dist": 1.0},
+    "valency_penalty": {"neighbor_dist": 2.0, "max_valency": 4},
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    n: int | tuple[int, int]  # fixed set size, or sizes uniform in [low, high] (ragged)
+    dim: int = 3
+    dense: bool = True  # whether dense (B, N, M) providers run
+    heavy: bool = False  # one timed call only (memory targets)
+
+
+def _shapes(op: str, device: torch.device) -> list[Shape]:
+    paper = Shape("paper", 64, (2, 35))
+    if op == "chamfer_loss":
+        return [paper, Shape("n1024", 16, 1024), Shape("n8192", 4, 8192, dense=False),
+                Shape("n30000", 2, 30000, dense=False, heavy=True)]  # fmt: skip
+    if op == "sinkhorn_loss":
+        large = [Shape("n8192", 4, 8192, dense=False)] if device.type == "cuda" else []
+        return [paper, Shape("n512", 8, 512), Shape("n2048", 2, 2048, dense=False), *large,
+                Shape("n8000", 2, 8000, dense=False, heavy=True)]  # fmt: skip
+    return [paper, Shape("n1024", 8, 1024)]
+
+
+def _sets(shape: Shape, device: torch.device, seed: int):
+    """Padded sets (B, N, D) requiring grad, with lengths (None when every set is full)."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(shape.n, tuple):
+        lengths = torch.randint(shape.n[0], shape.n[1] + 1, (shape.batch,), generator=g)
+        size = shape.n[1]
+    else:
+        lengths, size = None, shape.n
+    x = torch.randn(shape.batch, size, shape.dim, generator=g)
+    if lengths is not None:
+        lengths = lengths.to(device)
+    return x.to(device).requires_grad_(), lengths
+
+
+def _geomloss(backend: str) -> Callable:
+    from topn_kernels.keops._pykeops import pykeops
+
+    pykeops()  # a quiet import first: geomloss imports pykeops
+    import geomloss
+
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, backend=backend, **SINKHORN)
+    return lambda x, y, xl, yl: loss(x, y).mean()
+
+
+def _cdist_chamfer(x, y, xl, yl):
+    d2 = torch.cdist(x, y) ** 2
+    return (d2.min(2).values.mean(1) + d2.min(1).values.mean(1)).mean()
+
+
+def _providers(op: str, shape: Shape, device: torch.device) -> dict[str, Callable]:
+    """name -> f(x, y, x_lengths, y_lengths) (penalties: f(x, lengths))."""
+    public = getattr(tk, op)
+    kwargs = SINKHORN if op == "sinkhorn_loss" else PENALTIES.get(op, {})
+    out: dict[str, Callable] = {}
+    if shape.dense:
+        ref = functools.partial(getattr(reference, op), **kwargs)
+        out["eager"] = ref
+        if shape.name == "paper" and op != "sinkhorn_loss":  # the Sinkhorn loop reads floats
+            out["compile"] = torch.compile(ref, dynamic=False)
+    out["keops"] = functools.partial(public, backend="keops", **kwargs)
+    if not shape.heavy:
+        out["auto"] = functools.partial(public, backend="auto", **kwargs)
+    if op == "chamfer_loss" and shape.dense and isinstance(shape.n, int):
+        out["cdist"] = _cdist_chamfer
+    if op == "sinkhorn_loss" and isinstance(shape.n, int) and not shape.heavy:
+        out["geomloss_online"] = _geomloss("online")
+        if shape.dense or shape.name == "n2048":
+            out["geomloss_tensorized"] = _geomloss("tensorized")
+    return out
+
+
+def _timed(fn: Callable, args: tuple, direction: str) -> Callable[[], object]:
+    def forward():
+        value = fn(*args)
+        return value.sum() if value.dim() else value
+
+    if direction == "fwd":
+
+        def forward_only():
+            with torch.no_grad():
+                return forward()
+
+        return forward_only
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return lambda: torch.autograd.grad(forward(), inputs)
+
+
+def cases(device: torch.device) -> Iterator[Case]:
+    for op in ("chamfer_loss", "sinkhorn_loss", *PENALTIES):
+        pairwise = op in PENALTIES
+        for shape in _shapes(op, device):
+            params = {"B": shape.batch, "N": shape.n, "D": shape.dim,
+                      **(SINKHORN if op == "sinkhorn_loss" else PENALTIES.get(op, {}))}  # fmt: skip
+            for direction in DIRECTIONS:
+                for name, fn in _providers(op, shape, device).items():
+
+                    def build(fn=fn, shape=shape, direction=direction, pairwise=pairwise):
+                        x, xl = _sets(shape, device, seed=0)
+                        if pairwise:
+                            return _timed(fn, (x, xl), direction)
+                        y, yl = _sets(shape, device, seed=1)
+                        return _timed(fn, (x, y, xl, yl), direction)
+
+                    yield Case(op, shape.name, direction, name, params, None, build,
+                               heavy=shape.heavy)  # fmt: skip
