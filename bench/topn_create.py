@@ -1,10 +1,11 @@
-"""topn_create cases: named shapes x providers x directions (DESIGN 3.1)."""
+"""topn_create cases: named shapes x providers x directions (DESIGN 3.1), and the GPU targets
+of the Triton kernels (issue #3), checked against the rows of a run by ``check_targets``."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -29,10 +30,17 @@ SHAPES = [
     Shape("point_cloud", 32, 4096, 2048, 8, 128),
     Shape("large_batch", 2048, 128, 64, 8, 256),
 ]
+# GPU only, forward only: the shape of the bandwidth target, in float32 and bfloat16
+TARGET = Shape("target", 4096, 1024, 256, 8, 256)
+GPU_SHAPES = [(TARGET, torch.float32), (Shape("target_bf16", *astuple(TARGET)[1:]), torch.bfloat16)]
 
 
 def _native(*args, **kwargs):
     return tk.topn_create(*args, backend="native", **kwargs)
+
+
+def _triton(*args, **kwargs):
+    return tk.topn_create(*args, backend="triton", **kwargs)
 
 
 @contextlib.contextmanager
@@ -54,6 +62,8 @@ def providers(device: torch.device) -> dict[str, tuple[Callable, Callable]]:
     if device.type == "cpu" and tk.native.AVAILABLE:
         out["native"] = (_native, contextlib.nullcontext)
         out["native_nocache"] = (_native, _no_output_cache)
+    if device.type == "cuda" and tk.triton.unavailable(device) is None:
+        out["triton"] = (_triton, contextlib.nullcontext)
     return out
 
 
@@ -66,7 +76,8 @@ def _sizes(shape: Shape) -> tuple[torch.Tensor, int]:
 
 
 def forward_bytes(shape: Shape, element_size: int = 4) -> int:
-    """Bytes a forward must move: x, index and weight written, the selected table rows read."""
+    """Bytes a forward must move: x, index and weight written, the selected table rows read
+    (element_size: bytes of the input dtype)."""
     sizes, n_max = _sizes(shape)
     slots = shape.batch * n_max
     return (slots * (shape.d * element_size + 8 + element_size)
@@ -111,16 +122,50 @@ def timed_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[
 
 
 def cases(device: torch.device) -> Iterator[Case]:
-    for shape in SHAPES:
+    runs = [(shape, torch.float32, DIRECTIONS) for shape in SHAPES]
+    if device.type == "cuda":
+        runs += [(shape, dtype, ("fwd",)) for shape, dtype in GPU_SHAPES]
+    for shape, dtype, directions in runs:
         params = {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a, "d": shape.d,
-                  "dtype": "float32"}  # fmt: skip
-        nbytes = forward_bytes(shape)
-        for direction in DIRECTIONS:
+                  "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+        nbytes = forward_bytes(shape, dtype.itemsize)
+        for direction in directions:
             for name, (fn, context) in providers(device).items():
 
-                def build(fn=fn, shape=shape, direction=direction):
-                    inputs, n, n_max = make_inputs(shape, device)
+                def build(fn=fn, shape=shape, dtype=dtype, direction=direction):
+                    inputs, n, n_max = make_inputs(shape, device, dtype)
                     return timed_call(fn, inputs, n, n_max, direction)
 
                 yield Case("topn_create", shape.name, direction, name, params,
                            nbytes if direction == "fwd" else None, build, context)  # fmt: skip
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's GPU targets, from the benchmark rows of one run on a GPU:
+    the forward at the target shape moves >= 80% of the copy bandwidth (float32, bfloat16);
+    at the paper shape the forward is >= 3x faster than torch.compile of the reference;
+    forward+backward is >= 2x faster than it at every shape measured in both directions.
+    Each entry: target, shape, measured (None if a row is missing), met."""
+    by_key = {
+        (r["shape"], r["direction"], r["provider"]): r for r in rows if r["op"] == "topn_create"
+    }
+
+    def speedup(shape, direction):
+        base = by_key.get((shape, direction, "compile"))
+        ours = by_key.get((shape, direction, "triton"))
+        return None if base is None or ours is None else base["ms"] / ours["ms"]
+
+    out = []
+    for shape, _ in GPU_SHAPES:
+        row = by_key.get((shape.name, "fwd", "triton"))
+        pct = None if row is None else row["pct_peak"]
+        out.append({"target": "fwd >= 80% of copy bandwidth", "shape": shape.name,
+                    "measured": pct, "met": pct is not None and pct >= 80})  # fmt: skip
+    x = speedup("paper", "fwd")
+    out.append({"target": "fwd >= 3x torch.compile(reference)", "shape": "paper",
+                "measured": x, "met": x is not None and x >= 3})  # fmt: skip
+    for shape in SHAPES:
+        x = speedup(shape.name, "fwd+bwd")
+        out.append({"target": "fwd+bwd >= 2x torch.compile(reference)", "shape": shape.name,
+                    "measured": x, "met": x is not None and x >= 2})  # fmt: skip
+    return out

@@ -24,6 +24,14 @@ def test_auto_picks_native_on_cpu():
     assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "native"
 
 
+def test_auto_on_cuda_falls_back_to_reference_when_triton_cannot_run(monkeypatch):
+    monkeypatch.setattr(
+        _dispatch.triton_backend, "unavailable", lambda device: (RuntimeError, "no GPU here")
+    )
+    with pytest.warns(RuntimeWarning, match="'triton' unavailable \\(no GPU here\\)"):
+        assert _dispatch.resolve("topn_create", "topn_create", "auto", CUDA) == "reference"
+
+
 def test_auto_picks_keops_for_losses_and_the_reference_for_small_ones():
     assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "keops"
     with warnings_as_errors():  # a deliberate choice, not a fallback: no warning

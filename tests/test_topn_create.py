@@ -2,6 +2,9 @@
 
 One suite, parametrized by backend: forward (x, mask, index, weight) and gradients of
 query, angles, table, bias and film under a random upstream gradient of x and weight.
+The triton backend runs on CUDA tensors where there is a GPU, else in Triton's interpreter on
+CPU tensors (tests/conftest.py); the reference runs on the same device. Large shapes run on a
+GPU only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from topn_kernels import reference
 
 from .inputs import assert_close_scaled, random_sizes, topn_inputs
 
-BACKENDS = ["native"]
+BACKENDS = ["native", "triton"]
+CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 # (B, n0, n, a, d); n is an int or (low, high) for per-set sizes
 CASES = [
@@ -26,6 +31,14 @@ CASES = [
     pytest.param(6, 257, 64, 8, 48, id="B6-n0_257-n64"),
 ]
 
+# GPU only (triton): the bandwidth target's shape, a point cloud, and reference sets larger than
+# one block of the selection (scored in chunks)
+GPU_CASES = [
+    pytest.param(4096, 1024, 256, 8, 256, id="B4096-n0_1024-n256-d256"),
+    pytest.param(32, 4096, (1, 2048), 8, 128, id="B32-n0_4096-n1..2048"),
+    pytest.param(8, 16384, (1, 16384), 8, 16, id="B8-n0_16384-n1..16384"),
+]
+
 FORWARD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 GRAD_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
@@ -34,12 +47,22 @@ def _sizes(n, batch):
     return random_sizes(batch, *n, seed=batch) if isinstance(n, tuple) else n
 
 
+def _device(backend):
+    return torch.device("cuda" if backend == "triton" and CUDA else "cpu")
+
+
+def _to(device, inputs, n=None):
+    """The inputs as leaves on ``device`` (keeping requires_grad), and n there too."""
+    moved = [t.detach().to(device).requires_grad_(t.requires_grad) for t in inputs]
+    return moved if n is None else (moved, n.to(device) if isinstance(n, torch.Tensor) else n)
+
+
 def _run(backend, inputs, n, **kwargs):
     """Forward, then gradients of <x, gx> + <weight, gw> for seeded random gx, gw."""
     out = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend, **kwargs)
     g = torch.Generator().manual_seed(7)
-    gx = torch.randn(out.x.shape, generator=g).to(out.x.dtype)
-    gw = torch.randn(out.weight.shape, generator=g).to(out.weight.dtype)
+    gx = torch.randn(out.x.shape, generator=g).to(out.x)
+    gw = torch.randn(out.weight.shape, generator=g).to(out.weight)
     grads = torch.autograd.grad((out.x * gx).sum() + (out.weight * gw).sum(), inputs)
     return out, grads
 
@@ -64,11 +87,25 @@ def _compare(out, grads, ref_out, ref_grads, fwd_rtol, grad_rtol):
 @pytest.mark.parametrize(("B", "n0", "n", "a", "d"), CASES)
 def test_matches_reference(backend, dtype, sorted, score_norm, B, n0, n, a, d):
     inputs = topn_inputs(B, n0, a, d, dtype=dtype, ties=True, requires_grad=True)
-    n = _sizes(n, B)
+    inputs, n = _to(_device(backend), inputs, _sizes(n, B))
     kwargs = {"score_norm": score_norm, "sorted": sorted}
     out, grads = _run(backend, inputs, n, **kwargs)
     ref_out, ref_grads = _run("reference", inputs, n, **kwargs)
     _compare(out, grads, ref_out, ref_grads, FORWARD_RTOL[dtype], GRAD_RTOL[dtype])
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("sorted", [True, False], ids=["sorted", "by_index"])
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+@pytest.mark.parametrize(("B", "n0", "n", "a", "d"), GPU_CASES)
+def test_large_shapes_match_reference_on_gpu(sorted, score_norm, B, n0, n, a, d):
+    inputs = topn_inputs(B, n0, a, d, ties=True, requires_grad=True)
+    inputs, n = _to(_device("triton"), inputs, _sizes(n, B))
+    kwargs = {"score_norm": score_norm, "sorted": sorted}
+    out, grads = _run("triton", inputs, n, **kwargs)
+    ref_out, ref_grads = _run("reference", inputs, n, **kwargs)
+    _compare(out, grads, ref_out, ref_grads, FORWARD_RTOL[torch.float32], GRAD_RTOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,7 +114,7 @@ def test_matches_reference(backend, dtype, sorted, score_norm, B, n0, n, a, d):
 def test_low_precision_matches_reference(backend, dtype, score_norm):
     """Both compute in fp32 and round once: results agree to one unit in the last place."""
     inputs = topn_inputs(12, 70, 3, 32, dtype=dtype, ties=True, requires_grad=True)
-    n = random_sizes(12, 2, 35)
+    inputs, n = _to(_device(backend), inputs, random_sizes(12, 2, 35))
     out, grads = _run(backend, inputs, n, score_norm=score_norm)
     ref_out, ref_grads = _run("reference", inputs, n, score_norm=score_norm)
     ulp = torch.finfo(dtype).eps
@@ -88,7 +125,7 @@ def test_low_precision_matches_reference(backend, dtype, score_norm):
 def test_padding_longer_than_the_reference_set(backend):
     """n_max may exceed every n_b and even n0: the extra rows are padding."""
     inputs = topn_inputs(4, 5, 3, 6, requires_grad=True)
-    n = torch.tensor([1, 5, 3, 2])
+    inputs, n = _to(_device(backend), inputs, torch.tensor([1, 5, 3, 2]))
     out, grads = _run(backend, inputs, n, n_max=9)
     ref_out, ref_grads = _run("reference", inputs, n, n_max=9)
     assert out.x.shape == (4, 9, 6)
@@ -103,6 +140,7 @@ def test_ties_go_to_the_smaller_index(backend):
     """Identical angle rows score equally: the smaller index ranks first, in both orders."""
     query, angles, table, bias, film = topn_inputs(2, 6, 3, 4)
     angles[:] = angles[0]  # every score equal
+    query, angles, table, bias, film = _to(_device(backend), [query, angles, table, bias, film])
     for sorted in (True, False):
         out = tk.topn_create(query, angles, table, bias, 4, film, sorted=sorted, backend=backend)
         assert out.index.tolist() == [[0, 1, 2, 3]] * 2
@@ -110,8 +148,7 @@ def test_ties_go_to_the_smaller_index(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sorted_false_is_the_same_selection_by_index(backend):
-    inputs = topn_inputs(8, 50, 4, 8)
-    n = random_sizes(8, 1, 50)
+    inputs, n = _to(_device(backend), topn_inputs(8, 50, 4, 8), random_sizes(8, 1, 50))
     by_score = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend)
     by_index = tk.topn_create(*inputs[:4], n, inputs[4], sorted=False, backend=backend)
     for b in range(8):
@@ -126,6 +163,7 @@ def test_nan_input_gives_nan_not_a_crash(backend):
     query, angles, table, bias, film = topn_inputs(3, 20, 3, 5)
     query[1, 0] = float("nan")
     angles[7, 2] = float("nan")
+    query, angles, table, bias, film = _to(_device(backend), [query, angles, table, bias, film])
     out = tk.topn_create(query, angles, table, bias, 6, film, backend=backend)
     ref = reference.topn_create(query, angles, table, bias, 6, film)
     assert out.x[1].isnan().all() and out.weight[1].isnan().all()

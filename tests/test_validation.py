@@ -66,8 +66,9 @@ def test_topn_create_rejects(changes, error, names):
         _topn_call(**changes)()
 
 
-def test_triton_backend_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="triton"):
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         _topn_call(backend="triton")()
 
 

@@ -1,4 +1,5 @@
-"""Public ``topn_create``: validation, then the reference or the native kernel (DESIGN 3.1)."""
+"""Public ``topn_create``: validation, then the reference, the native or the Triton kernels
+(DESIGN 3.1)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .. import native, reference
+from .. import triton as triton_backend
 from . import _checks, _dispatch
 
 __all__ = ["TopNOutput", "topn_create"]
@@ -96,6 +98,10 @@ def topn_create(
     )
     if chosen == "native":
         out = native.topn_create.topn_create(
+            query, angles, table, bias, sizes, film, n_max, score_norm, sorted
+        )
+    elif chosen == "triton":
+        out = triton_backend.topn_create(
             query, angles, table, bias, sizes, film, n_max, score_norm, sorted
         )
     else:

@@ -1,0 +1,15 @@
+"""Test session set-up.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors: that mode
+is chosen when the kernels are defined (the first Triton call), so it is set here, before any
+test runs. An explicit ``TRITON_INTERPRET`` in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

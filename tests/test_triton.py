@@ -1,0 +1,341 @@
+"""What only the Triton backend has: when it can run, its torch.library ops (opcheck,
+torch.compile), its deterministic backward, its chunked selection for large reference sets,
+buffers it must fully write, and its kernels compiled for a GPU.
+
+On a machine without CUDA everything here runs in Triton's interpreter on CPU tensors
+(tests/conftest.py), except the tests marked ``gpu``; bench/gpu_check.sh runs those on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import topn_kernels as tk
+from topn_kernels import reference
+from topn_kernels import triton as triton_backend
+from topn_kernels.nn import TopNCreation
+from topn_kernels.triton import topn_create_launch, topn_create_op  # noqa: F401 (registers the ops)
+
+from .inputs import assert_close_scaled, random_sizes, topn_inputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _inputs(*shape, dtype=torch.float32, requires_grad=True):
+    """topn_inputs on DEVICE, with ties."""
+    tensors = topn_inputs(*shape, dtype=dtype, ties=True)
+    return [t.to(DEVICE).requires_grad_(requires_grad) for t in tensors]
+
+
+def _grads(backend, inputs, n, **kwargs):
+    """Outputs and the gradients of <x, gx> + <weight, gw> for seeded gx, gw."""
+    out = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    gx = torch.randn(out.x.shape, generator=g).to(out.x)
+    gw = torch.randn(out.weight.shape, generator=g).to(out.weight)
+    return out, torch.autograd.grad((out.x * gx).sum() + (out.weight * gw).sum(), inputs)
+
+
+def _assert_matches_reference(inputs, n, **kwargs):
+    out, grads = _grads("triton", inputs, n, **kwargs)
+    ref, ref_grads = _grads("reference", inputs, n, **kwargs)
+    assert torch.equal(out.index, ref.index) and torch.equal(out.mask, ref.mask)
+    assert_close_scaled(out.x, ref.x, 1e-5)
+    assert_close_scaled(out.weight, ref.weight, 1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert_close_scaled(got, want, 1e-4)
+    return out, grads
+
+
+# --- when the backend runs -------------------------------------------------------------------
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    """(triton is imported already, by the imports above: it must be imported under the mode
+    its kernels run in, since triton.language's own jit functions are made at import.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    error, reason = triton_backend.unavailable(torch.device("cpu"))
+    assert error is ValueError and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.unavailable(torch.device("cpu")) is None
+    error, _ = triton_backend.unavailable(torch.device("meta"))
+    assert error is ValueError
+    if CUDA:
+        assert triton_backend.unavailable(torch.device("cuda")) is None
+    else:
+        assert triton_backend.unavailable(torch.device("cuda"))[0] is RuntimeError
+
+
+def test_interpreter_must_be_on_before_triton_is_imported():
+    """Triton's own helpers (tl.sum...) are made at its import: a late TRITON_INTERPRET=1 is a
+    clear error, not a failure inside a kernel."""
+    script = (
+        "import os, torch, triton, topn_kernels as tk\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "error, reason = tk.triton.unavailable(torch.device('cpu'))\n"
+        "assert error is ValueError and 'after triton was imported' in reason, reason\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- torch.library ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_max", "score_norm", "sorted"), [(35, "selected", True), (40, "all", False)]
+)
+def test_opcheck_forward(n_max, score_norm, sorted):
+    inputs = _inputs(6, 70, 3, 8)
+    n = random_sizes(6, 2, 35).to(DEVICE)
+    args = (*inputs[:4], n, inputs[4], n_max, score_norm, sorted)
+    torch.library.opcheck(torch.ops.topn_kernels.triton_topn_create.default, args)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomics"])
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+def test_opcheck_backward(score_norm, deterministic):
+    if CUDA and not deterministic:
+        pytest.skip("atomics sum in a varying order on a GPU: runs differ by rounding")
+    inputs = _inputs(6, 70, 3, 8, requires_grad=False)
+    n = random_sizes(6, 2, 35).to(DEVICE)
+    index = tk.topn_create(*inputs[:4], n, inputs[4], score_norm=score_norm, backend="triton").index
+    g = torch.Generator().manual_seed(0)
+    grad_x, grad_w = torch.randn(6, 35, 8, generator=g), torch.randn(6, 35, generator=g)
+    args = (grad_x.to(DEVICE), grad_w.to(DEVICE), *inputs, n, index, score_norm, deterministic)
+    torch.library.opcheck(torch.ops.topn_kernels.triton_topn_create_backward.default, args)
+
+
+def test_compiled_model_matches_eager_without_graph_break():
+    """fullgraph=True fails on any graph break; values and gradients equal eager."""
+    torch.manual_seed(0)
+    model = TopNCreation(latent_dim=8, set_dim=16, n_ref=35, backend="triton").to(DEVICE)
+    z = torch.randn(12, 8, device=DEVICE)
+    n = random_sizes(12, 2, 35).to(DEVICE)
+    target = torch.randn(12, 35, 16, device=DEVICE)
+
+    def step(z, n):
+        x, mask = model(z, n, n_max=35)
+        return ((x - target) ** 2 * mask[..., None]).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        model.zero_grad()
+        loss = fn(z, n)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert_close_scaled(got, want, 1e-5)
+
+
+def test_gradients_through_x_alone_and_weight_alone():
+    """An output nobody uses reaches the backward as None."""
+    inputs = _inputs(5, 40, 3, 6)
+    n = random_sizes(5, 1, 40).to(DEVICE)
+    for pick in (lambda o: (o.x * o.x).sum(), lambda o: (o.weight * o.weight).sum()):
+        got, want = (
+            torch.autograd.grad(pick(tk.topn_create(*inputs[:4], n, inputs[4], backend=backend)),
+                                inputs, allow_unused=True, materialize_grads=True)
+            for backend in ("triton", "reference")
+        )  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            assert_close_scaled(g, w, 1e-4)
+
+
+# --- backward paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+def test_gradcheck_float64(score_norm):
+    """The float64 kernels (float64 keys and arithmetic) pass gradcheck, as the reference does
+    (DESIGN 5); no ties, so that the perturbations leave the selection as it is."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(2, 3), (6, 3), (6, 4), (2, 4), (4, 4)]
+    inputs = [torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+              for s in shapes]  # fmt: skip
+    n = torch.tensor([2, 5], device=DEVICE)
+
+    def fn(query, angles, table, bias, film):
+        out = tk.topn_create(query, angles, table, bias, n, film, score_norm=score_norm,
+                             backend="triton")  # fmt: skip
+        return out.x, out.weight
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+def test_deterministic_backward(score_norm):
+    """With deterministic algorithms on, no atomics: the gathered gradients equal the reference
+    and, run after run, each other bit for bit (on a GPU the atomics would not)."""
+    inputs = _inputs(16, 70, 3, 16)
+    n = random_sizes(16, 2, 35).to(DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first = _assert_matches_reference(inputs, n, score_norm=score_norm)
+        _, second = _grads("triton", inputs, n, score_norm=score_norm)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_backward_gives_nan_not_a_crash():
+    inputs = _inputs(3, 20, 3, 5, requires_grad=False)
+    with torch.no_grad():
+        inputs[0][1, 0] = float("nan")
+    inputs = [t.requires_grad_() for t in inputs]
+    out, grads = _grads("triton", inputs, 6)
+    assert out.x[1].isnan().all() and not out.x[0].isnan().any()
+    assert grads[0][1].isnan().all() and not grads[0][0].isnan().any()
+
+
+# --- selection paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sorted", "score_norm"), [(True, "selected"), (False, "all")])
+def test_chunked_selection(monkeypatch, sorted, score_norm):
+    """Reference sets larger than one block are scored in chunks at every pass (on a GPU from
+    n0 > 4096); shrunk here so that n0 = 70 takes five chunks."""
+    monkeypatch.setattr(topn_create_launch, "SELECT_ONE_BLOCK_MAX", 16)
+    monkeypatch.setattr(topn_create_launch, "SELECT_CHUNK", 16)
+    inputs = _inputs(3, 70, 3, 8)
+    n = torch.tensor([1, 35, 70], device=DEVICE)
+    _assert_matches_reference(inputs, n, sorted=sorted, score_norm=score_norm)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """Fresh buffers are poisoned (NaN, True, a large integer): a kernel that forgets an
+    element (padding included) fails here."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        t.fill_(float("nan") if t.dtype.is_floating_point else True if t.dtype == torch.bool
+                else 77)  # fmt: skip
+        return t
+
+    inputs = _inputs(5, 37, 3, 6)
+    n = torch.tensor([1, 37, 3, 9, 20], device=DEVICE)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, torch.finfo(torch.bfloat16).eps)):
+        cast = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        for sorted, score_norm in ((True, "all"), (False, "selected")):
+            kwargs = {"n_max": 40, "sorted": sorted, "score_norm": score_norm}
+            out, grads = _grads("triton", cast, n, **kwargs)
+            ref, ref_grads = _grads("reference", cast, n, **kwargs)
+            assert torch.equal(out.index, ref.index) and torch.equal(out.mask, ref.mask)
+            for got, want in zip((out.x, out.weight, *grads), (ref.x, ref.weight, *ref_grads),
+                                 strict=True):  # fmt: skip
+                assert got.dtype == want.dtype and not got.isnan().any()
+                assert_close_scaled(got, want, rtol)
+
+
+# --- the GPU build ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels compile for real in the other tests")
+def test_kernels_compile_for_hopper():
+    """Every kernel the host code launches for a GPU compiles for sm_90 (Triton's compiler and
+    ptxas run on the CPU); the forward keeps the reference's rounding (no fused multiply-add,
+    no approximate division or square root) and nothing spills much."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["kernel"] for r in rows} == {
+        "normalize_angles_kernel", "select_kernel", "film_kernel", "set_backward_kernel",
+        "point_gather_kernel", "angles_finish_kernel",
+    }  # fmt: skip
+    for r in rows:
+        assert r["spill_bytes"] <= 64, r
+        if not r["fp_fusion"]:
+            assert r["approx_div_sqrt"] == 0, r
+            # float64 exp (libdevice) is written with fma: only the float32 select has none
+            if not (r["kernel"] == "select_kernel" and r["constexprs"]["IS_F64"]):
+                assert r["fma"] == 0, r
+
+
+def test_check_targets_reads_benchmark_rows():
+    """bench/gpu_check.sh judges the issue's targets with bench.topn_create.check_targets."""
+    from bench.topn_create import check_targets
+
+    def row(shape, direction, provider, ms, pct=None):
+        return {"op": "topn_create", "shape": shape, "direction": direction,
+                "provider": provider, "ms": ms, "pct_peak": pct}  # fmt: skip
+
+    rows = [row("paper", "fwd", "compile", 3.0), row("paper", "fwd", "triton", 0.5),
+            row("paper", "fwd+bwd", "compile", 2.0), row("paper", "fwd+bwd", "triton", 1.5),
+            row("target", "fwd", "triton", 1.0, pct=85.0)]  # fmt: skip
+    got = {(t["target"].split()[0], t["shape"]): (t["measured"], t["met"])
+           for t in check_targets(rows)}  # fmt: skip
+    assert got[("fwd", "target")] == (85.0, True)
+    assert got[("fwd", "target_bf16")] == (None, False)
+    assert got[("fwd", "paper")] == (6.0, True)
+    assert got[("fwd+bwd", "paper")] == (pytest.approx(4 / 3), False)
+    assert got[("fwd+bwd", "large_batch")] == (None, False)
+
+
+def test_gpu_check_fails_cleanly_without_a_gpu(tmp_path):
+    if CUDA:
+        pytest.skip("this machine has a GPU")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "no CUDA GPU" in result.stdout + result.stderr
+    assert (tmp_path / "gpu_check.json").exists()
+
+
+# --- GPU only: large shapes, low precision, 64-bit indices --------------------------------------
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_is_that_of_pytorch(dtype):
+    """Against the float32 reference, the kernel's error is at most about that of plain
+    PyTorch (the reference) run in the same low precision."""
+    inputs = _inputs(1024, 1024, 8, 256, requires_grad=True)
+    n = random_sizes(1024, 1, 256).to(DEVICE)
+    want, want_grads = _grads("reference", inputs, n)
+    low = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out, grads = _grads("triton", low, n)
+    plain, plain_grads = _grads("reference", low, n)
+    assert torch.equal(out.mask, want.mask)
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    for got, base, ref in ((out.x, plain.x, want.x), (out.weight, plain.weight, want.weight),
+                           *zip(grads, plain_grads, want_grads, strict=True)):  # fmt: skip
+        assert err(got, ref) <= 2 * err(base, ref) + 1e-6
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_indexes_past_int32():
+    """x has more than 2^31 elements: the last set's rows land where the reference puts them."""
+    batch, n0, d = 1025, 1024, 2048
+    assert batch * n0 * d > 2**31
+    query, angles, table, bias, film = _inputs(batch, n0, 3, d, dtype=torch.float16,
+                                               requires_grad=False)  # fmt: skip
+    out = tk.topn_create(query, angles, table, bias, n0, film, backend="triton")
+    for b in (0, batch - 1):
+        ref = reference.topn_create(query[b : b + 1], angles, table, bias[b : b + 1], n0, film)
+        assert torch.equal(out.index[b], ref[2][0])
+        assert_close_scaled(out.x[b], ref[0][0], torch.finfo(torch.float16).eps)
