@@ -10,6 +10,7 @@ Sinkhorn). Dense providers run only where their (B, N, M) matrices fit comfortab
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -64,13 +65,18 @@ def _sets(shape: Shape, device: torch.device, seed: int):
 
 
 def _geomloss(backend: str) -> Callable:
-    from topn_kernels.keops._pykeops import pykeops
+    """geomloss's SamplesLoss, built at the first call (listing cases imports nothing)."""
 
-    pykeops()  # a quiet import first: geomloss imports pykeops
-    import geomloss
+    @functools.cache
+    def loss():
+        from topn_kernels.keops._pykeops import pykeops
 
-    loss = geomloss.SamplesLoss("sinkhorn", p=2, backend=backend, **SINKHORN)
-    return lambda x, y, xl, yl: loss(x, y).mean()
+        pykeops()  # a quiet import first: geomloss imports pykeops
+        import geomloss
+
+        return geomloss.SamplesLoss("sinkhorn", p=2, backend=backend, **SINKHORN)
+
+    return lambda x, y, xl, yl: loss()(x, y).mean()
 
 
 def _cdist_chamfer(x, y, xl, yl):
@@ -93,7 +99,8 @@ def _providers(op: str, shape: Shape, device: torch.device) -> dict[str, Callabl
         out["auto"] = functools.partial(public, backend="auto", **kwargs)
     if op == "chamfer_loss" and shape.dense and isinstance(shape.n, int):
         out["cdist"] = _cdist_chamfer
-    if op == "sinkhorn_loss" and isinstance(shape.n, int) and not shape.heavy:
+    has_geomloss = importlib.util.find_spec("geomloss") is not None
+    if op == "sinkhorn_loss" and isinstance(shape.n, int) and not shape.heavy and has_geomloss:
         out["geomloss_online"] = _geomloss("online")
         if shape.dense or shape.name == "n2048":
             out["geomloss_tensorized"] = _geomloss("tensorized")
