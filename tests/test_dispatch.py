@@ -112,3 +112,17 @@ def test_package_imports_without_the_extension():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_record_backends_counts_what_ran():
+    import topn_kernels as tk
+
+    x = torch.randn(2, 5, 3)
+    with tk.record_backends() as calls:
+        tk.chamfer_loss(x, x)  # small: the reference
+        tk.chamfer_loss(x, x, backend="keops")
+        tk.topn_create(torch.randn(2, 3), torch.randn(6, 3), torch.randn(6, 4),
+                       torch.randn(2, 4), 2, torch.randn(4, 4))  # fmt: skip
+    assert calls == {"chamfer_loss": {"reference": 1, "keops": 1}, "topn_create": {"native": 1}}
+    tk.chamfer_loss(x, x)  # no longer recorded
+    assert sum(calls["chamfer_loss"].values()) == 2

@@ -9,6 +9,7 @@ from . import native
 from .ops import (
     TopNOutput,
     chamfer_loss,
+    record_backends,
     repulsion_penalty,
     sinkhorn_loss,
     topn_create,
@@ -21,6 +22,7 @@ __all__ = [
     "TopNOutput",
     "chamfer_loss",
     "native",
+    "record_backends",
     "repulsion_penalty",
     "sinkhorn_loss",
     "topn_create",

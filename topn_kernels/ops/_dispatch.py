@@ -9,8 +9,11 @@ argument wins). An explicitly requested backend that cannot run is an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 
 import torch
 
@@ -50,6 +53,27 @@ def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], s
     return None
 
 
+_recorders: list[dict[str, Counter]] = []
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict[str, Counter]]:
+    """While active, counts the backend every operator call runs on::
+
+        with topn_kernels.record_backends() as calls:
+            loss = model_step(...)
+        calls  # {"topn_create": Counter({"native": 1}), "sinkhorn_loss": Counter(...)}
+
+    ``"auto"`` decides per call (device, availability, problem size): this says what ran.
+    """
+    counts: dict[str, Counter] = {}
+    _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        _recorders.remove(counts)
+
+
 def resolve(
     op: str, family: str, backend: object, device: torch.device, *, small: bool = False
 ) -> str:
@@ -58,6 +82,13 @@ def resolve(
     ``small``: the problem is small enough that the reference beats the fast backend's
     launch and set-up costs; ``"auto"`` then runs the reference.
     """
+    chosen = _resolve(op, family, backend, device, small)
+    for counts in _recorders:
+        counts.setdefault(op, Counter())[chosen] += 1
+    return chosen
+
+
+def _resolve(op: str, family: str, backend: object, device: torch.device, small: bool) -> str:
     allowed = BACKENDS[family]
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
     if backend == "auto":

@@ -1,0 +1,130 @@
+"""The paper's metrics (topn_kernels.metrics) on hand-made sets with known answers, and the
+Sinkhorn-based transport metrics against exact OT (POT)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from topn_kernels import metrics
+from topn_kernels.data import generate_sets
+
+F64 = torch.float64
+
+
+def line(*xs: float) -> torch.Tensor:
+    """(n, 3) points on the x axis."""
+    return torch.tensor([[x, 0.0, 0.0] for x in xs], dtype=F64)
+
+
+def batch(*sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([s.shape[0] for s in sets])
+    out = torch.full((len(sets), int(lengths.max()), 3), float("nan"), dtype=F64)  # poisoned
+    for b, s in enumerate(sets):
+        out[b, : s.shape[0]] = s
+    return out, lengths
+
+
+def test_valency_counts_neighbours_strictly_closer_than_the_threshold():
+    # spacing 1.5: ends have 1 neighbour, inner points 2; 10 is isolated; exactly 2.0 is no bond
+    pts, lengths = batch(line(0, 1.5, 3, 4.5, 10), line(0, 2.0), line(0, 0.5, 1, 1.5, 1.9, 2.5))
+    got = metrics.valency(pts, lengths)
+    assert got.dtype == torch.int64
+    assert got[0].tolist() == [1, 2, 2, 1, 0, -1]
+    assert got[1].tolist() == [0, 0, -1, -1, -1, -1]
+    assert got[2].tolist() == [4, 4, 5, 5, 5, 3]  # 2.5 - 0.5 is exactly 2.0: no bond
+    assert metrics.valency(pts, lengths, neighbor_dist=2.01)[1, :2].tolist() == [1, 1]
+
+
+def test_incorrect_valency_pct():
+    counts = torch.tensor([[0, 1, 5, 4, -1], [2, 3, 4, 6, 0]])
+    lengths = torch.tensor([4, 4])  # the trailing 0 of set 1 is padding
+    assert metrics.incorrect_valency_pct(counts, lengths) == pytest.approx(100 * 3 / 8)
+    assert metrics.incorrect_valency_pct(counts, lengths, max_valency=6) == pytest.approx(12.5)
+
+
+def test_valency_histogram_and_loss():
+    counts = torch.tensor([[1, 2, 2, -1], [3, 1, 1, 1]])
+    hist = metrics.valency_histogram(counts, torch.tensor([3, 4]), num_bins=6)
+    torch.testing.assert_close(hist, torch.tensor([0, 4, 2, 1, 0, 0], dtype=F64) / 7)
+    one, two = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0])
+    assert metrics.valency_loss(one, two) == pytest.approx(1.0)  # one unit of mass, one step
+    assert metrics.valency_loss(torch.tensor([0.5, 0, 0, 0.5]), one) == pytest.approx(1.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p, q = torch.rand(7, generator=g, dtype=F64), torch.rand(5, generator=g, dtype=F64)
+        want = scipy.stats.wasserstein_distance(range(7), range(5), p.numpy(), q.numpy())
+        assert metrics.valency_loss(p / p.sum(), q / q.sum()) == pytest.approx(want)
+    with pytest.raises(ValueError, match="summing to 1"):
+        metrics.valency_loss(torch.tensor([0.5]), one)
+
+
+def test_transport_metrics_on_hand_made_sets():
+    # a set and its translate by t: W2 = OT cost = |t|
+    base = line(0, 1.5, 3) + torch.tensor([0.0, 1.0, -2.0], dtype=F64)
+    t = torch.tensor([0.6, -0.8, 0.0], dtype=F64)  # |t| = 1
+    x, lx = batch(base + t, line(0, 1))
+    y, ly = batch(base, line(0, 3))  # {0, 1} -> {0, 3}: W2 = sqrt(4 / 2), OT = 1
+    want_w2 = torch.tensor([1.0, math.sqrt(2.0)], dtype=F64)
+    want_ot = torch.tensor([1.0, 1.0], dtype=F64)
+    torch.testing.assert_close(metrics.exact_ot(x, y, lx, ly, p=2), want_w2)
+    torch.testing.assert_close(metrics.exact_ot(x, y, lx, ly, p=1), want_ot)
+    torch.testing.assert_close(metrics.w2_distance(x, y, lx, ly), want_w2, rtol=5e-3, atol=0)
+    torch.testing.assert_close(metrics.ot_euclidean(x, y, lx, ly), want_ot, rtol=5e-3, atol=0)
+
+
+def test_transport_metrics_match_exact_ot_on_dataset_sets():
+    """Pairs of different sizes from the dataset: Sinkhorn within 1% of POT per pair, and
+    0.5% on the mean (what a reported metric is)."""
+    data = generate_sets(48, seed=11)
+    x, y = data.points[:24].double(), data.points[24:].double()
+    lx, ly = data.lengths[:24], data.lengths[24:]
+    for fast, p in ((metrics.w2_distance, 2), (metrics.ot_euclidean, 1)):
+        got, want = fast(x, y, lx, ly), metrics.exact_ot(x, y, lx, ly, p=p)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+        assert got.mean() == pytest.approx(want.mean().item(), rel=5e-3)
+
+
+def test_diversity_is_batched_exact_ot_over_distinct_random_pairs():
+    data = generate_sets(30, seed=12)
+    g = torch.Generator().manual_seed(0)
+    value, pairs = metrics.diversity(data.points, data.lengths, num_pairs=200, generator=g)
+    assert pairs.shape == (200, 2) and (pairs[:, 0] != pairs[:, 1]).all()
+    assert pairs.min() >= 0 and pairs.max() < 30 and len(set(pairs[:, 0].tolist())) > 20
+    i, j = pairs[:, 0], pairs[:, 1]
+    exact = metrics.exact_ot(data.points[i], data.points[j], data.lengths[i], data.lengths[j], p=1)
+    assert value == pytest.approx(exact.mean().item(), rel=5e-3)
+    again, _ = metrics.diversity(
+        data.points, data.lengths, num_pairs=200, generator=torch.Generator().manual_seed(0)
+    )
+    assert again == value  # seeded
+    # two sets, translates of each other by |t| = 1: every distinct pair costs exactly 1
+    x, lengths = batch(line(0, 1.5, 3), line(0, 1.5, 3) + torch.tensor([0.0, 0.0, 1.0], dtype=F64))
+    assert metrics.diversity(x, lengths, num_pairs=10)[0] == pytest.approx(1.0, rel=5e-3)
+
+
+def test_generation_metrics_of_the_data_itself():
+    """The dataset judged against its own histogram: no valency loss, no incorrect valency."""
+    data = generate_sets(100, seed=13)
+    hist = metrics.valency_histogram(metrics.valency(data.points, data.lengths), data.lengths, 35)
+    got = metrics.generation_metrics(data.points, data.lengths, hist, num_pairs=50)
+    assert got["valency_loss"] == pytest.approx(0.0, abs=1e-12)
+    assert got["incorrect_valency_pct"] == 0.0
+    assert 1.0 < got["diversity"] < 10.0
+
+
+def test_bad_inputs():
+    pts, lengths = batch(line(0, 1), line(0, 1, 2))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        metrics.valency(pts[0], lengths)
+    with pytest.raises(ValueError, match="entries"):
+        metrics.valency(pts, lengths[:1])
+    with pytest.raises(ValueError, match=r"lengths of points must be in \[0, 3\]"):
+        metrics.valency(pts, torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="at least 2 sets"):
+        metrics.diversity(pts[:1], lengths[:1])
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        metrics.exact_ot(pts, pts, lengths, lengths, p=3)

@@ -1,0 +1,359 @@
+"""The paper's metrics for the synthetic set experiment (DESIGN 6, paper section 5.3).
+
+Sets come padded, ``points`` (B, N, D) with integer ``lengths`` (B,), as everywhere else.
+
+- valency of a point: the number of other points of its set closer than ``neighbor_dist``;
+- valency loss: the 1-D Wasserstein distance between the valency histogram of generated sets
+  and that of the dataset;
+- incorrect valency: the percentage of generated points with valency 0 or above
+  ``max_valency``;
+- W2: the 2-Wasserstein distance between uniform measures on two sets,
+  ``sqrt(min_P mean |x_i - y_P(i)|^2)``, from our debiased ``sinkhorn_loss`` (p=2, whose value
+  tends to W2^2 / 2 as blur -> 0) at a small blur;
+- diversity: the mean optimal transport cost with the Euclidean ground cost (uniform weights)
+  between random pairs of distinct generated sets, all pairs in one batched ``sinkhorn_loss``
+  call (p=1) at a small blur.
+
+:func:`exact_ot` computes the same transport costs exactly with POT (one linear program per
+pair); :func:`evaluate` reports the largest gap between the two on a sample of pairs, so every
+``metrics.json`` says how far its Sinkhorn values are from exact OT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .ops import sinkhorn_loss
+
+__all__ = [
+    "diversity",
+    "evaluate",
+    "exact_ot",
+    "generation_metrics",
+    "incorrect_valency_pct",
+    "ot_euclidean",
+    "reconstruction_w2",
+    "valency",
+    "valency_histogram",
+    "valency_loss",
+    "w2_distance",
+]
+
+# Sinkhorn settings of the metrics: a small blur and a slow eps-scaling, for values within a
+# fraction of a percent of exact OT on sets of this dataset's scale (checked in tests/).
+METRIC_BLUR = 0.01
+METRIC_SCALING = 0.9
+
+
+def _mask(lengths: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _check_sets(points: object, lengths: object, name: str = "points") -> None:
+    if not isinstance(points, Tensor) or not points.dtype.is_floating_point or points.dim() != 3:
+        got = points.shape if isinstance(points, Tensor) else type(points).__name__
+        raise TypeError(f"{name} must be a floating-point tensor (B, N, D), got {got}")
+    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.dim() != 1:
+        raise TypeError(f"lengths of {name} must be an integer tensor (B,)")
+    if lengths.shape[0] != points.shape[0]:
+        raise ValueError(
+            f"lengths has {lengths.shape[0]} entries but {name} has {points.shape[0]} sets"
+        )
+    if lengths.numel() and (lengths.min() < 0 or lengths.max() > points.shape[1]):
+        raise ValueError(f"lengths of {name} must be in [0, {points.shape[1]}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Valency
+# ---------------------------------------------------------------------------------------------
+
+
+def valency(points: Tensor, lengths: Tensor, neighbor_dist: float = 2.0) -> Tensor:
+    """Number of other points of the same set closer than ``neighbor_dist``.
+
+    points (B, N, D) floating point, lengths (B,) integer. Returns (B, N) int64, -1 on padding.
+    Distances are computed in float64, so float32 data generated on the float32 grid gets
+    exactly the valencies its generator tracked.
+    """
+    _check_sets(points, lengths)
+    if not neighbor_dist > 0:
+        raise ValueError(f"neighbor_dist must be > 0, got {neighbor_dist}")
+    mask = _mask(lengths.to(points.device), points.shape[1])
+    x = points.detach().double()
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    pairs = mask[:, :, None] & mask[:, None, :]
+    pairs &= ~torch.eye(points.shape[1], dtype=torch.bool, device=points.device)
+    counts = (pairs & (dist < neighbor_dist)).sum(-1)
+    return torch.where(mask, counts, -1)
+
+
+def valency_histogram(counts: Tensor, lengths: Tensor, num_bins: int) -> Tensor:
+    """Fraction of real points with each valency: (max(num_bins, max valency + 1),) float64.
+
+    counts (B, N) integer (as :func:`valency` returns), lengths (B,).
+    """
+    mask = _mask(lengths.to(counts.device), counts.shape[1])
+    real = counts[mask]
+    if real.numel() == 0:
+        raise ValueError("valency_histogram needs at least one real point")
+    hist = torch.bincount(real.cpu(), minlength=num_bins).double()
+    return hist / hist.sum()
+
+
+def valency_loss(probs: Tensor, reference_probs: Tensor) -> float:
+    """1-D Wasserstein distance between two valency histograms (probabilities over 0, 1, ...).
+
+    On integer support it is ``sum_k |F(k) - G(k)|`` with F, G the cumulative distributions;
+    the shorter histogram is padded with zeros.
+    """
+    for name, p in (("probs", probs), ("reference_probs", reference_probs)):
+        if p.dim() != 1 or p.numel() == 0 or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-6):
+            raise ValueError(f"{name} must be a non-empty 1-D histogram summing to 1")
+    size = max(probs.numel(), reference_probs.numel())
+    p = torch.nn.functional.pad(probs.double().cpu(), (0, size - probs.numel()))
+    q = torch.nn.functional.pad(reference_probs.double().cpu(), (0, size - reference_probs.numel()))
+    return float((p.cumsum(0) - q.cumsum(0)).abs().sum())
+
+
+def incorrect_valency_pct(counts: Tensor, lengths: Tensor, max_valency: int = 4) -> float:
+    """Percentage of real points with valency 0 or above ``max_valency``."""
+    mask = _mask(lengths.to(counts.device), counts.shape[1])
+    real = counts[mask]
+    if real.numel() == 0:
+        raise ValueError("incorrect_valency_pct needs at least one real point")
+    return 100.0 * float(((real == 0) | (real > max_valency)).double().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Transport distances
+# ---------------------------------------------------------------------------------------------
+
+
+def w2_distance(
+    x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, backend: str = "auto"
+) -> Tensor:
+    """(B,) float64 W2 distances between uniform measures on paired sets x (B, N, D), y (B, M, D).
+
+    ``sqrt(2 S)`` with S our debiased Sinkhorn divergence (p=2, cost |x-y|^2/2) at blur
+    ``METRIC_BLUR``; small negative S from rounding count as 0.
+    """
+    s = sinkhorn_loss(
+        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
+        p=2, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
+    )  # fmt: skip
+    return (2 * s.clamp_min(0)).sqrt()
+
+
+def ot_euclidean(
+    x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, backend: str = "auto"
+) -> Tensor:
+    """(B,) float64 optimal transport costs with ground cost |x - y| (uniform weights) between
+    paired sets, from our debiased ``sinkhorn_loss`` with p=1 at blur ``METRIC_BLUR``."""
+    s = sinkhorn_loss(
+        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
+        p=1, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
+    )  # fmt: skip
+    return s.clamp_min(0)
+
+
+def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: int) -> Tensor:
+    """(B,) float64 exact transport between uniform measures with POT's network simplex.
+
+    ``p=2``: the W2 distance ``sqrt(min_P sum P_ij |x_i - y_j|^2)``; ``p=1``: the cost with
+    ground cost ``|x_i - y_j|``. One linear program per pair: for checks, not for training.
+    """
+    import ot  # POT: an optional dependency (requirements.txt pins it)
+
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    out = []
+    for b in range(x.shape[0]):
+        xb = x[b, : int(x_lengths[b])].detach().double().cpu()
+        yb = y[b, : int(y_lengths[b])].detach().double().cpu()
+        cost = torch.cdist(xb, yb, compute_mode="donot_use_mm_for_euclid_dist") ** p
+        value = ot.emd2(
+            torch.full((xb.shape[0],), 1.0 / xb.shape[0], dtype=torch.float64).numpy(),
+            torch.full((yb.shape[0],), 1.0 / yb.shape[0], dtype=torch.float64).numpy(),
+            cost.numpy(),
+        )
+        out.append(math.sqrt(max(value, 0.0)) if p == 2 else float(value))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def random_pairs(num_sets: int, num_pairs: int, generator: torch.Generator | None) -> Tensor:
+    """(num_pairs, 2) int64 pairs of distinct set indices, uniform among ordered pairs."""
+    if num_sets < 2:
+        raise ValueError(f"random pairs need at least 2 sets, got {num_sets}")
+    first = torch.randint(num_sets, (num_pairs,), generator=generator)
+    offset = torch.randint(1, num_sets, (num_pairs,), generator=generator)
+    return torch.stack([first, (first + offset) % num_sets], dim=1)
+
+
+def diversity(
+    points: Tensor,
+    lengths: Tensor,
+    *,
+    num_pairs: int = 1000,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> tuple[float, Tensor]:
+    """Mean Euclidean-cost OT between ``num_pairs`` random pairs of distinct sets.
+
+    points (B, N, D), lengths (B,). All pairs go through one batched ``sinkhorn_loss`` (p=1).
+    Returns (the mean, the (num_pairs, 2) pairs used).
+    """
+    _check_sets(points, lengths)
+    pairs = random_pairs(points.shape[0], num_pairs, generator).to(points.device)
+    i, j = pairs[:, 0], pairs[:, 1]
+    costs = ot_euclidean(points[i], points[j], lengths[i], lengths[j], backend=backend)
+    return float(costs.mean()), pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def generation_metrics(
+    points: Tensor,
+    lengths: Tensor,
+    reference_valency_probs: Tensor,
+    *,
+    neighbor_dist: float = 2.0,
+    max_valency: int = 4,
+    num_pairs: int = 1000,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> dict[str, float]:
+    """Valency loss, incorrect valency % and diversity of generated sets (B, N, D)."""
+    counts = valency(points, lengths, neighbor_dist)
+    hist = valency_histogram(counts, lengths, reference_valency_probs.numel())
+    div, _ = diversity(points, lengths, num_pairs=num_pairs, generator=generator, backend=backend)
+    return {
+        "valency_loss": valency_loss(hist, reference_valency_probs),
+        "incorrect_valency_pct": incorrect_valency_pct(counts, lengths, max_valency),
+        "diversity": div,
+    }
+
+
+@torch.no_grad()
+def reconstruction_w2(
+    reconstruct: Callable[[Tensor, Tensor], Tensor],
+    points: Tensor,
+    lengths: Tensor,
+    *,
+    batch_size: int = 250,
+    backend: str = "auto",
+) -> tuple[float, Tensor]:
+    """Mean W2 between each set and ``reconstruct(points, lengths)`` (B, N, D) of it.
+
+    points (S, N, D) padded dataset, lengths (S,). Returns (the mean, the (S,) distances).
+    """
+    _check_sets(points, lengths)
+    out = []
+    for start in range(0, points.shape[0], batch_size):
+        n = lengths[start : start + batch_size]
+        x = points[start : start + batch_size, : int(n.max())]
+        out.append(w2_distance(reconstruct(x, n), x, n, n, backend=backend))
+    dist = torch.cat(out)
+    return float(dist.mean()), dist
+
+
+def _sinkhorn_vs_exact(
+    fast: Callable[..., Tensor], x: Tensor, y: Tensor, lx: Tensor, ly: Tensor, p: int
+) -> dict[str, float]:
+    """Gaps between a Sinkhorn metric and exact OT on a sample of pairs: the largest absolute
+    and relative gap of one pair, and the relative gap of the sample's mean (what a reported
+    metric, a mean over sets or pairs, inherits)."""
+    approx, exact = fast(x, y, lx, ly).cpu(), exact_ot(x, y, lx, ly, p=p)
+    gap = (approx - exact).abs()
+    return {
+        "pairs": int(x.shape[0]),
+        "max_abs_err": float(gap.max()),
+        "max_rel_err": float((gap / exact.clamp_min(1e-12)).max()),
+        "mean_rel_err": float((approx.mean() - exact.mean()).abs() / exact.mean().clamp_min(1e-12)),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    train_points: Tensor,
+    train_lengths: Tensor,
+    test_points: Tensor,
+    test_lengths: Tensor,
+    valency_probs: Tensor,
+    extrap_valency_probs: Tensor,
+    extrap_sizes: Tensor,
+    *,
+    num_generated: int = 1000,
+    num_pairs: int = 1000,
+    check_pairs: int = 64,
+    seed: int = 0,
+    neighbor_dist: float = 2.0,
+    max_valency: int = 4,
+    backend: str = "auto",
+) -> dict:
+    """Every metric of the paper's Table 4 for a trained set VAE, plus the exactness checks.
+
+    ``model`` is a :class:`topn_kernels.models.SetVAE` (anything with ``reconstruct(points,
+    lengths)``, ``sample_sizes(num)`` and ``generate(sizes) -> (x, mask)``). Generation draws
+    ``num_generated`` sets with sizes from the training distribution, and again with the
+    ``extrap_sizes`` (num_generated,) of the extrapolation setting; their valencies are compared
+    with ``valency_probs`` and ``extrap_valency_probs``. Deterministic given ``seed``; the
+    global RNG is left as it was.
+
+    Returns a dict with ``train_w2``, ``test_w2``, ``valency_loss``, ``incorrect_valency_pct``,
+    ``diversity``, the last three again with an ``extrap_`` prefix, and ``exactness`` (the
+    Sinkhorn-vs-POT gaps of the W2 and diversity values on ``check_pairs`` pairs).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    metrics: dict = {}
+    recon = {}
+    for name, pts, lens in (
+        ("train", train_points, train_lengths),
+        ("test", test_points, test_lengths),
+    ):
+        pts, lens = pts.to(device), lens.to(device)
+        metrics[f"{name}_w2"], _ = reconstruction_w2(model.reconstruct, pts, lens, backend=backend)
+        recon[name] = (pts, lens)
+
+    common = dict(neighbor_dist=neighbor_dist, max_valency=max_valency, num_pairs=num_pairs)
+    generated = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        for prefix, sizes, probs in (
+            ("", model.sample_sizes(num_generated), valency_probs),
+            ("extrap_", extrap_sizes[:num_generated], extrap_valency_probs),
+        ):
+            x, mask = model.generate(sizes.to(device))
+            lens = mask.sum(1)
+            generated[prefix] = (x, lens)
+            values = generation_metrics(x, lens, probs, generator=gen, backend=backend, **common)
+            metrics.update({prefix + k: v for k, v in values.items()})
+
+    # exactness of the Sinkhorn values on a sample: reconstructions and generated pairs
+    pts, lens = recon["test"]
+    pts, lens = pts[:check_pairs], lens[:check_pairs]
+    pts = pts[:, : int(lens.max())]
+    rec = model.reconstruct(pts, lens)
+    x, lx = generated[""]
+    pairs = random_pairs(x.shape[0], check_pairs, torch.Generator().manual_seed(seed + 1))
+    i, j = pairs[:, 0].to(device), pairs[:, 1].to(device)
+    metrics["exactness"] = {
+        "w2_vs_pot": _sinkhorn_vs_exact(
+            lambda *a: w2_distance(*a, backend=backend), rec, pts, lens, lens, 2
+        ),
+        "diversity_vs_pot": _sinkhorn_vs_exact(
+            lambda *a: ot_euclidean(*a, backend=backend), x[i], x[j], lx[i], lx[j], 1
+        ),
+    }
+    model.train(was_training)
+    return metrics

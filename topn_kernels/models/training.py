@@ -1,0 +1,89 @@
+"""The set VAE's loss (paper appendix D.2) and one optimisation step.
+
+``loss = W + kl * KL + repulsion * reg2 + valency * reg3`` with, per set and averaged over the
+batch: W the debiased Sinkhorn divergence between the input and its reconstruction (p=2, cost
+|x-y|^2/2, so about W2^2 / 2), KL the Kullback-Leibler divergence of the posterior from N(0, I)
+(summed over latent dims), reg2 :func:`topn_kernels.repulsion_penalty` and reg3
+:func:`topn_kernels.valency_penalty` of the reconstruction. Weights: 0.003, 200, 200.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
+from .setvae import VAEOutput
+
+__all__ = ["LOSS_TERMS", "LossConfig", "setvae_loss", "train_step"]
+
+LOSS_TERMS = ("loss", "reconstruction", "kl", "repulsion", "valency")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms, Sinkhorn settings, the dataset's geometry, and the
+    ``backend=`` given to the losses and penalties."""
+
+    kl: float = 0.003
+    repulsion: float = 200.0
+    valency: float = 200.0
+    blur: float = 0.05
+    scaling: float = 0.5
+    min_dist: float = 1.0
+    neighbor_dist: float = 2.0
+    max_valency: int = 4
+    backend: str = "auto"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def setvae_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: LossConfig) -> dict:
+    """The loss terms, each a 0-d tensor (batch means of per-set values), under ``LOSS_TERMS``
+    names: ``loss`` (the weighted total, to backpropagate), ``reconstruction``, ``kl``,
+    ``repulsion``, ``valency`` (unweighted).
+
+    out: the model's output on ``points`` (B, N, D) with ``lengths`` (B,).
+    """
+    lengths = lengths.to(points.device)
+    rec = sinkhorn_loss(
+        out.recon, points, lengths, lengths,
+        p=2, blur=cfg.blur, scaling=cfg.scaling, backend=cfg.backend,
+    )  # fmt: skip
+    kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum(-1).mean()
+    rep = repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend).mean()
+    val = valency_penalty(
+        out.recon, lengths, neighbor_dist=cfg.neighbor_dist, max_valency=cfg.max_valency,
+        backend=cfg.backend,
+    ).mean()  # fmt: skip
+    total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
+    return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    points: Tensor,
+    lengths: Tensor,
+    cfg: LossConfig,
+    *,
+    clip: float | None = 4.0,
+) -> dict[str, float]:
+    """One step: forward (through ``model``, so a DDP wrapper syncs the gradients), loss,
+    backward, gradient-norm clipping at ``clip`` (the released code's 4.0; None: none), update.
+
+    Returns the loss terms as floats. A non-finite loss is a ``FloatingPointError``, raised
+    before the update.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    terms = setvae_loss(model(points, lengths), points, lengths, cfg)
+    if not torch.isfinite(terms["loss"]):
+        raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in terms.items()} }")
+    terms["loss"].backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
