@@ -23,7 +23,7 @@ class Case:
     nbytes: int | None  # bytes one forward must move (for GB/s), None where not meaningful
     build: Callable[[], Callable[[], object]]  # makes the inputs, returns the timed closure
     context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
-    heavy: bool = False  # seconds per call: one warm-up and one timed call, peak memory of it
+    heavy: bool = False  # seconds per call: one timed call (no warm-up), peak memory of it
 
     @property
     def id(self) -> str:

@@ -182,6 +182,8 @@ def test_auto_runs_the_reference_on_small_problems_and_keops_on_large(monkeypatc
     assert calls == []
     tk.chamfer_loss(large, large)
     assert calls == [1]
+    tk.chamfer_loss(small.requires_grad_(), small)  # a backward follows: KeOps is faster
+    assert calls == [1, 1]
 
 
 def test_keops_is_quiet_on_first_use(tmp_path):
