@@ -19,6 +19,12 @@ TORCH_LIBRARY(topn_kernels, m) {
       "Tensor table, Tensor bias, Tensor film, Tensor index, str score_norm) "
       "-> (Tensor grad_query, Tensor grad_angles, Tensor grad_table, Tensor grad_bias, "
       "Tensor grad_film)");
+  // Sinkhorn divergence of packed ragged batches (csrc/cpu/sinkhorn.cpp): x (P, dim) and
+  // y (Q, dim), set b = x[x_offsets[b]:x_offsets[b+1]] against y's; value (B,), and with_grad
+  // the gradient of each set's value with respect to its points, (P, dim) and (Q, dim).
+  m.def(
+      "sinkhorn(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, float[] eps_list, "
+      "int p, bool debias, bool with_grad) -> (Tensor value, Tensor grad_x, Tensor grad_y)");
   // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
   m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
   m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);

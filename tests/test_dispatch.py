@@ -21,7 +21,9 @@ def _fresh_warnings(monkeypatch):
 
 
 def test_auto_picks_native_on_cpu():
-    assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "native"
+    assert _dispatch.resolve("topn_create", "auto", CPU) == "native"
+    assert _dispatch.resolve("sinkhorn_loss", "auto", CPU, small=True) == "native"
+    assert _dispatch.resolve("sinkhorn_loss", "auto", CUDA) == "keops"
 
 
 def test_auto_on_cuda_falls_back_to_reference_when_triton_cannot_run(monkeypatch):
@@ -29,14 +31,14 @@ def test_auto_on_cuda_falls_back_to_reference_when_triton_cannot_run(monkeypatch
         _dispatch.triton_backend, "unavailable", lambda device: (RuntimeError, "no GPU here")
     )
     with pytest.warns(RuntimeWarning, match="'triton' unavailable \\(no GPU here\\)"):
-        assert _dispatch.resolve("topn_create", "topn_create", "auto", CUDA) == "reference"
+        assert _dispatch.resolve("topn_create", "auto", CUDA) == "reference"
 
 
 def test_auto_picks_keops_for_losses_and_the_reference_for_small_ones():
-    assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "keops"
+    assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "keops"
     with warnings_as_errors():  # a deliberate choice, not a fallback: no warning
-        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU, small=True) == "reference"
-    assert _dispatch.resolve("chamfer_loss", "losses", "keops", CPU, small=True) == "keops"
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU, small=True) == "reference"
+    assert _dispatch.resolve("chamfer_loss", "keops", CPU, small=True) == "keops"
 
 
 def test_auto_falls_back_to_reference_once_with_a_warning(monkeypatch):
@@ -44,25 +46,25 @@ def test_auto_falls_back_to_reference_once_with_a_warning(monkeypatch):
         _dispatch.keops_backend, "unavailable", lambda device: (RuntimeError, "no pykeops")
     )
     with pytest.warns(RuntimeWarning, match="'keops' unavailable \\(no pykeops\\)"):
-        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "reference"
     with warnings_as_errors():  # the same reason is not repeated
-        assert _dispatch.resolve("chamfer_loss", "losses", "auto", CPU) == "reference"
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "reference"
     with pytest.raises(RuntimeError, match="no pykeops"):
-        _dispatch.resolve("chamfer_loss", "losses", "keops", CPU)
+        _dispatch.resolve("chamfer_loss", "keops", CPU)
 
 
 def test_explicit_backend_that_cannot_run_is_an_error():
     with pytest.raises(ValueError, match="native backend runs on CPU"):
-        _dispatch.resolve("topn_create", "topn_create", "native", CUDA)
+        _dispatch.resolve("topn_create", "native", CUDA)
 
 
 def test_environment_variable_replaces_auto_only(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference")
-    assert _dispatch.resolve("topn_create", "topn_create", "auto", CPU) == "reference"
-    assert _dispatch.resolve("topn_create", "topn_create", "native", CPU) == "native"
+    assert _dispatch.resolve("topn_create", "auto", CPU) == "reference"
+    assert _dispatch.resolve("topn_create", "native", CPU) == "native"
     monkeypatch.setenv(_dispatch.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=_dispatch.ENV_VAR):
-        _dispatch.resolve("topn_create", "topn_create", "auto", CPU)
+        _dispatch.resolve("topn_create", "auto", CPU)
 
 
 class warnings_as_errors:

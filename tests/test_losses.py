@@ -1,4 +1,5 @@
-"""The KeOps losses and penalties against the reference and the peers (DESIGN 3.3).
+"""The KeOps losses and penalties, and the native Sinkhorn, against the reference and the peers
+(DESIGN 3.3).
 
 Ragged batches carry poisoned padding (NaN, inf, -1e30): values and gradients of real points
 must equal the reference's, and padding must get a zero gradient. float64 judges the
@@ -33,12 +34,15 @@ def _ragged_pair(dtype=F64, seed=0):
     return x, y
 
 
-def _compare(fn, inputs, rtol):
-    """fn(backend, *inputs) -> tensor or tuple whose first item is the value: KeOps against
-    the reference, value and gradients under a random upstream gradient."""
+SINKHORN_BACKENDS = ["keops", "native"]
+
+
+def _compare(fn, inputs, rtol, backend="keops"):
+    """fn(backend, *inputs) -> tensor or tuple whose first item is the value: ``backend``
+    against the reference, value and gradients under a random upstream gradient."""
     results = []
-    for backend in ("keops", "reference"):
-        out = fn(backend, *inputs)
+    for name in (backend, "reference"):
+        out = fn(name, *inputs)
         value = out[0] if isinstance(out, tuple) else out
         g = torch.randn(value.shape, generator=torch.Generator().manual_seed(3), dtype=value.dtype)
         grads = torch.autograd.grad((value * g).sum(), inputs)
@@ -74,39 +78,43 @@ def test_chamfer_keops_float32_and_full_sets():
              1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("debias", [True, False])
-def test_sinkhorn_keops_matches_reference(p, debias):
+def test_sinkhorn_matches_reference(backend, p, debias):
     def fn(backend, x, y):
         return tk.sinkhorn_loss(x, y, X_LEN, Y_LEN, p=p, debias=debias, batch_reduction="none",
                                 backend=backend)  # fmt: skip
 
-    _compare(fn, _ragged_pair(), 1e-10)
+    _compare(fn, _ragged_pair(), 1e-10, backend)
 
 
-def test_sinkhorn_keops_float32():
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+def test_sinkhorn_float32(backend):
     x, y = _ragged_pair(torch.float32)
     _compare(lambda b, x, y: tk.sinkhorn_loss(x, y, X_LEN, Y_LEN, blur=0.1, batch_reduction="sum",
-                                              backend=b), [x, y], 1e-4)  # fmt: skip
+                                              backend=b), [x, y], 1e-4, backend)  # fmt: skip
 
 
-def test_sinkhorn_keops_ragged_equals_each_set_alone():
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+def test_sinkhorn_ragged_equals_each_set_alone(backend):
     x, y = _ragged_pair()
     values = tk.sinkhorn_loss(x, y, X_LEN, Y_LEN, batch_reduction="none", diameter=6.0,
-                              backend="keops")  # fmt: skip
+                              backend=backend)  # fmt: skip
     for b in range(4):
         alone = tk.sinkhorn_loss(x[b : b + 1, : X_LEN[b]], y[b : b + 1, : Y_LEN[b]],
-                                 diameter=6.0, backend="keops")  # fmt: skip
+                                 diameter=6.0, backend=backend)  # fmt: skip
         assert_close_scaled(values[b], alone, 1e-12)
 
 
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
 @pytest.mark.parametrize("blur", [0.05, 0.3])
-def test_sinkhorn_keops_matches_geomloss(blur):
+def test_sinkhorn_matches_geomloss(backend, blur):
     """Equal-size sets, the same parameters: geomloss's value and gradient within 1e-4."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 30, 3, generator=g).requires_grad_()
     y = (torch.randn(3, 25, 3, generator=g) + 0.5).requires_grad_()
-    ours = tk.sinkhorn_loss(x, y, blur=blur, batch_reduction="none", backend="keops")
+    ours = tk.sinkhorn_loss(x, y, blur=blur, batch_reduction="none", backend=backend)
     peer = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.5, backend="online")(x, y)
     torch.testing.assert_close(ours, peer, rtol=1e-4, atol=0)
     w = torch.tensor([1.0, -2.0, 0.5])
@@ -115,8 +123,9 @@ def test_sinkhorn_keops_matches_geomloss(blur):
         assert_close_scaled(got, want, 1e-4)
 
 
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
 @pytest.mark.parametrize("p", [1, 2])
-def test_sinkhorn_keops_tends_to_exact_ot(p):
+def test_sinkhorn_tends_to_exact_ot(backend, p):
     """As blur -> 0 with slower annealing, the divergence approaches W1 (p=1) or W2^2/2 (p=2)
     from POT's exact solver: within 0.5% with ~800 annealing steps (the error left is the
     annealing's, one iteration per scale as in geomloss; the reference test shows 6e-5 at
@@ -128,18 +137,41 @@ def test_sinkhorn_keops_tends_to_exact_ot(p):
     cost = (dist if p == 1 else dist**2 / 2).numpy()
     exact = ot.emd2(np.full(12, 1 / 12), np.full(17, 1 / 17), cost)
     errors = [
-        abs(tk.sinkhorn_loss(x, y, p=p, blur=blur, scaling=scaling, backend="keops").item()
+        abs(tk.sinkhorn_loss(x, y, p=p, blur=blur, scaling=scaling, backend=backend).item()
             - exact) / exact
         for blur, scaling in [(0.1, 0.5), (1e-3, 0.99)]
     ]  # fmt: skip
     assert errors[1] < min(5e-3, errors[0] / 5), errors
 
 
-def test_sinkhorn_keops_identical_and_collapsed_clouds_give_zero():
+@pytest.mark.parametrize("backend", SINKHORN_BACKENDS)
+def test_sinkhorn_identical_and_collapsed_clouds_give_zero(backend):
     x = torch.randn(2, 6, 3, dtype=F64)
-    assert (tk.sinkhorn_loss(x, x.clone(), batch_reduction="none", backend="keops") == 0).all()
+    assert (tk.sinkhorn_loss(x, x.clone(), batch_reduction="none", backend=backend) == 0).all()
     point = torch.ones(1, 4, 3, dtype=F64)  # zero diameter
-    assert tk.sinkhorn_loss(point, point.clone(), backend="keops").item() == 0.0
+    assert tk.sinkhorn_loss(point, point.clone(), backend=backend).item() == 0.0
+
+
+def test_native_sinkhorn_large_sets_match_keops_and_do_not_depend_on_threads():
+    """Few large sets: the native loop runs its softmins in parallel over rows; sets of
+    different sizes; the value and gradient equal KeOps' and are the same on 1 thread."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 300, 3, generator=g).requires_grad_()
+    y = torch.randn(2, 200, 3, generator=g).requires_grad_()
+    x_len, y_len = torch.tensor([300, 171]), torch.tensor([133, 200])
+    _compare(lambda b, x, y: tk.sinkhorn_loss(x, y, x_len, y_len, batch_reduction="none",
+                                              backend=b), [x, y], 1e-4, "native")  # fmt: skip
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (threads, 1):
+            torch.set_num_threads(num_threads)
+            value = tk.sinkhorn_loss(x, y, x_len, y_len, backend="native")
+            results.append([value, *torch.autograd.grad(value, (x, y))])
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 PENALTY_LEN = torch.tensor([9, 1, 0, 2, 5])

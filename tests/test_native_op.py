@@ -54,3 +54,13 @@ def test_compiled_model_matches_eager_without_graph_break():
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*results, strict=True):
         assert_close_scaled(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_opcheck_sinkhorn(with_grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, generator=g, requires_grad=with_grad)
+    y = torch.randn(7, 3, generator=g, requires_grad=with_grad)
+    x_offsets, y_offsets = torch.tensor([0, 4, 9]), torch.tensor([0, 2, 7])
+    args = (x, y, x_offsets, y_offsets, [4.0, 1.0, 0.25, 0.0025], 2, True, with_grad)
+    torch.library.opcheck(OPS.sinkhorn.default, args)

@@ -96,7 +96,7 @@ LOSS_CASES = [
     ("x_lengths-list", {"x_lengths": [1, 2, 3]}, TypeError, "x_lengths"),
     ("y_lengths-above-M", {"y_lengths": torch.tensor([1, 6, 5])}, ValueError, "y_lengths"),
     ("batch_reduction", {"batch_reduction": "max"}, ValueError, "batch_reduction"),
-    ("backend-native", {"backend": "native"}, ValueError, "backend"),
+    ("backend-triton", {"backend": "triton"}, ValueError, "backend"),
 ]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._ragged import block_ranges, pack
 from ._pykeops import lazy_tensor
-from ._ragged import block_ranges, pack
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

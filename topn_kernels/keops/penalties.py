@@ -9,8 +9,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .._ragged import Packed, block_ranges, pack
 from ._pykeops import pykeops
-from ._ragged import Packed, block_ranges, pack
 
 # |x - y|, 0 with a zero gradient at x = y (as torch.linalg.vector_norm)
 _DIST = "IfElse(-SqDist(X,Y), Zero(1), Sqrt(SqDist(X,Y)))"

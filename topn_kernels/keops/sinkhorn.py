@@ -9,14 +9,13 @@ autograd with the potentials held fixed (envelope theorem), as geomloss does.
 from __future__ import annotations
 
 import functools
-import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .._ragged import block_ranges, pack
+from .._schedule import batch_diameter, epsilon_schedule
 from ._pykeops import pykeops
-from ._ragged import Packed, block_ranges, pack
 
 # cost |x - y|^p / p; the distance for p=1 is 0 (with a zero gradient) at x = y
 _COSTS = {
@@ -35,22 +34,6 @@ def _log_sum_exp(p: int, dim: int):
         f"(H - P * {_COSTS[p]})", "R = Vi(1)", f"X = Vi({dim})", f"Y = Vj({dim})", "H = Vj(1)",
         "P = Pm(1)",
     )  # fmt: skip
-
-
-def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> list[float]:
-    """geomloss's eps-scaling: diameter^p, then down by scaling^p per step, to blur^p; a zero
-    or non-finite diameter starts at blur (a short, valid schedule)."""
-    if not math.isfinite(diameter) or diameter < blur:
-        diameter = blur
-    steps = np.arange(p * np.log(diameter), p * np.log(blur), p * np.log(scaling))
-    return [diameter**p] + [float(np.exp(e)) for e in steps] + [blur**p]
-
-
-def _diameter(px: Packed, py: Packed) -> float:
-    pts = torch.cat([px.points, py.points]).detach()
-    if pts.shape[0] == 0:
-        return 0.0
-    return float((pts.amax(0) - pts.amin(0)).norm())
 
 
 def sinkhorn_loss(
@@ -72,7 +55,7 @@ def sinkhorn_loss(
     xs, ys = px.points, py.points
     xd, yd = xs.detach(), ys.detach()
     if diameter is None:
-        diameter = _diameter(px, py)
+        diameter = batch_diameter(px, py)
     eps_list = epsilon_schedule(p, diameter, blur, scaling)
     lse = _log_sum_exp(p, xs.shape[1])
     r_xy, r_yx = block_ranges(px, py), block_ranges(py, px)

@@ -52,11 +52,9 @@ class OpBackends:
     def resolved(self, device: torch.device) -> dict[str, str]:
         """The backend each op runs on ``device`` for large problems; raises, as the op would,
         when an explicitly requested backend cannot run (a check before training starts)."""
-        out = {
-            "topn_create": _dispatch.resolve("topn_create", "topn_create", self.topn_create, device)
-        }
+        out = {"topn_create": _dispatch.resolve("topn_create", self.topn_create, device)}
         for op in _LOSS_OPS:
-            out[op] = _dispatch.resolve(op, "losses", self.losses, device)
+            out[op] = _dispatch.resolve(op, self.losses, device)
         return out
 
 

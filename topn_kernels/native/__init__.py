@@ -40,8 +40,9 @@ def _load() -> str | None:
 UNAVAILABLE_REASON: str | None = _load()
 AVAILABLE: bool = UNAVAILABLE_REASON is None
 
-if AVAILABLE:
-    from . import topn_create as _topn_create  # noqa: F401  (registers fake and autograd)
+if AVAILABLE:  # register the fake kernels and autograd of the ops
+    from . import sinkhorn as _sinkhorn  # noqa: F401
+    from . import topn_create as _topn_create  # noqa: F401
 
 
 def _ops():

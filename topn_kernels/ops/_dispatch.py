@@ -1,7 +1,9 @@
 """Backend selection (DESIGN 4).
 
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
-native extension on CPU for ``topn_create``, KeOps for the losses. When that backend is not
+native extension on CPU for ``topn_create``; the native extension on CPU for ``sinkhorn_loss``;
+KeOps for the other losses (and Sinkhorn on CUDA), or the dense reference for problems small
+enough that KeOps' overheads dominate. When that backend is not
 available the call runs the reference instead and warns once, naming the reason. The
 environment variable ``TOPN_KERNELS_BACKEND`` replaces ``"auto"`` (an explicit ``backend=``
 argument wins). An explicitly requested backend that cannot run is an error.
@@ -24,19 +26,24 @@ from . import _checks
 
 ENV_VAR = "TOPN_KERNELS_BACKEND"
 
-# backends each operator family accepts, besides "auto"
+# backends each operator accepts, besides "auto"
 BACKENDS = {
     "topn_create": ("reference", "native", "triton"),
-    "losses": ("reference", "keops"),
+    "chamfer_loss": ("reference", "keops"),
+    "sinkhorn_loss": ("reference", "keops", "native"),
+    "repulsion_penalty": ("reference", "keops"),
+    "valency_penalty": ("reference", "keops"),
 }
 
 _warned: set[str] = set()
 
 
-def _preferred(family: str, device: torch.device) -> str:
-    if family == "losses":
-        return "keops"
-    return "triton" if device.type == "cuda" else "native"
+def _preferred(op: str, device: torch.device) -> str:
+    if op == "topn_create":
+        return "triton" if device.type == "cuda" else "native"
+    if op == "sinkhorn_loss" and device.type == "cpu":
+        return "native"
+    return "keops"
 
 
 def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], str] | None:
@@ -74,22 +81,20 @@ def record_backends() -> Iterator[dict[str, Counter]]:
         _recorders.remove(counts)
 
 
-def resolve(
-    op: str, family: str, backend: object, device: torch.device, *, small: bool = False
-) -> str:
-    """The backend that runs ``op`` (of ``family``) on ``device`` for the requested ``backend``.
+def resolve(op: str, backend: object, device: torch.device, *, small: bool = False) -> str:
+    """The backend that runs ``op`` on ``device`` for the requested ``backend``.
 
-    ``small``: the problem is small enough that the reference beats the fast backend's
-    launch and set-up costs; ``"auto"`` then runs the reference.
+    ``small``: the problem is small enough that the dense reference beats KeOps' launch and
+    set-up costs; ``"auto"`` then runs the reference instead of KeOps.
     """
-    chosen = _resolve(op, family, backend, device, small)
+    chosen = _resolve(op, backend, device, small)
     for counts in _recorders:
         counts.setdefault(op, Counter())[chosen] += 1
     return chosen
 
 
-def _resolve(op: str, family: str, backend: object, device: torch.device, small: bool) -> str:
-    allowed = BACKENDS[family]
+def _resolve(op: str, backend: object, device: torch.device, small: bool) -> str:
+    allowed = BACKENDS[op]
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
     if backend == "auto":
         forced = os.environ.get(ENV_VAR)
@@ -102,9 +107,9 @@ def _resolve(op: str, family: str, backend: object, device: torch.device, small:
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
         return backend
 
-    if small:
+    wanted = _preferred(op, device)
+    if small and wanted == "keops":
         return "reference"
-    wanted = _preferred(family, device)
     problem = _unavailable(wanted, device)
     if problem is None:
         return wanted

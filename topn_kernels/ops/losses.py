@@ -1,9 +1,10 @@
 """Public set losses and penalties (DESIGN 3.3): validation, then the backend.
 
 Sets come padded, x (B, N, D) and y (B, M, D), with optional integer lengths (B,); padding is
-ignored exactly. Backends: "reference" (dense PyTorch, memory quadratic in the set size) and
-"keops" (memory linear). "auto" runs the reference on small problems, where KeOps' launch and
-set-up costs dominate, and KeOps on the others (see ``_SMALL_PAIRS``).
+ignored exactly. Backends: "reference" (dense PyTorch, memory quadratic in the set size),
+"keops" (memory linear) and, for Sinkhorn on CPU, "native" (the whole loop in C++, memory
+linear). "auto" runs Sinkhorn on CPU natively, and otherwise the reference on small problems,
+where KeOps' launch and set-up costs dominate, and KeOps on the others (see ``_SMALL_PAIRS``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import native, reference
 from ..keops import chamfer as keops_chamfer
 from ..keops import penalties as keops_penalties
 from ..keops import sinkhorn as keops_sinkhorn
@@ -28,6 +29,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 # KeOps 1.2x faster for a Chamfer forward+backward; from B=16 sets of 1024 points KeOps is 4 to
 # 30x faster.
 _SMALL_PAIRS = 1 << 17
+
+
+def native_sinkhorn(*args, **kwargs) -> Tensor:
+    return native.sinkhorn.sinkhorn_loss(*args, **kwargs)
 
 
 def _small(x: Tensor, y: Tensor, *, grad_favours_keops: bool = False) -> bool:
@@ -89,7 +94,7 @@ def chamfer_loss(
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
     _checks.flag(return_index, "return_index")
     small = _small(x, y, grad_favours_keops=True)
-    chosen = _dispatch.resolve("chamfer_loss", "losses", backend, x.device, small=small)
+    chosen = _dispatch.resolve("chamfer_loss", backend, x.device, small=small)
     impl = keops_chamfer.chamfer_loss if chosen == "keops" else reference.chamfer_loss
     return impl(
         x, y, x_lengths, y_lengths,
@@ -130,7 +135,7 @@ def sinkhorn_loss(
             points.
         debias: subtract the self-transport terms (the Sinkhorn divergence) or not (OT_eps).
         batch_reduction: "mean", "sum" or "none" (a (B,) tensor).
-        backend: "auto", "reference" or "keops".
+        backend: "auto", "reference", "keops" or "native" (C++, CPU tensors).
     """
     x_lengths, y_lengths = _pair(x, y, x_lengths, y_lengths)
     p = _checks.integer(p, "p")
@@ -144,8 +149,10 @@ def sinkhorn_loss(
         diameter = _checks.positive_number(diameter, "diameter")
     _checks.flag(debias, "debias")
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
-    chosen = _dispatch.resolve("sinkhorn_loss", "losses", backend, x.device, small=_small(x, y))
-    impl = keops_sinkhorn.sinkhorn_loss if chosen == "keops" else reference.sinkhorn_loss
+    chosen = _dispatch.resolve("sinkhorn_loss", backend, x.device, small=_small(x, y))
+    impl = {"keops": keops_sinkhorn.sinkhorn_loss, "native": native_sinkhorn}.get(
+        chosen, reference.sinkhorn_loss
+    )
     return impl(
         x, y, x_lengths, y_lengths,
         p=p, blur=blur, scaling=scaling, diameter=diameter, debias=debias,
@@ -163,7 +170,7 @@ def repulsion_penalty(
     x = _checks.float_tensor(x, "x", "(B, N, D)")
     lengths = _lengths(lengths, "lengths", x, 0)
     min_dist = _checks.positive_number(min_dist, "min_dist")
-    chosen = _dispatch.resolve("repulsion_penalty", "losses", backend, x.device, small=_small(x, x))
+    chosen = _dispatch.resolve("repulsion_penalty", backend, x.device, small=_small(x, x))
     impl = keops_penalties.repulsion_penalty if chosen == "keops" else reference.repulsion_penalty
     return impl(x, lengths, min_dist=min_dist)
 
@@ -187,6 +194,6 @@ def valency_penalty(
     lengths = _lengths(lengths, "lengths", x, 0)
     neighbor_dist = _checks.positive_number(neighbor_dist, "neighbor_dist")
     _checks.integer(max_valency, "max_valency", minimum=0)
-    chosen = _dispatch.resolve("valency_penalty", "losses", backend, x.device, small=_small(x, x))
+    chosen = _dispatch.resolve("valency_penalty", backend, x.device, small=_small(x, x))
     impl = keops_penalties.valency_penalty if chosen == "keops" else reference.valency_penalty
     return impl(x, lengths, neighbor_dist=neighbor_dist, max_valency=max_valency)

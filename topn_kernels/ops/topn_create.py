@@ -47,7 +47,7 @@ def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, ba
     _checks.dim_equal("film", film.shape, 1, d, "the feature dim d of table")
     _checks.choice(score_norm, "score_norm", ("selected", "all"))
     _checks.flag(sorted, "sorted")
-    chosen = _dispatch.resolve("topn_create", "topn_create", backend, query.device)
+    chosen = _dispatch.resolve("topn_create", backend, query.device)
     sizes, n_max = _checks.set_sizes(
         n, n_max, batch, n0, "n0", query.device, check_values=chosen != "native"
     )
