@@ -16,16 +16,23 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "softmin.h"
 
 namespace topn_kernels {
 
+// TOPN_KERNELS_PORTABLE=1 forces the portable build (to test it on an AVX2 machine).
 template <typename T>
 SoftminKernels<T> softmin_kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 = [] {
+    const char* portable = std::getenv("TOPN_KERNELS_PORTABLE");
+    const bool forced = portable != nullptr && std::string(portable) == "1";
+    return !forced && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   if (avx2) return {&softmin_avx2::rows<T>};
 #endif
   return {&softmin_default::rows<T>};

@@ -8,7 +8,7 @@
 //
 // softmin_kernels<T>() picks, once, the build of the loop for this CPU: AVX2 + FMA
 // (at::vec with Sleef's exp, softmin_avx2.cpp) where the CPU has them, else a portable build
-// (softmin_default.cpp).
+// (softmin_default.cpp); TOPN_KERNELS_PORTABLE=1 forces the portable one.
 #pragma once
 
 #include <cstdint>
