@@ -113,14 +113,21 @@ struct NormalizedAngles {
     });
   }
 
-  // s[i] = <qn, an_i> for every point, summed over k in order.
+  // s[i] = <qn, an_i> for every point, summed over k in order: blocks of kLanes points whose
+  // partial sums stay in registers over the k loop (one pass over s).
   void scores(const acc_t* qn, acc_t* s) const {
-    std::fill_n(s, n0, acc_t(0));
-    for (int64_t k = 0; k < a; ++k) {
-      const acc_t q = qn[k];
-      const acc_t* __restrict__ col = t.data() + k * n0;
-      for (int64_t i = 0; i < n0; ++i) s[i] += q * col[i];
+    const acc_t* t0 = t.data();
+    int64_t i = 0;
+    for (; i + kLanes <= n0; i += kLanes) {
+      acc_t acc[kLanes] = {};
+      for (int64_t k = 0; k < a; ++k) {
+        const acc_t q = qn[k];
+        const acc_t* __restrict__ col = t0 + k * n0 + i;
+        for (int l = 0; l < kLanes; ++l) acc[l] += q * col[l];
+      }
+      for (int l = 0; l < kLanes; ++l) s[i + l] = acc[l];
     }
+    for (; i < n0; ++i) s[i] = score(qn, i);
   }
 
   // The same score for one point, bit for bit.
@@ -232,16 +239,17 @@ inline void prefetch_row(const scalar_t* row, int64_t d) {
   for (int64_t off = 0; off < d * int64_t(sizeof(scalar_t)); off += 64) __builtin_prefetch(p + off);
 }
 
-// Whether an output of this many bytes should bypass the caches: from a quarter of the
-// last-level cache, or from TOPN_KERNELS_STREAM_MIN_BYTES when it is set. (Only for memory the
-// pool recycles: streaming into fresh pages is slower than plain stores.)
+// Whether an output of this many bytes should bypass the caches: from the size of the L2
+// cache (a larger output would evict it anyway, taking with it what the caller's next steps
+// need), or from TOPN_KERNELS_STREAM_MIN_BYTES when it is set. (Only for memory the pool
+// recycles: streaming into fresh pages is slower than plain stores.)
 bool stream_output(int64_t nbytes) {
 #if defined(__SSE2__)
   if (const char* env = std::getenv("TOPN_KERNELS_STREAM_MIN_BYTES"); env && *env)
     return nbytes >= std::strtoll(env, nullptr, 10);
   static const int64_t threshold = [] {
-    const long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return cache > 0 ? int64_t(cache) / 4 : int64_t(8) << 20;
+    const long cache = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return cache > 0 ? int64_t(cache) : int64_t(1) << 20;
   }();
   return nbytes >= threshold;
 #else
