@@ -53,7 +53,9 @@ def _commit() -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
 
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        # results written by an earlier run don't change the code being measured
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+        dirty = dirty.strip()
         return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
