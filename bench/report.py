@@ -64,7 +64,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ops = list(dict.fromkeys(r["op"] for r in rows))
-    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 4.2 * len(ops)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(ops), 1, figsize=(11, 4.2 * len(ops)), squeeze=False, layout="constrained"
+    )
     for ax, op in zip(axes[:, 0], ops, strict=True):
         mine = [r for r in rows if r["op"] == op]
         groups = list(dict.fromkeys((r["shape"], r["direction"]) for r in mine))
@@ -89,6 +91,5 @@ def plot(rows: list[dict], path: Path) -> None:
     r0 = rows[0]
     fig.suptitle(f"{r0['device']} | torch {r0['versions']['torch']} | commit {r0['commit']}",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
