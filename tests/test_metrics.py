@@ -4,6 +4,9 @@ Sinkhorn-based transport metrics against exact OT (POT)."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import scipy.stats
@@ -74,6 +77,19 @@ def test_transport_metrics_on_hand_made_sets():
     torch.testing.assert_close(metrics.exact_ot(x, y, lx, ly, p=1), want_ot)
     torch.testing.assert_close(metrics.w2_distance(x, y, lx, ly), want_w2, rtol=5e-3, atol=0)
     torch.testing.assert_close(metrics.ot_euclidean(x, y, lx, ly), want_ot, rtol=5e-3, atol=0)
+
+
+def test_exact_ot_keeps_keops_quiet():
+    """POT imports pykeops when it is installed; its notices must not reach users' logs."""
+    script = (
+        "import torch; from topn_kernels.metrics import exact_ot; x = torch.randn(1, 3, 3); "
+        "print(float(exact_ot(x, x, torch.tensor([3]), torch.tensor([3]), p=2)[0]))"
+    )
+    env = {k: v for k, v in os.environ.items() if "KEOPS_VERBOSE" not in k}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "0.0\n" and "KeOps" not in run.stderr
 
 
 def test_transport_metrics_match_exact_ot_on_dataset_sets():

@@ -21,12 +21,14 @@ pair); :func:`evaluate` reports the largest gap between the two on a sample of p
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .keops._pykeops import pykeops
 from .ops import sinkhorn_loss
 
 __all__ = [
@@ -166,6 +168,8 @@ def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: i
     ``p=2``: the W2 distance ``sqrt(min_P sum P_ij |x_i - y_j|^2)``; ``p=1``: the cost with
     ground cost ``|x_i - y_j|``. One linear program per pair: for checks, not for training.
     """
+    if importlib.util.find_spec("pykeops") is not None:
+        pykeops()  # POT imports pykeops when it is installed: import it quietly first
     import ot  # POT: an optional dependency (requirements.txt pins it)
 
     if p not in (1, 2):
