@@ -111,6 +111,8 @@ def test_train_and_test_sets_are_independent_streams():
     assert len(train) == 40 and len(test) == 20
     assert torch.equal(train.points, train2.points)  # the train set ignores n_test
     assert not torch.equal(train.points[:20], test.points)
+    equal_sizes, other = make_datasets(20, 20, seed=3)
+    assert not torch.equal(equal_sizes.points, other.points)  # one seed would make them equal
 
 
 def test_extrapolation_variant():
@@ -122,7 +124,7 @@ def test_extrapolation_variant():
     assert 8.0 < gain <= CONFIG.extrapolation_n  # +10, less what the n_max cap clips
     sizes = extrapolation_sizes(train, 500, generator=torch.Generator().manual_seed(0))
     shifted = set((train.lengths + CONFIG.extrapolation_n).clamp(max=CONFIG.n_max).tolist())
-    assert set(sizes.tolist()) <= shifted
+    assert set(sizes.tolist()) <= shifted and len(set(sizes.tolist())) > 5  # drawn, not fixed
     targets = torch.tensor([2, 35, 17, 9])
     exact = generate_sets(4, seed=5, sizes=targets)
     assert torch.equal(exact.lengths, targets)  # exact sizes, in the order asked

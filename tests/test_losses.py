@@ -152,9 +152,10 @@ def test_sinkhorn_identical_and_collapsed_clouds_give_zero(backend):
     assert tk.sinkhorn_loss(point, point.clone(), backend=backend).item() == 0.0
 
 
-def test_native_sinkhorn_large_sets_match_keops_and_do_not_depend_on_threads():
+def test_native_sinkhorn_large_sets_match_reference_and_do_not_depend_on_threads():
     """Few large sets: the native loop runs its softmins in parallel over rows; sets of
-    different sizes; the value and gradient equal KeOps' and are the same on 1 thread."""
+    different sizes; the value and gradient equal the reference's and are the same on 1
+    thread."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 300, 3, generator=g).requires_grad_()
     y = torch.randn(2, 200, 3, generator=g).requires_grad_()

@@ -176,11 +176,17 @@ def test_gradcheck_float64(score_norm):
 
 
 @pytest.mark.parametrize("score_norm", ["selected", "all"])
-def test_deterministic_backward(score_norm):
+def test_deterministic_backward(score_norm, monkeypatch):
     """With deterministic algorithms on, no atomics: the gathered gradients equal the reference
-    and, run after run, each other bit for bit (on a GPU the atomics would not)."""
+    and, run after run, each other bit for bit (on a GPU the atomics would not). The
+    interpreter's atomics are in order too, so the test also checks that the sorted-segment
+    path ran."""
     inputs = _inputs(16, 70, 3, 16)
     n = random_sizes(16, 2, 35).to(DEVICE)
+    calls = []
+    sort = topn_create_launch.slots_by_point
+    monkeypatch.setattr(topn_create_launch, "slots_by_point",
+                        lambda *args: calls.append(1) or sort(*args))  # fmt: skip
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -188,6 +194,7 @@ def test_deterministic_backward(score_norm):
         _, second = _grads("triton", inputs, n, score_norm=score_norm)
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert len(calls) == 2  # one per backward
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 

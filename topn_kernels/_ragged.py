@@ -45,19 +45,33 @@ class Packed:
         return global_index - other.offsets[self.set_of]
 
 
-def pack(x: Tensor, lengths: Tensor | None, dtype: torch.dtype) -> Packed:
-    """Packs x (B, N, D) with lengths (B,) int64 (None: every set has N points)."""
+def lengths_mask(lengths: Tensor, width: int) -> Tensor:
+    """(B, width) bool, True on the first lengths[b] entries of row b."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 input, else float32 (DESIGN 5)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pack(x: Tensor, lengths: Tensor | None) -> Packed:
+    """Packs x (B, N, D) with lengths (B,) int64 (None: every set has N points); the points
+    in the compute dtype."""
     batch, n, dim = x.shape
+    dtype = compute_dtype(x.dtype)
     device = x.device
     if lengths is None:
         lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
         points, mask = x.reshape(batch * n, dim).to(dtype), None
     else:
-        mask = torch.arange(n, device=device)[None, :] < lengths[:, None]
+        mask = lengths_mask(lengths, n)
         points = x[mask].to(dtype)
     offsets = torch.zeros(batch + 1, dtype=torch.int64, device=device)
     offsets[1:] = lengths.cumsum(0)
-    set_of = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
+    set_of = torch.repeat_interleave(
+        torch.arange(batch, device=device), lengths, output_size=points.shape[0]
+    )
     return Packed(points, offsets, set_of, lengths, n, mask)
 
 
@@ -69,3 +83,12 @@ def block_ranges(rows: Packed, cols: Packed) -> tuple[Tensor, ...]:
     rj = torch.stack([cols.offsets[:-1], cols.offsets[1:]], 1).int().contiguous()
     slices = torch.arange(1, rows.batch + 1, dtype=torch.int32, device=ri.device)
     return (ri, slices, rj, rj, slices, ri)
+
+
+def reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
+    """(B,) per-set values -> their mean, their sum, or themselves ("none")."""
+    if batch_reduction == "mean":
+        return values.mean()
+    if batch_reduction == "sum":
+        return values.sum()
+    return values

@@ -10,8 +10,9 @@ import math
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from ._ragged import Packed
+from ._ragged import Packed, pack
 
 
 def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> list[float]:
@@ -29,3 +30,22 @@ def batch_diameter(px: Packed, py: Packed) -> float:
     if pts.shape[0] == 0:
         return 0.0
     return float((pts.amax(0) - pts.amin(0)).norm())
+
+
+def prepare(
+    x: Tensor,
+    y: Tensor,
+    x_lengths: Tensor | None,
+    y_lengths: Tensor | None,
+    *,
+    p: int,
+    blur: float,
+    scaling: float,
+    diameter: float | None,
+) -> tuple[Packed, Packed, list[float]]:
+    """The packed batches and the eps schedule of one Sinkhorn call; ``diameter=None`` is
+    the batch's (real points only), so that each set's value equals that set alone with it."""
+    px, py = pack(x, x_lengths), pack(y, y_lengths)
+    if diameter is None:
+        diameter = batch_diameter(px, py)
+    return px, py, epsilon_schedule(p, diameter, blur, scaling)

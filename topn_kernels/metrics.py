@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._ragged import lengths_mask
 from .keops._pykeops import pykeops
 from .ops import sinkhorn_loss
 
@@ -49,10 +50,6 @@ __all__ = [
 # fraction of a percent of exact OT on sets of this dataset's scale (checked in tests/).
 METRIC_BLUR = 0.01
 METRIC_SCALING = 0.9
-
-
-def _mask(lengths: Tensor, width: int) -> Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _check_sets(points: object, lengths: object, name: str = "points") -> None:
@@ -84,7 +81,13 @@ def valency(points: Tensor, lengths: Tensor, neighbor_dist: float = 2.0) -> Tens
     _check_sets(points, lengths)
     if not neighbor_dist > 0:
         raise ValueError(f"neighbor_dist must be > 0, got {neighbor_dist}")
-    mask = _mask(lengths.to(points.device), points.shape[1])
+    return valency_counts(points, lengths_mask(lengths.to(points.device), points.shape[1]),
+                          neighbor_dist)  # fmt: skip
+
+
+def valency_counts(points: Tensor, mask: Tensor, neighbor_dist: float) -> Tensor:
+    """:func:`valency` from the mask (B, N) of real points, without checks (for a model that
+    has checked its inputs)."""
     x = points.detach().double()
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     pairs = mask[:, :, None] & mask[:, None, :]
@@ -98,7 +101,7 @@ def valency_histogram(counts: Tensor, lengths: Tensor, num_bins: int) -> Tensor:
 
     counts (B, N) integer (as :func:`valency` returns), lengths (B,).
     """
-    mask = _mask(lengths.to(counts.device), counts.shape[1])
+    mask = lengths_mask(lengths.to(counts.device), counts.shape[1])
     real = counts[mask]
     if real.numel() == 0:
         raise ValueError("valency_histogram needs at least one real point")
@@ -123,7 +126,7 @@ def valency_loss(probs: Tensor, reference_probs: Tensor) -> float:
 
 def incorrect_valency_pct(counts: Tensor, lengths: Tensor, max_valency: int = 4) -> float:
     """Percentage of real points with valency 0 or above ``max_valency``."""
-    mask = _mask(lengths.to(counts.device), counts.shape[1])
+    mask = lengths_mask(lengths.to(counts.device), counts.shape[1])
     real = counts[mask]
     if real.numel() == 0:
         raise ValueError("incorrect_valency_pct needs at least one real point")
@@ -135,6 +138,17 @@ def incorrect_valency_pct(counts: Tensor, lengths: Tensor, max_valency: int = 4)
 # ---------------------------------------------------------------------------------------------
 
 
+def _sinkhorn_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, p: int,
+                 backend: str) -> Tensor:  # fmt: skip
+    """(B,) float64 debiased Sinkhorn divergences at the metrics' blur; small negative values
+    from rounding count as 0."""
+    s = sinkhorn_loss(
+        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
+        p=p, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
+    )  # fmt: skip
+    return s.clamp_min(0)
+
+
 def w2_distance(
     x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, backend: str = "auto"
 ) -> Tensor:
@@ -143,11 +157,7 @@ def w2_distance(
     ``sqrt(2 S)`` with S our debiased Sinkhorn divergence (p=2, cost |x-y|^2/2) at blur
     ``METRIC_BLUR``; small negative S from rounding count as 0.
     """
-    s = sinkhorn_loss(
-        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
-        p=2, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
-    )  # fmt: skip
-    return (2 * s.clamp_min(0)).sqrt()
+    return (2 * _sinkhorn_ot(x, y, x_lengths, y_lengths, 2, backend)).sqrt()
 
 
 def ot_euclidean(
@@ -155,11 +165,7 @@ def ot_euclidean(
 ) -> Tensor:
     """(B,) float64 optimal transport costs with ground cost |x - y| (uniform weights) between
     paired sets, from our debiased ``sinkhorn_loss`` with p=1 at blur ``METRIC_BLUR``."""
-    s = sinkhorn_loss(
-        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
-        p=1, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
-    )  # fmt: skip
-    return s.clamp_min(0)
+    return _sinkhorn_ot(x, y, x_lengths, y_lengths, 1, backend)
 
 
 def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: int) -> Tensor:

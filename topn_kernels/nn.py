@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._ragged import lengths_mask
 from .ops import _checks
 from .ops.topn_create import topn_create
 
 __all__ = ["FirstNCreation", "IIDCreation", "MLPCreation", "TopNCreation"]
 
 
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """A 2-layer MLP: Linear, ReLU, Linear."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
@@ -28,8 +30,7 @@ def _sizes_and_mask(
     """The mask (B, n_max) of validated sizes n <= capacity (None: any), and n_max."""
     z = _checks.float_tensor(z, "z", "(B, latent_dim)")
     sizes, n_max = _checks.set_sizes(n, n_max, z.shape[0], capacity, "capacity", z.device)
-    mask = torch.arange(n_max, device=z.device)[None, :] < sizes[:, None]
-    return mask, n_max
+    return lengths_mask(sizes, n_max), n_max
 
 
 class TopNCreation(nn.Module):
@@ -56,7 +57,7 @@ class TopNCreation(nn.Module):
         super().__init__()
         ref_dim = set_dim if ref_dim is None else ref_dim
         self.n_ref, self.score_norm, self.backend = n_ref, score_norm, backend
-        self.angle_mlp = _mlp(latent_dim, hidden, angle_dim)
+        self.angle_mlp = mlp(latent_dim, hidden, angle_dim)
         self.angles = nn.Parameter(F.normalize(torch.randn(n_ref, angle_dim), dim=-1))
         self.points = nn.Parameter(torch.randn(n_ref, ref_dim))
         self.W1 = nn.Linear(ref_dim, set_dim, bias=False)
@@ -114,7 +115,7 @@ class MLPCreation(nn.Module):
     def __init__(self, latent_dim: int, set_dim: int, n_max: int, hidden: int = 128) -> None:
         super().__init__()
         self.n_max, self.set_dim = n_max, set_dim
-        self.mlp = _mlp(latent_dim, hidden, n_max * set_dim)
+        self.mlp = mlp(latent_dim, hidden, n_max * set_dim)
 
     def forward(
         self, z: Tensor, n: int | Tensor, n_max: int | None = None

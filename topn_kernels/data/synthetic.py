@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._ragged import lengths_mask
 from ..metrics import valency, valency_histogram
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SyntheticSets",
     "collate_sets",
     "dataset_statistics",
+    "extrapolation_sizes",
     "generate_sets",
     "make_datasets",
     "make_extrapolation_dataset",
@@ -131,7 +133,7 @@ class SyntheticSets(Dataset):
     @property
     def mask(self) -> Tensor:
         """(S, N) bool, True on real points."""
-        return torch.arange(self.points.shape[1])[None, :] < self.lengths[:, None]
+        return lengths_mask(self.lengths, self.points.shape[1])
 
 
 def collate_sets(sets: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -4,15 +4,10 @@ that autograd works (KeOps' ``Min`` has no gradient). Memory linear in the numbe
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._ragged import block_ranges, pack
+from .._ragged import block_ranges, pack, reduce_batch
 from ._pykeops import lazy_tensor
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def nearest(rows: Tensor, cols: Tensor, ranges: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -36,20 +31,14 @@ def chamfer_loss(
     return_index: bool,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """As :func:`topn_kernels.reference.chamfer_loss`; inputs already validated."""
-    ct = _compute_dtype(x.dtype)
-    px, py = pack(x, x_lengths, ct), pack(y, y_lengths, ct)
+    px, py = pack(x, x_lengths), pack(y, y_lengths)
     x_nn, y_nn = nearest(px.points, py.points, block_ranges(px, py))
     x_term = px.segment_sum(((px.points - py.points[x_nn]) ** 2).sum(-1))
     y_term = py.segment_sum(((py.points - px.points[y_nn]) ** 2).sum(-1))
     if point_reduction == "mean":
         x_term = x_term / px.lengths
         y_term = y_term / py.lengths
-    loss = x_term + y_term
-    if batch_reduction == "mean":
-        loss = loss.mean()
-    elif batch_reduction == "sum":
-        loss = loss.sum()
-    loss = loss.to(x.dtype)
+    loss = reduce_batch(x_term + y_term, batch_reduction).to(x.dtype)
     if not return_index:
         return loss
     return loss, px.unpack(px.local(x_nn, py), -1), py.unpack(py.local(y_nn, px), -1)

@@ -40,10 +40,9 @@ def _nearest_others(dim: int, k: int):
 
 
 def _packed(x: Tensor, lengths: Tensor | None) -> tuple[Packed, Tensor, tuple[Tensor, ...]]:
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    px = pack(x, lengths, ct)
+    px = pack(x, lengths)
     position = torch.arange(px.points.shape[0], device=x.device) - px.offsets[px.set_of]
-    return px, position.to(ct).view(-1, 1), block_ranges(px, px)
+    return px, position.to(px.points.dtype).view(-1, 1), block_ranges(px, px)
 
 
 def _scalar(value: float, like: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .._ragged import block_ranges, pack
-from .._schedule import batch_diameter, epsilon_schedule
+from .._ragged import block_ranges, reduce_batch
+from .._schedule import prepare
 from ._pykeops import pykeops
 
 # cost |x - y|^p / p; the distance for p=1 is 0 (with a zero gradient) at x = y
@@ -50,13 +50,12 @@ def sinkhorn_loss(
     batch_reduction: str,
 ) -> Tensor:
     """As :func:`topn_kernels.reference.sinkhorn_loss`; inputs already validated."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    px, py = pack(x, x_lengths, ct), pack(y, y_lengths, ct)
+    px, py, eps_list = prepare(
+        x, y, x_lengths, y_lengths, p=p, blur=blur, scaling=scaling, diameter=diameter
+    )
     xs, ys = px.points, py.points
     xd, yd = xs.detach(), ys.detach()
-    if diameter is None:
-        diameter = batch_diameter(px, py)
-    eps_list = epsilon_schedule(p, diameter, blur, scaling)
+    ct = xs.dtype
     lse = _log_sum_exp(p, xs.shape[1])
     r_xy, r_yx = block_ranges(px, py), block_ranges(py, px)
     r_xx, r_yy = block_ranges(px, px), block_ranges(py, py)
@@ -91,8 +90,4 @@ def sinkhorn_loss(
         f_ba = f_ba - softmin(eps, xs, xd, a_log + f_aa / eps, r_xx)
         g_ab = g_ab - softmin(eps, ys, yd, b_log + g_bb / eps, r_yy)
     value = px.segment_sum(a_log.exp() * f_ba) + py.segment_sum(b_log.exp() * g_ab)
-    if batch_reduction == "mean":
-        value = value.mean()
-    elif batch_reduction == "sum":
-        value = value.sum()
-    return value.to(x.dtype)
+    return reduce_batch(value, batch_reduction).to(x.dtype)

@@ -11,11 +11,6 @@ import torch
 from torch import Tensor, nn
 
 
-def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    """A 2-layer MLP: Linear, ReLU, Linear."""
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
-
-
 class MaskedBatchNorm(nn.Module):
     """``nn.BatchNorm1d`` over the real points of a batch only (padding gets 0).
 

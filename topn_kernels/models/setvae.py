@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import valency
-from ..nn import FirstNCreation, IIDCreation, MLPCreation, TopNCreation
+from .._ragged import lengths_mask
+from ..metrics import valency_counts
+from ..nn import FirstNCreation, IIDCreation, MLPCreation, TopNCreation, mlp
 from .backends import OpBackends
-from .layers import MaskedBatchNorm, PNAPooling, SetBlock, mlp
+from .layers import MaskedBatchNorm, PNAPooling, SetBlock
 
 __all__ = ["CREATIONS", "SetVAE", "SetVAEConfig", "VAEOutput"]
 
@@ -115,7 +116,8 @@ class SetEncoder(nn.Module):
     def forward(self, points: Tensor, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         feats = points
         if self.cfg.encoder_valency:
-            counts = valency(points, lengths, self.cfg.neighbor_dist).clamp(0, self.cfg.max_valency)
+            counts = valency_counts(points, mask, self.cfg.neighbor_dist)
+            counts = counts.clamp(0, self.cfg.max_valency)
             feats = torch.cat([points, F.one_hot(counts, self.cfg.max_valency + 1).to(points)], -1)
         x = self.norm(torch.relu(self.embed(feats)), mask)
         for block in self.blocks:
@@ -183,7 +185,7 @@ class SetVAE(nn.Module):
                 f"got [{lo}, {hi}]"
             )
         lengths = lengths.to(points.device, torch.int64)
-        mask = torch.arange(points.shape[1], device=points.device)[None, :] < lengths[:, None]
+        mask = lengths_mask(lengths, points.shape[1])
         return points.masked_fill(~mask[..., None], 0.0), mask, lengths
 
     def encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

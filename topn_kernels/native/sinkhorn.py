@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._ragged import pack
-from .._schedule import batch_diameter, epsilon_schedule
+from .._ragged import reduce_batch
+from .._schedule import prepare
 
 _OPS = torch.ops.topn_kernels
 
@@ -60,18 +60,12 @@ def sinkhorn_loss(
     batch_reduction: str,
 ) -> Tensor:
     """As :func:`topn_kernels.reference.sinkhorn_loss`; CPU tensors, inputs validated."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    px, py = pack(x, x_lengths, ct), pack(y, y_lengths, ct)
-    if diameter is None:
-        diameter = batch_diameter(px, py)
-    eps_list = epsilon_schedule(p, diameter, blur, scaling)
+    px, py, eps_list = prepare(
+        x, y, x_lengths, y_lengths, p=p, blur=blur, scaling=scaling, diameter=diameter
+    )
     with_grad = torch.is_grad_enabled() and (px.points.requires_grad or py.points.requires_grad)
     value, _, _ = _OPS.sinkhorn.default(
         px.points.contiguous(), py.points.contiguous(), px.offsets, py.offsets, eps_list, p,
         debias, with_grad,
     )  # fmt: skip
-    if batch_reduction == "mean":
-        value = value.mean()
-    elif batch_reduction == "sum":
-        value = value.sum()
-    return value.to(x.dtype)
+    return reduce_batch(value, batch_reduction).to(x.dtype)

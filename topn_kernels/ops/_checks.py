@@ -97,14 +97,18 @@ def int_vector(value: Tensor, name: str, batch: int, device: torch.device) -> Te
     return value.to(torch.int64).expand(batch).contiguous()
 
 
+def _bounds(name: str, lo: int, hi: int, low: int, high: int | None, high_name: str) -> None:
+    """Raises unless [lo, hi] (the extremes of ``name``'s entries) lies in [low, high]."""
+    if lo < low or (high is not None and hi > high):
+        upper = "" if high is None else f", {high_name}={high}"
+        raise ValueError(f"{name} must be in [{low}{upper}], got {lo if lo < low else hi}")
+
+
 def values_in_range(value: Tensor, name: str, low: int, high: int | None, high_name: str) -> None:
     """Every entry of ``value`` in [low, high] (high None: no upper bound); eager mode only."""
     if _eager() and value.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(value))
-        if lo < low or (high is not None and hi > high):
-            bad = lo if lo < low else hi
-            upper = "" if high is None else f", {high_name}={high}"
-            raise ValueError(f"{name} must be in [{low}{upper}], got {bad}")
+        _bounds(name, lo, hi, low, high, high_name)
 
 
 def set_sizes(
@@ -122,18 +126,20 @@ def set_sizes(
     tensor ``n`` to a kernel that makes them itself (the native one)."""
     if isinstance(n, Tensor):
         sizes = int_vector(n, "n", batch, device)
-        if n_max is None:
-            n_max = int(sizes.max()) if batch > 0 else 0
-        else:
+        if n_max is not None:
             integer(n_max, "n_max", minimum=0)
-        if check_values:
-            values_in_range(sizes, "n", 1, upper, upper_name)
-            values_in_range(sizes, "n", 1, n_max, "n_max")
+        check = check_values and _eager()
+        if batch == 0 or not (check or n_max is None):
+            return sizes, 0 if n_max is None else n_max
+        lo, hi = (int(v) for v in torch.aminmax(sizes))  # one reduction for every bound
+        n_max = hi if n_max is None else n_max
+        if check:
+            _bounds("n", lo, hi, 1, upper, upper_name)
+            _bounds("n", lo, hi, 1, n_max, "n_max")
         return sizes, n_max
     n = integer(n, "n")
-    if _eager() and (n < 1 or (upper is not None and n > upper)):
-        upper_text = "" if upper is None else f", {upper_name}={upper}"
-        raise ValueError(f"n must be in [1{upper_text}], got {n}")
+    if _eager():
+        _bounds("n", n, n, 1, upper, upper_name)
     if n_max is None:
         n_max = n
     elif _eager() and integer(n_max, "n_max") < n:

@@ -31,10 +31,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 _SMALL_PAIRS = 1 << 17
 
 
-def native_sinkhorn(*args, **kwargs) -> Tensor:
-    return native.sinkhorn.sinkhorn_loss(*args, **kwargs)
-
-
 def _small(x: Tensor, y: Tensor, *, grad_favours_keops: bool = False) -> bool:
     """Whether "auto" should run the dense reference. ``grad_favours_keops``: at small sizes
     KeOps wins once a backward follows (Chamfer), so only a forward without autograd counts."""
@@ -150,9 +146,10 @@ def sinkhorn_loss(
     _checks.flag(debias, "debias")
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
     chosen = _dispatch.resolve("sinkhorn_loss", backend, x.device, small=_small(x, y))
-    impl = {"keops": keops_sinkhorn.sinkhorn_loss, "native": native_sinkhorn}.get(
-        chosen, reference.sinkhorn_loss
-    )
+    if chosen == "native":  # native.sinkhorn exists only when the extension loaded
+        impl = native.sinkhorn.sinkhorn_loss
+    else:
+        impl = keops_sinkhorn.sinkhorn_loss if chosen == "keops" else reference.sinkhorn_loss
     return impl(
         x, y, x_lengths, y_lengths,
         p=p, blur=blur, scaling=scaling, diameter=diameter, debias=debias,
