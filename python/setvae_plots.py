@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-CURVE_TERMS = ("loss", "reconstruction", "kl", "repulsion", "valency")
+from topn_kernels.models import LOSS_TERMS as CURVE_TERMS
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -329,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             "threads_per_process": torch.get_num_threads(),
             "device": str(device),
             "train_seconds": train_time,
-            "epoch_seconds_median": _median([h["seconds"] for h in history_epochs]),
+            "epoch_seconds_median": (
+                statistics.median(h["seconds"] for h in history_epochs) if history_epochs else None
+            ),
             "eval_seconds": eval_seconds,
             "final_losses": {k: history[-1][k] for k in LOSS_TERMS} if history else None,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -364,14 +367,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ import torch
 
 import topn_kernels as tk
 from topn_kernels import reference
+from topn_kernels.nn import TopNCreation
 
 from .inputs import assert_close_scaled, random_sizes, topn_inputs
 
 BACKENDS = ["native", "triton"]
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+GPU_TRITON = pytest.param("triton", marks=[needs_gpu, pytest.mark.gpu])  # large shapes
 
 # (B, n0, n, a, d); n is an int or (low, high) for per-set sizes
 CASES = [
@@ -191,13 +193,39 @@ def test_native_is_deterministic_across_runs_and_thread_counts():
             assert torch.equal(got, want)
 
 
-def test_native_indexes_past_int32():
+@pytest.mark.parametrize("backend", ["native", GPU_TRITON])
+def test_indexes_past_int32(backend):
     """x has more than 2^31 elements: the last set's rows land where the reference puts them."""
     batch, n0, d = 1025, 1024, 2048
     assert batch * n0 * d > 2**31
-    query, angles, table, bias, film = topn_inputs(batch, n0, 3, d, dtype=torch.float16)
-    out = tk.topn_create(query, angles, table, bias, n0, film, backend="native")
+    inputs = _to(_device(backend), topn_inputs(batch, n0, 3, d, dtype=torch.float16))
+    query, angles, table, bias, film = inputs
+    out = tk.topn_create(query, angles, table, bias, n0, film, backend=backend)
     for b in (0, batch - 1):
         ref = reference.topn_create(query[b : b + 1], angles, table, bias[b : b + 1], n0, film)
         assert torch.equal(out.index[b], ref[2][0])
         assert_close_scaled(out.x[b], ref[0][0], torch.finfo(torch.float16).eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_model_matches_eager_without_graph_break(backend):
+    """fullgraph=True fails on any graph break; values and gradients equal eager."""
+    torch.manual_seed(0)
+    device = _device(backend)
+    model = TopNCreation(latent_dim=8, set_dim=16, n_ref=35, backend=backend).to(device)
+    z = torch.randn(12, 8, device=device)
+    n = random_sizes(12, 2, 35).to(device)
+    target = torch.randn(12, 35, 16, device=device)
+
+    def step(z, n):
+        x, mask = model(z, n, n_max=35)
+        return ((x - target) ** 2 * mask[..., None]).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        model.zero_grad()
+        loss = fn(z, n)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert_close_scaled(got, want, 1e-5)

@@ -323,47 +323,49 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    metrics: dict = {}
-    recon = {}
-    for name, pts, lens in (
-        ("train", train_points, train_lengths),
-        ("test", test_points, test_lengths),
-    ):
-        pts, lens = pts.to(device), lens.to(device)
-        metrics[f"{name}_w2"], _ = reconstruction_w2(model.reconstruct, pts, lens, backend=backend)
-        recon[name] = (pts, lens)
-
-    common = dict(neighbor_dist=neighbor_dist, max_valency=max_valency, num_pairs=num_pairs)
-    generated = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        for prefix, sizes, probs in (
-            ("", model.sample_sizes(num_generated), valency_probs),
-            ("extrap_", extrap_sizes[:num_generated], extrap_valency_probs),
+    try:
+        device = next(model.parameters()).device
+        metrics: dict = {}
+        for name, pts, lens in (
+            ("train", train_points, train_lengths),
+            ("test", test_points, test_lengths),
         ):
-            x, mask = model.generate(sizes.to(device))
-            lens = mask.sum(1)
-            generated[prefix] = (x, lens)
-            values = generation_metrics(x, lens, probs, generator=gen, backend=backend, **common)
-            metrics.update({prefix + k: v for k, v in values.items()})
+            pts, lens = pts.to(device), lens.to(device)
+            w2, _ = reconstruction_w2(model.reconstruct, pts, lens, backend=backend)
+            metrics[f"{name}_w2"] = w2
 
-    # exactness of the Sinkhorn values on a sample: reconstructions and generated pairs
-    pts, lens = recon["test"]
-    pts, lens = pts[:check_pairs], lens[:check_pairs]
-    pts = pts[:, : int(lens.max())]
-    rec = model.reconstruct(pts, lens)
-    x, lx = generated[""]
-    pairs = random_pairs(x.shape[0], check_pairs, torch.Generator().manual_seed(seed + 1))
-    i, j = pairs[:, 0].to(device), pairs[:, 1].to(device)
-    metrics["exactness"] = {
-        "w2_vs_pot": _sinkhorn_vs_exact(
-            lambda *a: w2_distance(*a, backend=backend), rec, pts, lens, lens, 2
-        ),
-        "diversity_vs_pot": _sinkhorn_vs_exact(
-            lambda *a: ot_euclidean(*a, backend=backend), x[i], x[j], lx[i], lx[j], 1
-        ),
-    }
-    model.train(was_training)
-    return metrics
+        common = dict(neighbor_dist=neighbor_dist, max_valency=max_valency, num_pairs=num_pairs)
+        generated = {}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            for prefix, sizes, probs in (
+                ("", model.sample_sizes(num_generated), valency_probs),
+                ("extrap_", extrap_sizes[:num_generated], extrap_valency_probs),
+            ):
+                x, mask = model.generate(sizes.to(device))
+                lens = mask.sum(1)
+                generated[prefix] = (x, lens)
+                values = generation_metrics(
+                    x, lens, probs, generator=gen, backend=backend, **common
+                )
+                metrics.update({prefix + k: v for k, v in values.items()})
+
+        # exactness of the Sinkhorn values on a sample: reconstructions and generated pairs
+        pts, lens = test_points[:check_pairs].to(device), test_lengths[:check_pairs].to(device)
+        pts = pts[:, : int(lens.max())]
+        rec = model.reconstruct(pts, lens)
+        x, lx = generated[""]
+        pairs = random_pairs(x.shape[0], check_pairs, torch.Generator().manual_seed(seed + 1))
+        i, j = pairs[:, 0].to(device), pairs[:, 1].to(device)
+        metrics["exactness"] = {
+            "w2_vs_pot": _sinkhorn_vs_exact(
+                lambda *a: w2_distance(*a, backend=backend), rec, pts, lens, lens, 2
+            ),
+            "diversity_vs_pot": _sinkhorn_vs_exact(
+                lambda *a: ot_euclidean(*a, backend=backend), x[i], x[j], lx[i], lx[j], 1
+            ),
+        }
+        return metrics
+    finally:
+        model.train(was_training)

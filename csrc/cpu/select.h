@@ -25,7 +25,6 @@ struct RankKey;
 template <>
 struct RankKey<float> {
   using type = uint64_t;  // descending score in the high 32 bits, index in the low 32
-  static constexpr int kScoreShift = 32, kScoreBits = 32;
   static type make(float s, int64_t i) {
     s = s != s ? std::numeric_limits<float>::quiet_NaN() : s + 0.0f;  // one NaN; -0 == +0
     uint32_t bits;
@@ -40,7 +39,6 @@ struct RankKey<float> {
 template <>
 struct RankKey<double> {
   using type = unsigned __int128;
-  static constexpr int kScoreShift = 64, kScoreBits = 64;
   static type make(double s, int64_t i) {
     s = s != s ? std::numeric_limits<double>::quiet_NaN() : s + 0.0;
     uint64_t bits;

@@ -101,30 +101,29 @@ void rows(const T* u, int64_t row_begin, int64_t row_end, const T* v_t, int64_t 
     out[i] = -eps * (mx + std::log(sum));
     if (grad == nullptr) continue;
 
-    // grad_i = sum_j e_j dC_ij/du_i / sum: (u_i - v_j) for p=2, (u_i - v_j) / |u_i - v_j|
-    // (0 at u_i = v_j) for p=1
+    // grad_i = sum_j w_j (u_i - v_j) / sum, with w_j = e_j for p=2 and e_j / |u_i - v_j|
+    // (0 at u_i = v_j) for p=1, computed once per j before the loop over coordinates
+    if (p == 1) {
+      for (int64_t j = 0; j < full; j += W) {
+        cost(ui, v_t, nv, j, dim, p, d2);
+        const Vec dist = d2.sqrt();
+        Vec::blendv(Vec::loadu(scratch + j) / dist, Vec(T(0)), d2 == Vec(T(0)))
+            .store(scratch + j);
+      }
+      for (int64_t j = full; j < nv; ++j) {
+        T sq;
+        const T dist = cost_scalar(ui, v_t, nv, j, dim, 1, sq);
+        scratch[j] = sq != 0 ? scratch[j] / dist : T(0);
+      }
+    }
     T* gi = grad + i * dim;
     for (int64_t k = 0; k < dim; ++k) {
       const T* vk = v_t + k * nv;
       Vec acc(T(0));
       T tail = 0;
-      if (p == 2) {
-        for (int64_t j = 0; j < full; j += W)
-          acc = acc + Vec::loadu(scratch + j) * (Vec(ui[k]) - Vec::loadu(vk + j));
-        for (int64_t j = full; j < nv; ++j) tail += scratch[j] * (ui[k] - vk[j]);
-      } else {
-        for (int64_t j = 0; j < full; j += W) {
-          cost(ui, v_t, nv, j, dim, p, d2);
-          const Vec dist = d2.sqrt();
-          const Vec w = Vec::blendv(Vec::loadu(scratch + j) / dist, Vec(T(0)), d2 == Vec(T(0)));
-          acc = acc + w * (Vec(ui[k]) - Vec::loadu(vk + j));
-        }
-        for (int64_t j = full; j < nv; ++j) {
-          T sq;
-          const T dist = cost_scalar(ui, v_t, nv, j, dim, 1, sq);
-          if (sq != 0) tail += scratch[j] / dist * (ui[k] - vk[j]);
-        }
-      }
+      for (int64_t j = 0; j < full; j += W)
+        acc = acc + Vec::loadu(scratch + j) * (Vec(ui[k]) - Vec::loadu(vk + j));
+      for (int64_t j = full; j < nv; ++j) tail += scratch[j] * (ui[k] - vk[j]);
       gi[k] = (lane_sum(acc) + tail) / sum;
     }
   }

@@ -2,9 +2,9 @@
 //
 // Forward, one pass per set (sets in parallel): cosine scores against the normalised
 // reference angles, selection of the n_b best (select.h: O(n0), then a sort of the survivors
-// only), softmax weights, and each output row written once; outputs larger than a quarter of
-// the last-level cache, in memory recycled by the output pool, are written with streaming
-// stores, past the caches.
+// only), softmax weights, and each output row written once; outputs from the size of the L2
+// cache up, in memory recycled by the output pool, are written with streaming stores, past
+// the caches.
 //
 // Backward, no atomics and a fixed order for every sum, so it is deterministic whatever the
 // thread count. Writing g for the upstream gradient of x, m for the weights and
@@ -275,7 +275,7 @@ void forward_kernel(const Tensor& query, const Tensor& angles, const Tensor& tab
 
   const NormalizedAngles<acc_t> an(angles.data_ptr<scalar_t>(), n0, a);
   const std::vector<acc_t> fl = to_acc<scalar_t>(film);
-  const bool stream = stream_output(x.nbytes()) && is_recycled_block(x);
+  const bool stream = is_recycled_block(x) && stream_output(x.nbytes());
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qn(a), s(n0), work(n0), m(std::min(n_max, n0));

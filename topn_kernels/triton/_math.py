@@ -41,8 +41,8 @@ def clamped_square_norm(sq, IS_F64: tl.constexpr):
 
 @triton.jit
 def rank_key(s, IS_F64: tl.constexpr):
-    """Unsigned integer key of a score whose ascending order is the ranking order: larger score
-    first, NaN above every number (as ``torch.sort``), -0 == +0 (csrc/cpu/select.h, RankKey).
+    """Unsigned integer key of a score, increasing with the score, so that the largest keys
+    rank first; NaN above every number (as ``torch.sort``), -0 == +0 (csrc/cpu/select.h, RankKey).
     uint32 keys for float32 scores, uint64 for float64."""
     if IS_F64:
         bits = s.to(tl.uint64, bitcast=True)

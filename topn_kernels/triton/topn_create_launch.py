@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._ragged import compute_dtype
 from . import _math, topn_create_backward, topn_create_forward
 
 # Sets of up to this many reference points are scored once, into registers; larger ones in
@@ -104,10 +105,6 @@ def finish_launch(n0: int, a: int, batch: int, dense: bool, is_f64: bool,
             "BLOCK_B": min(_pow2(batch, 2), 64 if interpret else 16), "DENSE": dense,
             "IS_F64": is_f64}  # fmt: skip
     return Launch((triton.cdiv(n0, block_i),), meta, fp_fusion=True)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalized_angles(angles: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor]:
