@@ -21,7 +21,7 @@ import torch
 import topn_kernels as tk
 from topn_kernels.keops import chamfer as keops_chamfer
 
-from .inputs import assert_close_scaled, padded_sets
+from .helpers import assert_close_scaled, padded_sets
 
 F64 = torch.float64
 X_LEN = torch.tensor([5, 1, 9, 3])

@@ -9,7 +9,7 @@ import torch
 
 import topn_kernels as tk
 
-from .inputs import random_sizes, topn_inputs
+from .helpers import random_sizes, topn_inputs
 
 OPS = torch.ops.topn_kernels
 

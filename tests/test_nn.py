@@ -8,7 +8,7 @@ import torch
 import topn_kernels as tk
 from topn_kernels.nn import FirstNCreation, IIDCreation, MLPCreation, TopNCreation
 
-from .inputs import assert_close_scaled, random_sizes
+from .helpers import assert_close_scaled, random_sizes
 
 N = torch.tensor([3, 1, 7, 5])
 

@@ -17,7 +17,7 @@ import torch
 
 from topn_kernels import reference
 
-from .inputs import assert_close_scaled, padded_sets, random_sizes, topn_inputs
+from .helpers import assert_close_scaled, padded_sets, random_sizes, topn_inputs
 
 F64 = torch.float64
 

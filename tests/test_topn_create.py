@@ -9,6 +9,8 @@ GPU only.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -16,7 +18,14 @@ import topn_kernels as tk
 from topn_kernels import reference
 from topn_kernels.nn import TopNCreation
 
-from .inputs import assert_close_scaled, random_sizes, topn_inputs
+from .helpers import (
+    assert_close_scaled,
+    assert_topn_matches_reference,
+    assert_valid_selection,
+    random_sizes,
+    run_topn,
+    topn_inputs,
+)
 
 BACKENDS = ["native", "triton"]
 CUDA = torch.cuda.is_available()
@@ -59,29 +68,6 @@ def _to(device, inputs, n=None):
     return moved if n is None else (moved, n.to(device) if isinstance(n, torch.Tensor) else n)
 
 
-def _run(backend, inputs, n, **kwargs):
-    """Forward, then gradients of <x, gx> + <weight, gw> for seeded random gx, gw."""
-    out = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend, **kwargs)
-    g = torch.Generator().manual_seed(7)
-    gx = torch.randn(out.x.shape, generator=g).to(out.x)
-    gw = torch.randn(out.weight.shape, generator=g).to(out.weight)
-    grads = torch.autograd.grad((out.x * gx).sum() + (out.weight * gw).sum(), inputs)
-    return out, grads
-
-
-def _compare(out, grads, ref_out, ref_grads, fwd_rtol, grad_rtol):
-    assert torch.equal(out.mask, ref_out.mask)
-    assert torch.equal(out.index, ref_out.index)
-    assert out.x.dtype == ref_out.x.dtype and out.weight.dtype == ref_out.weight.dtype
-    assert_close_scaled(out.x, ref_out.x, fwd_rtol)
-    assert_close_scaled(out.weight, ref_out.weight, fwd_rtol)
-    for name, got, want in zip(
-        ("query", "angles", "table", "bias", "film"), grads, ref_grads, strict=True
-    ):
-        assert got.dtype == want.dtype, name
-        assert_close_scaled(got, want, grad_rtol)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("sorted", [True, False], ids=["sorted", "by_index"])
@@ -90,10 +76,15 @@ def _compare(out, grads, ref_out, ref_grads, fwd_rtol, grad_rtol):
 def test_matches_reference(backend, dtype, sorted, score_norm, B, n0, n, a, d):
     inputs = topn_inputs(B, n0, a, d, dtype=dtype, ties=True, requires_grad=True)
     inputs, n = _to(_device(backend), inputs, _sizes(n, B))
-    kwargs = {"score_norm": score_norm, "sorted": sorted}
-    out, grads = _run(backend, inputs, n, **kwargs)
-    ref_out, ref_grads = _run("reference", inputs, n, **kwargs)
-    _compare(out, grads, ref_out, ref_grads, FORWARD_RTOL[dtype], GRAD_RTOL[dtype])
+    assert_topn_matches_reference(
+        backend,
+        inputs,
+        n,
+        rtol=FORWARD_RTOL[dtype],
+        grad_rtol=GRAD_RTOL[dtype],
+        score_norm=score_norm,
+        sorted=sorted,
+    )
 
 
 @needs_gpu
@@ -104,10 +95,15 @@ def test_matches_reference(backend, dtype, sorted, score_norm, B, n0, n, a, d):
 def test_large_shapes_match_reference_on_gpu(sorted, score_norm, B, n0, n, a, d):
     inputs = topn_inputs(B, n0, a, d, ties=True, requires_grad=True)
     inputs, n = _to(_device("triton"), inputs, _sizes(n, B))
-    kwargs = {"score_norm": score_norm, "sorted": sorted}
-    out, grads = _run("triton", inputs, n, **kwargs)
-    ref_out, ref_grads = _run("reference", inputs, n, **kwargs)
-    _compare(out, grads, ref_out, ref_grads, FORWARD_RTOL[torch.float32], GRAD_RTOL[torch.float32])
+    assert_topn_matches_reference(
+        "triton",
+        inputs,
+        n,
+        rtol=FORWARD_RTOL[torch.float32],
+        grad_rtol=GRAD_RTOL[torch.float32],
+        score_norm=score_norm,
+        sorted=sorted,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,10 +113,8 @@ def test_low_precision_matches_reference(backend, dtype, score_norm):
     """Both compute in fp32 and round once: results agree to one unit in the last place."""
     inputs = topn_inputs(12, 70, 3, 32, dtype=dtype, ties=True, requires_grad=True)
     inputs, n = _to(_device(backend), inputs, random_sizes(12, 2, 35))
-    out, grads = _run(backend, inputs, n, score_norm=score_norm)
-    ref_out, ref_grads = _run("reference", inputs, n, score_norm=score_norm)
     ulp = torch.finfo(dtype).eps
-    _compare(out, grads, ref_out, ref_grads, ulp, ulp)
+    assert_topn_matches_reference(backend, inputs, n, rtol=ulp, score_norm=score_norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -128,13 +122,11 @@ def test_padding_longer_than_the_reference_set(backend):
     """n_max may exceed every n_b and even n0: the extra rows are padding."""
     inputs = topn_inputs(4, 5, 3, 6, requires_grad=True)
     inputs, n = _to(_device(backend), inputs, torch.tensor([1, 5, 3, 2]))
-    out, grads = _run(backend, inputs, n, n_max=9)
-    ref_out, ref_grads = _run("reference", inputs, n, n_max=9)
+    out = assert_topn_matches_reference(backend, inputs, n, rtol=1e-5, grad_rtol=1e-4, n_max=9)
     assert out.x.shape == (4, 9, 6)
     assert torch.equal(out.mask.sum(1), n)
     assert (out.index[~out.mask] == -1).all() and (out.weight[~out.mask] == 0).all()
     assert (out.x[~out.mask] == 0).all()
-    _compare(out, grads, ref_out, ref_grads, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,11 +159,12 @@ def test_nan_input_gives_nan_not_a_crash(backend):
     angles[7, 2] = float("nan")
     query, angles, table, bias, film = _to(_device(backend), [query, angles, table, bias, film])
     out = tk.topn_create(query, angles, table, bias, 6, film, backend=backend)
-    ref = reference.topn_create(query, angles, table, bias, 6, film)
     assert out.x[1].isnan().all() and out.weight[1].isnan().all()
     assert ((out.index >= 0) & (out.index < 20)).all()
+    assert (out.index[[0, 2], 0] == 7).all()  # a NaN score ranks first, as torch.sort puts it
+    ref = reference.topn_create_at(query, angles, table, bias, out.index, film)
     torch.testing.assert_close(out.x, ref[0], equal_nan=True)
-    assert torch.equal(out.index, ref[2])
+    assert_valid_selection(out.index, 6, query, angles, sorted=True)
 
 
 def test_native_is_deterministic_across_runs_and_thread_counts():
@@ -183,7 +176,7 @@ def test_native_is_deterministic_across_runs_and_thread_counts():
         for num_threads in (threads, threads, 1):
             torch.set_num_threads(num_threads)
             for score_norm in ("selected", "all"):
-                out, grads = _run("native", inputs, n, score_norm=score_norm)
+                out, grads = run_topn("native", inputs, n, score_norm=score_norm)
                 results.append((num_threads, score_norm, [*out, *grads]))
     finally:
         torch.set_num_threads(threads)
@@ -202,8 +195,9 @@ def test_indexes_past_int32(backend):
     query, angles, table, bias, film = inputs
     out = tk.topn_create(query, angles, table, bias, n0, film, backend=backend)
     for b in (0, batch - 1):
-        ref = reference.topn_create(query[b : b + 1], angles, table, bias[b : b + 1], n0, film)
-        assert torch.equal(out.index[b], ref[2][0])
+        one = (query[b : b + 1], angles, table, bias[b : b + 1])
+        assert_valid_selection(out.index[b : b + 1], n0, query[b : b + 1], angles, sorted=True)
+        ref = reference.topn_create_at(*one, out.index[b : b + 1], film)
         assert_close_scaled(out.x[b], ref[0][0], torch.finfo(torch.float16).eps)
 
 
@@ -229,3 +223,29 @@ def test_compiled_model_matches_eager_without_graph_break(backend):
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     for got, want in zip(*results, strict=True):
         assert_close_scaled(got, want, 1e-5)
+
+
+def test_the_tie_aware_check_rejects_what_the_contract_forbids():
+    """assert_valid_selection, which every equivalence test relies on, accepts any order of
+    near-equal scores and nothing else."""
+    theta = torch.tensor([0.0, 0.3, 0.6, 0.9, 0.3, 1.2, 1.5, 1.5 + 1e-7])  # 4 = 1; 7 ~ 6
+    angles = torch.stack([theta.cos(), theta.sin(), torch.zeros(8)], 1)
+    angles[4] = angles[1]  # an exact duplicate
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    check = functools.partial(assert_valid_selection, query=query, angles=angles)
+    check(torch.tensor([[0, 1, 4, 2, 3, 5, 6, 7]]), 8, sorted=True)
+    check(torch.tensor([[0, 1, 4, 2, 3, 5, 7, 6]]), 8, sorted=True)  # a near tie, either way
+    check(torch.tensor([[0, 1, 4, 2, 3, 5, 7]]), 7, sorted=True)  # either side of the cut
+    check(torch.tensor([[0, 1, 2, 3, 4, 5, 7, -1]]), 7, sorted=False)
+    wrong = [
+        ([[0, 1, 4, 3, 2, 5, 6, 7]], 8, True),  # 0.6 and 0.9 swapped
+        ([[0, 4, 1, 2, 3, 5, 6, 7]], 8, True),  # equal rows, larger index first
+        ([[0, 4, 2, 3, 5, 6, 7, -1]], 7, True),  # the larger of two equal rows chosen
+        ([[0, 1, 4, 2, 3, 6, 7, -1]], 7, True),  # 1.2 left out
+        ([[0, 1, 4, 2, 3, 5, -1, -1]], 7, True),  # a slot missing
+        ([[0, 1, 3, 2, 4, 5, 6, -1]], 7, False),  # not by index
+        ([[0, 1, 2, 3, 4, 5, 5, -1]], 7, False),  # a point twice
+    ]
+    for index, n, sorted in wrong:
+        with pytest.raises(AssertionError):
+            check(torch.tensor(index), n, sorted=sorted)

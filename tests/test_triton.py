@@ -19,10 +19,19 @@ import pytest
 import torch
 
 import topn_kernels as tk
+from topn_kernels import TopNOutput, reference
 from topn_kernels import triton as triton_backend
 from topn_kernels.triton import topn_create_launch, topn_create_op  # noqa: F401 (registers the ops)
 
-from .inputs import assert_close_scaled, random_sizes, topn_inputs
+from .helpers import (
+    assert_close_scaled,
+    assert_topn_matches_reference,
+    assert_valid_selection,
+    random_sizes,
+    run_topn,
+    topn_grads,
+    topn_inputs,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -37,23 +46,11 @@ def _inputs(*shape, dtype=torch.float32, requires_grad=True):
 
 
 def _grads(backend, inputs, n, **kwargs):
-    """Outputs and the gradients of <x, gx> + <weight, gw> for seeded gx, gw."""
-    out = tk.topn_create(*inputs[:4], n, inputs[4], backend=backend, **kwargs)
-    g = torch.Generator().manual_seed(3)
-    gx = torch.randn(out.x.shape, generator=g).to(out.x)
-    gw = torch.randn(out.weight.shape, generator=g).to(out.weight)
-    return out, torch.autograd.grad((out.x * gx).sum() + (out.weight * gw).sum(), inputs)
+    return run_topn(backend, inputs, n, **kwargs)
 
 
 def _assert_matches_reference(inputs, n, **kwargs):
-    out, grads = _grads("triton", inputs, n, **kwargs)
-    ref, ref_grads = _grads("reference", inputs, n, **kwargs)
-    assert torch.equal(out.index, ref.index) and torch.equal(out.mask, ref.mask)
-    assert_close_scaled(out.x, ref.x, 1e-5)
-    assert_close_scaled(out.weight, ref.weight, 1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert_close_scaled(got, want, 1e-4)
-    return out, grads
+    return assert_topn_matches_reference("triton", inputs, n, rtol=1e-5, grad_rtol=1e-4, **kwargs)
 
 
 # --- when the backend runs -------------------------------------------------------------------
@@ -167,11 +164,12 @@ def test_deterministic_backward(score_norm, monkeypatch):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        _, first = _assert_matches_reference(inputs, n, score_norm=score_norm)
+        _assert_matches_reference(inputs, n, score_norm=score_norm)
+        _, first = _grads("triton", inputs, n, score_norm=score_norm)
         _, second = _grads("triton", inputs, n, score_norm=score_norm)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert len(calls) == 2  # one per backward
+    assert len(calls) == 3  # one per backward
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -218,13 +216,9 @@ def test_every_output_element_is_written(monkeypatch):
         cast = [t.detach().to(dtype).requires_grad_() for t in inputs]
         for sorted, score_norm in ((True, "all"), (False, "selected")):
             kwargs = {"n_max": 40, "sorted": sorted, "score_norm": score_norm}
-            out, grads = _grads("triton", cast, n, **kwargs)
-            ref, ref_grads = _grads("reference", cast, n, **kwargs)
-            assert torch.equal(out.index, ref.index) and torch.equal(out.mask, ref.mask)
-            for got, want in zip((out.x, out.weight, *grads), (ref.x, ref.weight, *ref_grads),
-                                 strict=True):  # fmt: skip
-                assert got.dtype == want.dtype and not got.isnan().any()
-                assert_close_scaled(got, want, rtol)
+            out = assert_topn_matches_reference("triton", cast, n, rtol=rtol, **kwargs)
+            _, grads = _grads("triton", cast, n, **kwargs)
+            assert not any(t.isnan().any() for t in (out.x, out.weight, *grads))
 
 
 # --- the GPU build ----------------------------------------------------------------------------
@@ -294,13 +288,17 @@ def test_gpu_check_fails_cleanly_without_a_gpu(tmp_path):
 def test_low_precision_error_is_that_of_pytorch(dtype):
     """Against the float32 reference, the kernel's error is at most about that of plain
     PyTorch (the reference) run in the same low precision."""
-    inputs = _inputs(1024, 1024, 8, 256, requires_grad=True)
+    # inputs that the low precision holds exactly: one ranking for all three runs
+    inputs = [t.detach().to(dtype).float().requires_grad_() for t in _inputs(1024, 1024, 8, 256)]
     n = random_sizes(1024, 1, 256).to(DEVICE)
-    want, want_grads = _grads("reference", inputs, n)
     low = [t.detach().to(dtype).requires_grad_() for t in inputs]
     out, grads = _grads("triton", low, n)
-    plain, plain_grads = _grads("reference", low, n)
-    assert torch.equal(out.mask, want.mask)
+    assert_valid_selection(out.index, n, low[0], low[1], sorted=True)
+    want = reference.topn_create_at(*inputs[:4], out.index, inputs[4])
+    want_grads = topn_grads(want, inputs)
+    plain = reference.topn_create_at(*low[:4], out.index, low[4])
+    plain_grads = topn_grads(plain, low)
+    want, plain = TopNOutput(*want), TopNOutput(*plain)
 
     def err(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()

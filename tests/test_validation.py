@@ -8,7 +8,7 @@ import torch
 
 import topn_kernels as tk
 
-from .inputs import topn_inputs
+from .helpers import topn_inputs
 
 
 def _topn_call(**changes):

@@ -21,9 +21,11 @@ from torch import Tensor
 
 __all__ = [
     "chamfer_loss",
+    "ranking_tolerance",
     "repulsion_penalty",
     "sinkhorn_loss",
     "topn_create",
+    "topn_create_at",
     "valency_penalty",
 ]
 
@@ -53,8 +55,7 @@ def _real_points(x: Tensor, mask: Tensor) -> Tensor:
 
 def _normalize(v: Tensor) -> Tensor:
     """``v / max(|v|, 1e-12)`` over the last dim, as ``F.normalize``, written as
-    ``v / sqrt(max(sum_k v_k^2, 1e-24))`` with the squares summed in index order: every backend
-    computes the same rounding, so equal inputs give bit-equal scores and the same ranking."""
+    ``v / sqrt(max(sum_k v_k^2, 1e-24))`` with the squares summed in index order."""
     sq = torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device)
     for k in range(v.shape[-1]):
         sq = sq + v[..., k] * v[..., k]
@@ -68,6 +69,28 @@ def _cosine_scores(query: Tensor, angles: Tensor) -> Tensor:
     for k in range(query.shape[-1]):
         scores = scores + qn[:, None, k] * an[None, :, k]
     return scores
+
+
+@torch.no_grad()
+def _ranking_scores(query: Tensor, angles: Tensor) -> Tensor:
+    """The scores that rank the points: :func:`_cosine_scores` of each distinct angle row,
+    copied to its duplicates, so that exactly equal rows score exactly equal wherever they sit
+    (a vectorised kernel need not round a value the same way at every position)."""
+    if angles.shape[0] == 0:
+        return _cosine_scores(query, angles)
+    distinct, inverse = torch.unique(angles, dim=0, return_inverse=True)
+    return _cosine_scores(query, distinct)[:, inverse]
+
+
+def ranking_tolerance(a: int, dtype: torch.dtype) -> float:
+    """Scores closer than this may be ranked in either order by different backends.
+
+    Every backend computes a score in the compute dtype (float32, float64 for float64
+    inputs) within ``(a + 4) * eps`` of the exact cosine, for an angle dimension ``a``
+    (``docs/operators.md``, "Ranking"); two backends can therefore disagree only on scores
+    whose exact values differ by less than twice that, ``(2a + 8) * eps``.
+    """
+    return (2 * a + 8) * torch.finfo(_compute_dtype(dtype)).eps
 
 
 def _reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
@@ -95,36 +118,61 @@ def topn_create(
     score_norm: str = "selected",
     sorted: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top-n creation; returns ``(x, mask, index, weight)`` as DESIGN 3.1.
+    """Top-n creation; returns ``(x, mask, index, weight)`` (``docs/operators.md``).
 
     query (B, a), angles (n0, a), table (n0, d), bias (B, d), film (4, d); n an int or (B,).
     x (B, n_max, d), mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding),
     weight (B, n_max) (0 on padding).
     """
-    out_dtype = query.dtype
-    ct = _compute_dtype(out_dtype)
-    query, angles, table, bias, film = (t.to(ct) for t in (query, angles, table, bias, film))
     batch, n0 = query.shape[0], angles.shape[0]
     sizes = _sizes(n, batch, query.device)
     if n_max is None:
         n_max = int(sizes.max()) if batch > 0 else 0
 
     # 1. cosine scores (B, n0)
-    scores = _cosine_scores(query, angles)
+    ct = _compute_dtype(query.dtype)
+    scores = _ranking_scores(query.to(ct), angles.to(ct))
     # 2. ranking: decreasing score; a stable sort keeps equal scores in increasing index order
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     mask = torch.arange(n_max, device=query.device)[None, :] < sizes[:, None]
     top = F.pad(order[:, : min(n_max, n0)], (0, max(n_max - n0, 0)))  # (B, n_max)
     if not sorted:  # the same selection, in increasing index order (padding n0 sorts last)
         top = torch.where(mask, top, n0).sort(dim=-1).values
-        top = torch.where(mask, top, 0)
     index = torch.where(mask, top, -1)
+    return topn_create_at(query, angles, table, bias, index, film, score_norm=score_norm)
+
+
+def topn_create_at(
+    query: Tensor,
+    angles: Tensor,
+    table: Tensor,
+    bias: Tensor,
+    index: Tensor,
+    film: Tensor,
+    *,
+    score_norm: str = "selected",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 3-5 of :func:`topn_create` for a given selection: ``(x, mask, index, weight)``.
+
+    ``index`` (B, n_max) int64 holds each set's selected reference points, in slot order,
+    followed by -1 padding; set b has ``n_b = (index[b] >= 0).sum()`` points. With the
+    ``index`` that :func:`topn_create` returns, this returns exactly its outputs; tests call it
+    with a backend's ``index`` to compare values and gradients where two backends rank
+    near-equal scores differently.
+    """
+    out_dtype = query.dtype
+    ct = _compute_dtype(out_dtype)
+    query, angles, table, bias, film = (t.to(ct) for t in (query, angles, table, bias, film))
+    mask = index >= 0
+    top = index.clamp_min(0)
+    scores = _cosine_scores(query, angles)
 
     # 3. weights of the selected points
     if score_norm == "selected":
         weight = torch.softmax(scores.gather(1, top).masked_fill(~mask, -math.inf), dim=-1)
     else:  # "all": n_b * softmax over all n0 scores, read at the selected points
-        weight = sizes[:, None].to(ct) * torch.softmax(scores, dim=-1).gather(1, top)
+        sizes = mask.sum(1, keepdim=True).to(ct)
+        weight = sizes * torch.softmax(scores, dim=-1).gather(1, top)
     weight = weight.masked_fill(~mask, 0.0)
 
     # 4-5. gather, add the per-set bias, FiLM; padding rows are 0
