@@ -1,12 +1,11 @@
-"""What a benchmark case is, and the registry of every operator's cases."""
+"""What a benchmark case is. Each operator's module (bench/topn_create.py, bench/losses.py)
+makes its own cases; bench/registry.py gathers them."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 
@@ -28,13 +27,3 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.op}-{self.shape}-{self.direction}-{self.provider}"
-
-
-def all_cases(device: torch.device) -> Iterator[Case]:
-    from . import losses, topn_create
-
-    yield from topn_create.cases(device)
-    yield from losses.cases(device)
-
-
-OPS = ("topn_create", "chamfer_loss", "sinkhorn_loss", "repulsion_penalty", "valency_penalty")

@@ -8,7 +8,7 @@
 #    machine's torch may be older than pyproject's runtime pin; the Triton tests do not need it);
 # 3. runs the GPU tests (tests/test_triton.py, the triton and GPU cases of test_topn_create.py);
 # 4. runs the topn_create benchmark, one shape at a time (eager, compile and triton providers),
-#    and checks the issue's targets against it (bench/topn_create.py: check_targets).
+#    and checks the Triton kernels' GPU targets against it (bench/topn_create.py: check_targets).
 # Writes $OUT/gpu_check.json (what ran, its status, the targets), $OUT/gpu_check.log (all output),
 # $OUT/tests.xml (JUnit), $OUT/bench.json and $OUT/bench.png (the benchmark rows and plot).
 # Without a CUDA GPU it stops at once with a message and status 2. Each step has a time limit,
@@ -116,7 +116,7 @@ import json, sys
 from pathlib import Path
 from bench.topn_create import check_targets
 from bench.report import plot, table
-rows = [r for p in sorted(Path(sys.argv[1]).glob('*/latest.json')) for r in json.loads(p.read_text())]
+rows = [r for p in sorted(Path(sys.argv[1]).glob('*/*.json')) for r in json.loads(p.read_text())]
 Path(sys.argv[2], 'bench.json').write_text(json.dumps(rows, indent=1) + '\n')
 print(table(rows))
 targets = check_targets(rows)

@@ -1,5 +1,6 @@
-"""Loss and penalty cases (DESIGN 3.3): Chamfer, Sinkhorn and the pairwise penalties, on
-ragged batches at the paper's scale and on large sets, against dense PyTorch and geomloss.
+"""Loss and penalty cases: Chamfer, Sinkhorn and the pairwise penalties (docs/operators.md,
+sections "chamfer_loss", "sinkhorn_loss", "repulsion_penalty" and "valency_penalty"), on ragged
+batches at the paper's scale and on large sets, against dense PyTorch and geomloss.
 
 Providers: ``eager`` (the dense reference), ``compile`` (torch.compile of it, paper scale),
 ``keops``, ``native`` (Sinkhorn on CPU), ``auto`` (what the public function picks), ``cdist``
@@ -40,15 +41,29 @@ class Shape:
     cdist: bool = False  # dense torch.cdist runs although the other dense providers don't
 
 
+def _kwargs(op: str) -> dict:
+    """The operator's keyword arguments besides the sets."""
+    return SINKHORN if op == "sinkhorn_loss" else PENALTIES.get(op, {})
+
+
 def _shapes(op: str, device: torch.device) -> list[Shape]:
     paper = Shape("paper", 64, (2, 35))
     if op == "chamfer_loss":
-        return [paper, Shape("n1024", 16, 1024), Shape("n8192", 4, 8192, dense=False, cdist=True),
-                Shape("n30000", 2, 30000, dense=False, heavy=True)]  # fmt: skip
+        return [
+            paper,
+            Shape("n1024", 16, 1024),
+            Shape("n8192", 4, 8192, dense=False, cdist=True),
+            Shape("n30000", 2, 30000, dense=False, heavy=True),
+        ]
     if op == "sinkhorn_loss":
         large = [Shape("n8192", 4, 8192, dense=False)] if device.type == "cuda" else []
-        return [paper, Shape("n512", 8, 512), Shape("n2048", 2, 2048, dense=False), *large,
-                Shape("n8000", 2, 8000, dense=False, heavy=True)]  # fmt: skip
+        return [
+            paper,
+            Shape("n512", 8, 512),
+            Shape("n2048", 2, 2048, dense=False),
+            *large,
+            Shape("n8000", 2, 8000, dense=False, heavy=True),
+        ]
     return [paper, Shape("n1024", 8, 1024)]
 
 
@@ -89,7 +104,7 @@ def _cdist_chamfer(x, y, xl, yl):
 def _providers(op: str, shape: Shape, device: torch.device) -> dict[str, Callable]:
     """name -> f(x, y, x_lengths, y_lengths) (penalties: f(x, lengths))."""
     public = getattr(tk, op)
-    kwargs = SINKHORN if op == "sinkhorn_loss" else PENALTIES.get(op, {})
+    kwargs = _kwargs(op)
     out: dict[str, Callable] = {}
     if shape.dense:
         ref = functools.partial(getattr(reference, op), **kwargs)
@@ -131,8 +146,7 @@ def cases(device: torch.device) -> Iterator[Case]:
     for op in ("chamfer_loss", "sinkhorn_loss", *PENALTIES):
         pairwise = op in PENALTIES
         for shape in _shapes(op, device):
-            params = {"B": shape.batch, "N": shape.n, "D": shape.dim,
-                      **(SINKHORN if op == "sinkhorn_loss" else PENALTIES.get(op, {}))}  # fmt: skip
+            params = {"B": shape.batch, "N": shape.n, "D": shape.dim, **_kwargs(op)}
             for direction in DIRECTIONS:
                 for name, fn in _providers(op, shape, device).items():
 

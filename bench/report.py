@@ -1,12 +1,21 @@
-"""Benchmark outputs: the terminal table, the JSON rows and the plot."""
+"""Benchmark outputs: the terminal table, the JSON rows and the plot, and the newest results.
+
+Each run of ``python -m bench`` writes ``bench/results/<date>_<commit>.json`` and ``.png``;
+``latest()`` finds the newest of them. ``python -m bench.report [JSON or folder]`` prints the
+table of a results file (default: the newest in bench/results) and redraws its plot beside it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
 BASELINES = ("eager", "compile")
+RESULTS = Path(__file__).parent / "results"
+COLUMNS = ("op", "shape", "direction", "provider", "ms", "p20-p80", "GB/s", "%peak", "peak MB")
+RATIOS = (*BASELINES, "fastest")  # the speed-up columns: "vs eager", ...
 
 
 def _speedups(rows: list[dict]) -> list[dict[str, float]]:
@@ -30,29 +39,54 @@ def _ratio(value: float) -> str:
     return "" if math.isnan(value) else f"{value:.2f}x"
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _pad(cells, widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
 def table(rows: list[dict]) -> str:
-    header = ("op", "shape", "direction", "provider", "ms", "p20-p80", "GB/s", "%peak",
-              "peak MB", "vs eager", "vs compile", "vs fastest")  # fmt: skip
-    lines = [header]
+    lines = [(*COLUMNS, *(f"vs {name}" for name in RATIOS))]
     for r, speedup in zip(rows, _speedups(rows), strict=True):
         peak = r.get("peak_bytes")
-        lines.append((
-            r["op"], r["shape"], r["direction"], r["provider"], f"{r['ms']:.3f}",
+        numbers = (
+            f"{r['ms']:.3f}",
             f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}",
-            "" if r["gbps"] is None else f"{r['gbps']:.1f}",
-            "" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}",
-            "" if peak is None else f"{peak / 2**20:.1f}",
-            _ratio(speedup["eager"]), _ratio(speedup["compile"]), _ratio(speedup["fastest"]),
-        ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines]  # fmt: skip
-    text.insert(1, "  ".join("-" * w for w in widths))
+            _number(r["gbps"], ".1f"),
+            _number(r["pct_peak"], ".0f"),
+            _number(None if peak is None else peak / 2**20, ".1f"),
+        )
+        ratios = (_ratio(speedup[name]) for name in RATIOS)
+        lines.append((r["op"], r["shape"], r["direction"], r["provider"], *numbers, *ratios))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = [_pad(line, widths) for line in lines]
+    text.insert(1, _pad(["-" * w for w in widths], widths))
     return "\n".join(text)
 
 
 def write_json(rows: list[dict], path: Path) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def read_json(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def latest(directory: Path = RESULTS) -> Path:
+    """The newest results JSON of ``directory`` (``<date>_<commit>.json``, as ``python -m
+    bench`` names them): the one whose run started last (the rows' UTC ``date``; the file
+    name breaks ties). Its plot is the same path with ``.png``."""
+    paths = sorted(Path(directory).glob("????-??-??_*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no <date>_<commit>.json results in {directory}")
+
+    def started(path: Path) -> str:
+        rows = read_json(path)
+        return rows[0]["date"] if rows else ""
+
+    return max(paths, key=lambda path: (started(path), path.name))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -89,7 +123,34 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8, ncol=len(providers))
         ax.grid(axis="y", alpha=0.3, which="both")
     r0 = rows[0]
-    fig.suptitle(f"{r0['device']} | torch {r0['versions']['torch']} | commit {r0['commit']}",
-                 fontsize=9)  # fmt: skip
+    title = f"{r0['device']} | torch {r0['versions']['torch']} | commit {r0['commit']}"
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Print the table of a results JSON and redraw its plot (same name, .png).",
+    )
+    parser.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=RESULTS,
+        help="a results JSON, or a folder whose newest results JSON to use (default: %(default)s)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
+    args = parser.parse_args(argv)
+    path = latest(args.path) if args.path.is_dir() else args.path
+    rows = read_json(path)
+    print(f"{path}:")
+    print(table(rows))
+    if not args.no_plot:
+        plot(rows, path.with_suffix(".png"))
+        print(f"redrew {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,13 @@
 
     python -m bench [--quick] [--op topn_create] [--shape paper] [--out bench/results]
 
-Writes <out>/latest.json (a list of rows: op, provider, shape, direction, ms, ms_p20, ms_p80,
-gbps, pct_peak, peak_bytes, params, device, versions, commit, date), <out>/latest.png, and a
-dated copy of both. GB/s is a forward's bytes over its median time; %peak compares it with a
-memory copy measured in the same run. "vs eager" and "vs compile" are speed-ups against the
-reference and torch.compile of the reference, measured in the same run.
+Writes <out>/<date>_<commit>.json (a list of rows: op, provider, shape, direction, ms, ms_p20,
+ms_p80, gbps, pct_peak, peak_bytes, params, device, versions, commit, date) and its plot,
+<out>/<date>_<commit>.png; a later run of the same commit on the same day replaces them.
+``python -m bench.report`` prints and redraws the newest (bench.report.latest). GB/s is a
+forward's bytes over its median time; %peak compares it with a memory copy measured in the same
+run. "vs eager" and "vs compile" are speed-ups against the reference and torch.compile of the
+reference, measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import argparse
 import datetime
 import importlib.metadata
 import platform
-import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import memory, report, timing
-from .cases import OPS, all_cases
+from .registry import OPS, all_cases
 
 
 def _device_name(device: torch.device) -> str:
@@ -71,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", help="one named shape only")
     parser.add_argument("--quick", action="store_true", help="a short timing budget: smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
     budget = 0.1 if args.quick else 1.0
     device = torch.device(args.device)
 
-    cases = [c for c in all_cases(device)
-             if args.op in (None, c.op) and args.shape in (None, c.shape)]  # fmt: skip
+    wanted = [c for c in all_cases(device) if args.op in (None, c.op)]
+    cases = [c for c in wanted if args.shape in (None, c.shape)]
     if not cases:
         parser.error(f"no case matches --op {args.op} --shape {args.shape}")
     copy_gbps = timing.copy_bandwidth_gbps(device, budget)
@@ -101,18 +103,14 @@ def main(argv: list[str] | None = None) -> None:
                 t = timing.time_fn(call, device, budget)
                 peak = memory.peak_bytes(call, device)
         gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
-        rows.append({
-            "op": case.op, "provider": case.provider, "shape": case.shape,
-            "direction": case.direction, "ms": t.ms, "ms_p20": t.ms_p20, "ms_p80": t.ms_p80,
-            "gbps": gbps, "pct_peak": None if gbps is None else 100 * gbps / copy_gbps,
-            "peak_bytes": peak, "params": case.params, **common,
-        })  # fmt: skip
+        pct_peak = None if gbps is None else 100 * gbps / copy_gbps
+        labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
+        measured = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
+        rows.append({**labels, **measured, "params": case.params, **common})
 
     print(report.table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{common['date'][:10]}_{common['commit']}"
-    for suffix, write in ((".json", report.write_json), (".png", report.plot)):
-        latest = args.out / f"latest{suffix}"
-        write(rows, latest)
-        shutil.copyfile(latest, args.out / f"{stamp}{suffix}")
-    print(f"wrote {args.out}/latest.json, latest.png and {stamp}.json, .png")
+    stem = args.out / f"{common['date'][:10]}_{common['commit']}"
+    report.write_json(rows, stem.with_suffix(".json"))
+    report.plot(rows, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png")

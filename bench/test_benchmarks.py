@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cases import all_cases
+from .registry import all_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = list(all_cases(DEVICE))

@@ -1,5 +1,6 @@
-"""topn_create cases: named shapes x providers x directions (DESIGN 3.1), and the GPU targets
-of the Triton kernels (issue #3), checked against the rows of a run by ``check_targets``."""
+"""topn_create cases: named shapes x providers x directions (docs/operators.md, section
+"topn_create"; the oracle is topn_kernels/reference.py), and the GPU targets of the Triton
+kernels, checked against the rows of a run by ``check_targets``."""
 
 from __future__ import annotations
 
@@ -79,16 +80,16 @@ def forward_bytes(shape: Shape, element_size: int = 4) -> int:
     """Bytes a forward must move: x, index and weight written, the selected table rows read
     (element_size: bytes of the input dtype)."""
     sizes, n_max = _sizes(shape)
-    slots = shape.batch * n_max
-    return (slots * (shape.d * element_size + 8 + element_size)
-            + int(sizes.sum()) * shape.d * element_size)  # fmt: skip
+    point = shape.d * element_size  # bytes of one point of x, or of one table row
+    written = shape.batch * n_max * (point + 8 + element_size)  # x, index (int64), weight
+    return written + int(sizes.sum()) * point
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype = torch.float32):
     """[query, angles, table, bias, film] (requiring grad), n (int or (B,)) and n_max."""
     g = torch.Generator().manual_seed(1)
-    dims = [(shape.batch, shape.a), (shape.n0, shape.a), (shape.n0, shape.d),
-            (shape.batch, shape.d), (4, shape.d)]  # fmt: skip
+    b, n0, a, d = shape.batch, shape.n0, shape.a, shape.d
+    dims = [(b, a), (n0, a), (n0, d), (b, d), (4, d)]
     inputs = [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in dims]
     sizes, n_max = _sizes(shape)
     n = sizes.to(device) if isinstance(shape.n, tuple) else shape.n
@@ -126,22 +127,23 @@ def cases(device: torch.device) -> Iterator[Case]:
     if device.type == "cuda":
         runs += [(shape, dtype, ("fwd",)) for shape, dtype in GPU_SHAPES]
     for shape, dtype, directions in runs:
-        params = {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a, "d": shape.d,
-                  "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
-        nbytes = forward_bytes(shape, dtype.itemsize)
+        params = {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a, "d": shape.d}
+        params["dtype"] = str(dtype).removeprefix("torch.")
         for direction in directions:
+            nbytes = forward_bytes(shape, dtype.itemsize) if direction == "fwd" else None
             for name, (fn, context) in providers(device).items():
 
                 def build(fn=fn, shape=shape, dtype=dtype, direction=direction):
                     inputs, n, n_max = make_inputs(shape, device, dtype)
                     return timed_call(fn, inputs, n, n_max, direction)
 
-                yield Case("topn_create", shape.name, direction, name, params,
-                           nbytes if direction == "fwd" else None, build, context)  # fmt: skip
+                yield Case(
+                    "topn_create", shape.name, direction, name, params, nbytes, build, context
+                )
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's GPU targets, from the benchmark rows of one run on a GPU:
+    """The GPU targets of the Triton kernels, from the benchmark rows of one run on a GPU:
     the forward at the target shape moves >= 80% of the copy bandwidth (float32, bfloat16);
     at the paper shape the forward is >= 3x faster than torch.compile of the reference;
     forward+backward is >= 2x faster than it at every shape measured in both directions.
@@ -155,17 +157,18 @@ def check_targets(rows: list[dict]) -> list[dict]:
         ours = by_key.get((shape, direction, "triton"))
         return None if base is None or ours is None else base["ms"] / ours["ms"]
 
+    def target(text, shape, measured, bound):
+        met = measured is not None and measured >= bound
+        return {"target": text, "shape": shape, "measured": measured, "met": met}
+
     out = []
     for shape, _ in GPU_SHAPES:
         row = by_key.get((shape.name, "fwd", "triton"))
         pct = None if row is None else row["pct_peak"]
-        out.append({"target": "fwd >= 80% of copy bandwidth", "shape": shape.name,
-                    "measured": pct, "met": pct is not None and pct >= 80})  # fmt: skip
-    x = speedup("paper", "fwd")
-    out.append({"target": "fwd >= 3x torch.compile(reference)", "shape": "paper",
-                "measured": x, "met": x is not None and x >= 3})  # fmt: skip
+        out.append(target("fwd >= 80% of copy bandwidth", shape.name, pct, 80))
+    compiled = "torch.compile(reference)"
+    out.append(target(f"fwd >= 3x {compiled}", "paper", speedup("paper", "fwd"), 3))
     for shape in SHAPES:
         x = speedup(shape.name, "fwd+bwd")
-        out.append({"target": "fwd+bwd >= 2x torch.compile(reference)", "shape": shape.name,
-                    "measured": x, "met": x is not None and x >= 2})  # fmt: skip
+        out.append(target(f"fwd+bwd >= 2x {compiled}", shape.name, x, 2))
     return out

@@ -1,24 +1,27 @@
-// Schemas of the topn_kernels operators. Implementations register per device
-// (csrc/cpu/*.cpp); fake kernels and autograd are registered from Python
-// (topn_kernels/native/topn_create.py).
+// Schemas of the native (C++) operators. Implementations register per device (csrc/cpu/*.cpp);
+// fake kernels and autograd are registered from Python (topn_kernels/native/sinkhorn.py).
+// topn_kernels::topn_create itself is defined in Python, for every backend; this library
+// gives only its CPU kernels. A fragment, so that it and the Python op share the namespace.
 #include <torch/library.h>
 
 #include "cpu/output_pool.h"
 
-TORCH_LIBRARY(topn_kernels, m) {
-  // Top-n creation (DESIGN 3.1). n: (B,) int64 set sizes; outputs x (B, n_max, d),
-  // mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding), weight (B, n_max).
+TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
+  // CPU kernels of the op topn_kernels::topn_create, which topn_kernels/ops/topn_create_op.py
+  // defines with its fake kernel and autograd (docs/operators.md, topn_create): plain kernels,
+  // called by that op only. n: (B,) int64 set sizes; x (B, n_max, d), mask (B, n_max) bool,
+  // index (B, n_max) int64 (-1 on padding), weight (B, n_max).
   m.def(
-      "topn_create(Tensor query, Tensor angles, Tensor table, Tensor bias, Tensor n, "
+      "_topn_create_cpu(Tensor query, Tensor angles, Tensor table, Tensor bias, Tensor n, "
       "Tensor film, SymInt n_max, str score_norm, bool sorted) "
       "-> (Tensor x, Tensor mask, Tensor index, Tensor weight)");
-  // Gradients of topn_create for query, angles, table, bias, film, given the upstream
-  // gradients of x and weight and the index the forward produced.
+  // Gradients of query, angles, table, bias, film (None where output_mask is False), given the
+  // upstream gradients of x and weight and the index the forward produced.
   m.def(
-      "topn_create_backward(Tensor grad_x, Tensor grad_weight, Tensor query, Tensor angles, "
-      "Tensor table, Tensor bias, Tensor film, Tensor index, str score_norm) "
-      "-> (Tensor grad_query, Tensor grad_angles, Tensor grad_table, Tensor grad_bias, "
-      "Tensor grad_film)");
+      "_topn_create_backward_cpu(Tensor grad_x, Tensor grad_weight, Tensor query, "
+      "Tensor angles, Tensor table, Tensor bias, Tensor film, Tensor index, str score_norm, "
+      "bool[5] output_mask) -> (Tensor? grad_query, Tensor? grad_angles, Tensor? grad_table, "
+      "Tensor? grad_bias, Tensor? grad_film)");
   // Sinkhorn divergence of packed ragged batches (csrc/cpu/sinkhorn.cpp): x (P, dim) and
   // y (Q, dim), set b = x[x_offsets[b]:x_offsets[b+1]] against y's; value (B,), and with_grad
   // the gradient of each set's value with respect to its points, (P, dim) and (Q, dim).

@@ -1,5 +1,5 @@
-"""The synthetic dataset (DESIGN 6): every set obeys every constraint, the vectorised generator
-has the size distribution of the literal one-point-at-a-time algorithm, determinism, the
+"""The synthetic dataset (docs/set_vae.md): every set obeys every constraint, the vectorised
+generator has the size distribution of the literal one-point-at-a-time algorithm, determinism, the
 extrapolation variant, statistics and collation."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def assert_constraints(data, config=CONFIG):
 
 
 def literal_sizes(num_sets: int, seed: int, config=CONFIG) -> np.ndarray:
-    """Set sizes of the paper's algorithm written one candidate at a time (DESIGN 6)."""
+    """Set sizes of the paper's algorithm written one candidate at a time (docs/set_vae.md)."""
     rng = np.random.default_rng(seed)
     sizes = []
     while len(sizes) < num_sets:

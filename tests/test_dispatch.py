@@ -1,4 +1,5 @@
-"""Backend selection (DESIGN 4) and the package without its C++ extension."""
+"""Backend selection (docs/operators.md, Backends and dispatch) and the package without its
+C++ extension."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The KeOps losses and penalties, and the native Sinkhorn, against the reference and the peers
-(DESIGN 3.3).
+(docs/operators.md).
 
 Ragged batches carry poisoned padding (NaN, inf, -1e30): values and gradients of real points
 must equal the reference's, and padding must get a zero gradient. float64 judges the

@@ -7,31 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import topn_kernels as tk
-
-from .helpers import random_sizes, topn_inputs
-
 OPS = torch.ops.topn_kernels
-
-
-@pytest.mark.parametrize(
-    ("n_max", "score_norm", "sorted"), [(35, "selected", True), (40, "all", False)]
-)
-def test_opcheck_forward(n_max, score_norm, sorted):
-    inputs = topn_inputs(6, 70, 3, 8, requires_grad=True)
-    n = random_sizes(6, 2, 35)
-    args = (*inputs[:4], n, inputs[4], n_max, score_norm, sorted)
-    torch.library.opcheck(OPS.topn_create.default, args)
-
-
-@pytest.mark.parametrize("score_norm", ["selected", "all"])
-def test_opcheck_backward(score_norm):
-    inputs = topn_inputs(6, 70, 3, 8)
-    n = random_sizes(6, 2, 35)
-    index = tk.topn_create(*inputs[:4], n, inputs[4], score_norm=score_norm).index
-    grad_x, grad_weight = torch.randn(6, 35, 8), torch.randn(6, 35)
-    args = (grad_x, grad_weight, *inputs, index, score_norm)
-    torch.library.opcheck(OPS.topn_create_backward.default, args)
 
 
 @pytest.mark.parametrize("with_grad", [True, False])

@@ -1,4 +1,5 @@
-"""Creation modules (DESIGN 3.2): shapes, masks, zero padding, and what each one computes."""
+"""Creation modules (docs/operators.md, Creation modules): shapes, masks, zero padding, and
+what each one computes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The oracle itself: topn_kernels.reference against literal, brute-force loops of DESIGN 3,
-against geomloss and POT, and torch.autograd.gradcheck in float64.
+"""The oracle itself: topn_kernels.reference against literal, brute-force loops of
+docs/operators.md, against geomloss and POT, and torch.autograd.gradcheck in float64.
 
 Ragged batches carry poisoned padding (NaN, inf, -1e30): it must change no value and no
 gradient of a real point, and padded points get a zero gradient.
@@ -31,7 +31,7 @@ def _normalized(v):
 
 
 def brute_topn(query, angles, table, bias, n, film, n_max, score_norm, by_score):
-    """DESIGN 3.1 step by step, one set and one point at a time."""
+    """docs/operators.md, topn_create, step by step, one set and one point at a time."""
     batch, n0, d = query.shape[0], angles.shape[0], table.shape[1]
     x = torch.zeros(batch, n_max, d, dtype=F64)
     index = torch.full((batch, n_max), -1)

@@ -1,4 +1,5 @@
-"""Equivalence of every topn_create backend with the reference (DESIGN 3.1, 5).
+"""Equivalence of every topn_create backend with the reference (docs/operators.md,
+topn_create and Ranking).
 
 One suite, parametrized by backend: forward (x, mask, index, weight) and gradients of
 query, angles, table, bias and film under a random upstream gradient of x and weight.
@@ -19,6 +20,7 @@ from topn_kernels import reference
 from topn_kernels.nn import TopNCreation
 
 from .helpers import (
+    TOPN_INPUTS,
     assert_close_scaled,
     assert_topn_matches_reference,
     assert_valid_selection,
@@ -249,3 +251,93 @@ def test_the_tie_aware_check_rejects_what_the_contract_forbids():
     for index, n, sorted in wrong:
         with pytest.raises(AssertionError):
             check(torch.tensor(index), n, sorted=sorted)
+
+
+# --- the op: topn_kernels::topn_create, one schema for every backend --------------------------
+
+OP = torch.ops.topn_kernels.topn_create.default
+BACKWARD_OP = torch.ops.topn_kernels.topn_create_backward.default
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("n_max", "score_norm", "sorted"), [(35, "selected", True), (40, "all", False)]
+)
+def test_opcheck_forward(backend, n_max, score_norm, sorted):
+    device = _device(backend)
+    inputs = _to(device, topn_inputs(6, 70, 3, 8, requires_grad=True))
+    n = random_sizes(6, 2, 35).to(device)
+    args = (*inputs[:4], n, inputs[4], n_max, score_norm, sorted, backend)
+    torch.library.opcheck(OP, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomics"])
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+@pytest.mark.parametrize("wanted", [(True,) * 5, (False, True, False, True, False)])
+def test_opcheck_backward(backend, deterministic, score_norm, wanted):
+    if CUDA and backend == "triton" and not deterministic:
+        pytest.skip("atomics sum in a varying order on a GPU: runs differ by rounding")
+    device = _device(backend)
+    inputs = _to(device, topn_inputs(6, 70, 3, 8))
+    n = random_sizes(6, 2, 35).to(device)
+    index = tk.topn_create(*inputs[:4], n, inputs[4], score_norm=score_norm).index.to(device)
+    g = torch.Generator().manual_seed(0)
+    grad_x, grad_w = torch.randn(6, 35, 8, generator=g), torch.randn(6, 35, generator=g)
+    args = (grad_x.to(device), grad_w.to(device), *inputs[:4], n, inputs[4], index, score_norm,
+            list(wanted), deterministic, backend)  # fmt: skip
+    grads = BACKWARD_OP(*args)
+    assert [g is not None for g in grads] == list(wanted)
+    torch.library.opcheck(BACKWARD_OP, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_gradients_asked_for_are_computed(backend, monkeypatch):
+    """The backward's output_mask follows ctx.needs_input_grad, and the gradients it does
+    compute still match the reference."""
+    from topn_kernels.ops import topn_create_op
+
+    masks = []
+    backward = topn_create_op._backward
+
+    def spy(ctx, *grads):
+        masks.append([ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5)])
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(topn_create_op, "_backward", spy)
+    topn_create_op.topn_create.register_autograd(spy, setup_context=topn_create_op._setup_context)
+    try:
+        device = _device(backend)
+        for wanted in ((False, True, False, False, False), (False, False, True, True, True)):
+            inputs = topn_inputs(7, 40, 3, 6, ties=True)
+            inputs = [t.to(device).requires_grad_(w) for t, w in zip(inputs, wanted, strict=True)]
+            n = random_sizes(7, 1, 40).to(device)
+            assert_topn_matches_reference(backend, inputs, n, rtol=1e-5, grad_rtol=1e-4)
+            assert masks[-1] == list(wanted)
+    finally:
+        topn_create_op.topn_create.register_autograd(
+            backward, setup_context=topn_create_op._setup_context
+        )
+
+
+def test_the_fake_kernel_checks_shapes_and_dtypes():
+    """What torch.compile traces: the fake kernel rejects inconsistent shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs = topn_inputs(3, 10, 2, 4)
+    n = torch.full((3,), 2)
+    bad = {
+        "table": torch.randn(9, 4),
+        "bias": torch.randn(3, 5),
+        "film": torch.randn(3, 4),
+        "angles": torch.randn(10, 2, dtype=torch.float64),
+    }
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        OP(*inputs[:4], n, inputs[4], 2, "selected", True, "native")  # consistent: fine
+        for name, value in bad.items():
+            args = dict(zip(TOPN_INPUTS, inputs, strict=True)) | {name: value}
+            with pytest.raises(RuntimeError, match=name):
+                OP(*[args[k] for k in TOPN_INPUTS[:4]], n, args["film"], 2, "selected", True,
+                   "native")  # fmt: skip
+        with pytest.raises(RuntimeError, match="n must be int64"):
+            OP(*inputs[:4], n.int(), inputs[4], 2, "selected", True, "native")

@@ -21,7 +21,7 @@ import torch
 import topn_kernels as tk
 from topn_kernels import TopNOutput, reference
 from topn_kernels import triton as triton_backend
-from topn_kernels.triton import topn_create_launch, topn_create_op  # noqa: F401 (registers the ops)
+from topn_kernels.triton import topn_create_launch
 
 from .helpers import (
     assert_close_scaled,
@@ -87,33 +87,6 @@ def test_interpreter_must_be_on_before_triton_is_imported():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-# --- torch.library ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("n_max", "score_norm", "sorted"), [(35, "selected", True), (40, "all", False)]
-)
-def test_opcheck_forward(n_max, score_norm, sorted):
-    inputs = _inputs(6, 70, 3, 8)
-    n = random_sizes(6, 2, 35).to(DEVICE)
-    args = (*inputs[:4], n, inputs[4], n_max, score_norm, sorted)
-    torch.library.opcheck(torch.ops.topn_kernels.triton_topn_create.default, args)
-
-
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomics"])
-@pytest.mark.parametrize("score_norm", ["selected", "all"])
-def test_opcheck_backward(score_norm, deterministic):
-    if CUDA and not deterministic:
-        pytest.skip("atomics sum in a varying order on a GPU: runs differ by rounding")
-    inputs = _inputs(6, 70, 3, 8, requires_grad=False)
-    n = random_sizes(6, 2, 35).to(DEVICE)
-    index = tk.topn_create(*inputs[:4], n, inputs[4], score_norm=score_norm, backend="triton").index
-    g = torch.Generator().manual_seed(0)
-    grad_x, grad_w = torch.randn(6, 35, 8, generator=g), torch.randn(6, 35, generator=g)
-    args = (grad_x.to(DEVICE), grad_w.to(DEVICE), *inputs, n, index, score_norm, deterministic)
-    torch.library.opcheck(torch.ops.topn_kernels.triton_topn_create_backward.default, args)
-
-
 def test_gradients_through_x_alone_and_weight_alone():
     """An output nobody uses reaches the backward as None."""
     inputs = _inputs(5, 40, 3, 6)
@@ -134,7 +107,8 @@ def test_gradients_through_x_alone_and_weight_alone():
 @pytest.mark.parametrize("score_norm", ["selected", "all"])
 def test_gradcheck_float64(score_norm):
     """The float64 kernels (float64 keys and arithmetic) pass gradcheck, as the reference does
-    (DESIGN 5); no ties, so that the perturbations leave the selection as it is."""
+    (docs/operators.md, Dtypes and precision); no ties, so that the perturbations keep the
+    selection."""
     g = torch.Generator().manual_seed(5)
     shapes = [(2, 3), (6, 3), (6, 4), (2, 4), (4, 4)]
     inputs = [torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
@@ -249,7 +223,8 @@ def test_kernels_compile_for_hopper():
 
 
 def test_check_targets_reads_benchmark_rows():
-    """bench/gpu_check.sh judges the issue's targets with bench.topn_create.check_targets."""
+    """bench/gpu_check.sh judges the Triton kernels' GPU targets with
+    bench.topn_create.check_targets."""
     from bench.topn_create import check_targets
 
     def row(shape, direction, provider, ms, pct=None):

@@ -1,5 +1,5 @@
 """Bad input is a TypeError/ValueError naming the argument, raised before any kernel runs
-(DESIGN 5); NaN input is not an error and gives NaN, not a crash."""
+(docs/operators.md, Errors); NaN input is not an error and gives NaN, not a crash."""
 
 from __future__ import annotations
 

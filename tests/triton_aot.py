@@ -28,8 +28,8 @@ from topn_kernels.triton import topn_create_launch as L
 
 TARGET = GPUTarget("cuda", 90, 32)
 
-# (name, B, n0, n_max, a, d, dtype): the two targets, the other benchmark shape, a
-# large reference set (chunked selection) and float64
+# (name, B, n0, n_max, a, d, dtype): the two GPU targets of bench/topn_create.py, the other
+# benchmark shape, a large reference set (chunked selection) and float64
 SHAPES = [
     ("target", 4096, 1024, 256, 8, 256, "fp32"),
     ("target_bf16", 4096, 1024, 256, 8, 256, "bf16"),

@@ -1,6 +1,6 @@
 """topn_kernels: Top-n set creation and ragged set losses for one-shot set and graph generation.
 
-Operators (DESIGN.md section 3): :func:`topn_create`, :func:`chamfer_loss`,
+Operators (docs/operators.md): :func:`topn_create`, :func:`chamfer_loss`,
 :func:`sinkhorn_loss`, :func:`repulsion_penalty`, :func:`valency_penalty`; creation layers in
 :mod:`topn_kernels.nn`; the pure-PyTorch oracle in :mod:`topn_kernels.reference`.
 """

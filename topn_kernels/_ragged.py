@@ -51,7 +51,7 @@ def lengths_mask(lengths: Tensor, width: int) -> Tensor:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 input, else float32 (DESIGN 5)."""
+    """float64 for float64 input, else float32 (docs/operators.md, Dtypes and precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

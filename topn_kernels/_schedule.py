@@ -25,8 +25,11 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> li
 
 
 def batch_diameter(px: Packed, py: Packed) -> float:
-    """Diagonal of the bounding box of the real points of the whole batch (geomloss's rule)."""
+    """Diagonal of the bounding box of the real points of the whole batch (geomloss's rule),
+    points with a NaN or infinite coordinate left out: they make their own set's value NaN,
+    and must not change the schedule, hence the values, of the other sets."""
     pts = torch.cat([px.points, py.points]).detach()
+    pts = pts[pts.isfinite().all(1)]
     if pts.shape[0] == 0:
         return 0.0
     return float((pts.amax(0) - pts.amin(0)).norm())

@@ -1,4 +1,5 @@
-"""The paper's metrics for the synthetic set experiment (DESIGN 6, paper section 5.3).
+"""The paper's metrics for the synthetic set experiment (docs/set_vae.md, Metrics; paper
+section 5.3).
 
 Sets come padded, ``points`` (B, N, D) with integer ``lengths`` (B,), as everywhere else.
 
@@ -9,7 +10,7 @@ Sets come padded, ``points`` (B, N, D) with integer ``lengths`` (B,), as everywh
   ``max_valency``;
 - W2: the 2-Wasserstein distance between uniform measures on two sets,
   ``sqrt(min_P mean |x_i - y_P(i)|^2)``, from our debiased ``sinkhorn_loss`` (p=2, whose value
-  tends to W2^2 / 2 as blur -> 0) at a small blur;
+  approaches W2^2 / 2 with a small blur and a slow eps-scaling, as used here);
 - diversity: the mean optimal transport cost with the Euclidean ground cost (uniform weights)
   between random pairs of distinct generated sets, all pairs in one batched ``sinkhorn_loss``
   call (p=1) at a small blur.

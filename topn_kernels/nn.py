@@ -1,4 +1,5 @@
-"""Set creation layers (DESIGN 3.2): turn a latent vector into a padded set of points.
+"""Set creation layers (docs/operators.md, Creation modules): turn a latent vector into a
+padded set of points.
 
 Every module is called as ``module(z, n, n_max=None)`` with ``z`` (B, latent_dim) and ``n`` an
 int or an integer tensor (B,) of set sizes, and returns ``(x, mask)``: x (B, n_max, set_dim)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch oracle of every operator (DESIGN.md section 3).
+"""Pure-PyTorch oracle of every operator (docs/operators.md).
 
 Plain, differentiable PyTorch, written to be read and trusted rather than to be fast. Tests
 and benchmarks compare every backend with these functions; ``backend="reference"`` runs them.
@@ -102,7 +102,7 @@ def _reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Top-n creation (DESIGN 3.1)
+# Top-n creation (docs/operators.md, topn_create)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -184,7 +184,7 @@ def topn_create_at(
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses (DESIGN 3.3)
+# Losses (docs/operators.md, chamfer_loss and sinkhorn_loss)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -226,9 +226,11 @@ def chamfer_loss(
 
 
 def _diameter(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor) -> float:
-    """Diagonal of the bounding box of the real points of the whole batch (geomloss's rule)."""
+    """Diagonal of the bounding box of the real points of the whole batch (geomloss's rule),
+    leaving out points with a non-finite coordinate (they must not change the other sets)."""
     pts = torch.cat([x.flatten(0, 1), y.flatten(0, 1)]).detach()
     real = torch.cat([x_mask.flatten(), y_mask.flatten()])[:, None]
+    real = real & pts.isfinite().all(1, keepdim=True)
     lo = pts.masked_fill(~real, math.inf).amin(0)
     hi = pts.masked_fill(~real, -math.inf).amax(0)
     return float((hi - lo).norm())

@@ -12,6 +12,7 @@
 // blocks to the system.
 #include "output_pool.h"
 
+#include <ATen/native/TensorFactories.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
@@ -143,9 +144,17 @@ at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& options)
   const int64_t nbytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
   if (static_cast<size_t>(nbytes) < kMinPooledBytes || !PooledAllocator::instance().enabled())
     return at::empty(sizes, options);
-  return at::detail::empty_generic(sizes, &PooledAllocator::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  at::Tensor t = at::detail::empty_generic(sizes, &PooledAllocator::instance(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           c10::typeMetaToScalarType(options.dtype()),
+                                           std::nullopt);
+  // As at::empty does: torch.utils.deterministic.fill_uninitialized_memory (with deterministic
+  // algorithms on) fills new memory with NaN, so that a kernel that leaves an element unwritten
+  // is seen in tests. A recycled block holds its last owner's values otherwise.
+  const auto& ctx = at::globalContext();
+  if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory())
+    at::native::fill_empty_deterministic_(t);
+  return t;
 }
 
 bool is_recycled_block(const at::Tensor& t) {

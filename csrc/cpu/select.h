@@ -1,4 +1,4 @@
-// Top-n selection of one set (DESIGN 3.1 step 2) on CPU.
+// Top-n selection of one set (docs/operators.md, Ranking) on CPU.
 //
 // The ranking is "larger score first, NaN above every number (as torch.sort), equal scores by
 // increasing index". RankKey turns (score, index) into one unsigned integer whose ascending

@@ -1,4 +1,4 @@
-// Sinkhorn divergence on CPU (DESIGN 3.3), for packed ragged batches: geomloss's loop
+// Sinkhorn divergence on CPU (docs/operators.md), for packed ragged batches: geomloss's loop
 // (log-domain, eps-scaling, symmetric averaged updates, debiasing), run set by set in C++.
 //
 // Inputs: the real points of every set one after the other, x (P, dim) and y (Q, dim), with

@@ -1,4 +1,4 @@
-// Top-n creation on CPU (DESIGN 3.1): forward and backward.
+// Top-n creation on CPU (docs/operators.md, topn_create): forward and backward.
 //
 // Forward, one pass per set (sets in parallel): cosine scores against the normalised
 // reference angles, selection of the n_b best (select.h: O(n0), then a sort of the survivors
@@ -25,9 +25,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "output_pool.h"
@@ -48,6 +51,16 @@ constexpr int64_t kSetsPerBlock = 16;  // fixed blocks: the order of every sum o
 constexpr int64_t kRowsPerBlock = 16;  // the same over reference points
 constexpr int kLanes = 8;              // independent partial sums of a dot product
 
+// TOPN_KERNELS_PORTABLE=1: score one point at a time, with no loop the compiler vectorises
+// (the portable scoring path, tested against the blocked one).
+bool portable_build() {
+  static const bool portable = [] {
+    const char* env = std::getenv("TOPN_KERNELS_PORTABLE");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  return portable;
+}
+
 bool is_score_norm_all(c10::string_view score_norm) {
   TORCH_CHECK(score_norm == "selected" || score_norm == "all",
               "topn_create: score_norm must be 'selected' or 'all', got '", score_norm, "'");
@@ -61,7 +74,7 @@ inline acc_t max_nan(acc_t x, acc_t y) {
 }
 
 // out = v / sqrt(max(sum_k v_k^2, eps^2)): torch.nn.functional.normalize, summed in index order
-// as the reference (_normalize) so that scores agree bit for bit. Returns sum_k v_k^2.
+// as the reference (_normalize). Returns sum_k v_k^2.
 template <typename scalar_t, typename acc_t>
 inline acc_t normalize(const scalar_t* v, int64_t a, acc_t* out) {
   acc_t sq = 0;
@@ -114,10 +127,13 @@ struct NormalizedAngles {
   }
 
   // s[i] = <qn, an_i> for every point, summed over k in order: blocks of kLanes points whose
-  // partial sums stay in registers over the k loop (one pass over s).
+  // partial sums stay in registers over the k loop (one pass over s), or, in the portable
+  // build, one point at a time. Both round every score the same way.
   void scores(const acc_t* qn, acc_t* s) const {
     const acc_t* t0 = t.data();
     int64_t i = 0;
+    if (portable_build())
+      for (; i < n0; ++i) s[i] = score(qn, i);
     for (; i + kLanes <= n0; i += kLanes) {
       acc_t acc[kLanes] = {};
       for (int64_t k = 0; k < a; ++k) {
@@ -156,7 +172,7 @@ inline void softmax(const acc_t* v, int64_t count, acc_t* p) {
   for (int64_t i = 0; i < count; ++i) p[i] /= sum;
 }
 
-// Weights m_j of the selected points sig[0..nb) (DESIGN 3.1 step 3). "all": s holds the n0
+// Weights m_j of the selected points sig[0..nb) (docs/operators.md, topn_create, step 3). "all": s holds the n0
 // scores and p receives their softmax; "selected": s holds the nb selected scores.
 template <typename acc_t>
 inline void selection_weights(const acc_t* s, const int64_t* sig, int64_t nb, int64_t n0,
@@ -383,12 +399,26 @@ inline void accumulate_rows(const scalar_t* __restrict__ g, acc_t w, acc_t* __re
   }
 }
 
+// The gradients a backward computes (the op's output_mask): the others are left undefined,
+// and the work that only they need is skipped.
+struct Wanted {
+  bool query, angles, table, bias, film;
+  bool scores() const { return query || angles; }  // gradients through the weights
+  bool set_sums() const { return bias || film; }   // P1, P0
+  bool point_sums() const { return table || film; }  // S1, S0
+};
+
+template <typename scalar_t>
+scalar_t* data_or_null(Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
 template <typename scalar_t>
 void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tensor& query,
                      const Tensor& angles, const Tensor& table, const Tensor& bias,
                      const Tensor& film, const Tensor& index, const std::vector<int64_t>& nsel,
-                     bool score_all, Tensor& g_query, Tensor& g_angles, Tensor& g_table,
-                     Tensor& g_bias, Tensor& g_film) {
+                     bool score_all, Wanted want, Tensor& g_query, Tensor& g_angles,
+                     Tensor& g_table, Tensor& g_bias, Tensor& g_film) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = query.size(0), a = query.size(1), n0 = angles.size(0), d = table.size(1);
   const int64_t n_max = index.size(1);
@@ -399,10 +429,10 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
   const scalar_t* tab = table.data_ptr<scalar_t>();
   const scalar_t* bia = bias.data_ptr<scalar_t>();
   const int64_t* idx = index.data_ptr<int64_t>();
-  scalar_t* gq = g_query.data_ptr<scalar_t>();
-  scalar_t* gbi = g_bias.data_ptr<scalar_t>();
-  scalar_t* gt = g_table.data_ptr<scalar_t>();
-  scalar_t* ga = g_angles.data_ptr<scalar_t>();
+  scalar_t* gq = data_or_null<scalar_t>(g_query);
+  scalar_t* gbi = data_or_null<scalar_t>(g_bias);
+  scalar_t* gt = data_or_null<scalar_t>(g_table);
+  scalar_t* ga = data_or_null<scalar_t>(g_angles);
 
   const NormalizedAngles<acc_t> an(ang, n0, a);
   const std::vector<acc_t> fl = to_acc<scalar_t>(film);
@@ -416,7 +446,7 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
   // FiLM partial sums: per block of sets (gamma_w, gamma_b, beta_w, beta_b) and per block of
   // reference points (gamma_w, gamma_b).
   const int64_t set_blocks = (B + kSetsPerBlock - 1) / kSetsPerBlock;
-  const int64_t row_blocks = (n0 + kRowsPerBlock - 1) / kRowsPerBlock;
+  int64_t row_blocks = (n0 + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<acc_t> film_sets(set_blocks * 4 * d, 0), film_rows(row_blocks * 2 * d, 0);
 
   // Phase 1: per set.
@@ -441,22 +471,26 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
         selection_weights(s.data(), sig, nb, n0, score_all, prob.data(), m);
 
         const scalar_t* brow = bia + b * d;
-        std::fill(p1.begin(), p1.end(), acc_t(0));
-        std::fill(p0.begin(), p0.end(), acc_t(0));
+        if (want.set_sums()) {
+          std::fill(p1.begin(), p1.end(), acc_t(0));
+          std::fill(p0.begin(), p0.end(), acc_t(0));
+          for (int64_t j = 0; j < nb; ++j)
+            accumulate_rows(gx + (b * n_max + j) * d, m[j], p1.data(), p0.data(), d);
+          for (int64_t k = 0; k < d; ++k) {
+            if (gbi) gbi[b * d + k] = static_cast<scalar_t>(gw[k] * p1[k] + gb[k] * p0[k]);
+            const acc_t bk = static_cast<acc_t>(brow[k]);
+            fp[k] += bk * p1[k];
+            fp[d + k] += bk * p0[k];
+            fp[2 * d + k] += p1[k];
+            fp[3 * d + k] += p0[k];
+          }
+        }
+        if (!want.scores()) continue;
+
         for (int64_t j = 0; j < nb; ++j) {
           const int64_t slot = b * n_max + j;
-          const scalar_t* grow = gx + slot * d;
           dm[j] = static_cast<acc_t>(gwt[slot]) +
-                  weight_gradient(grow, tab + sig[j] * d, brow, gw, bw, d);
-          accumulate_rows(grow, m[j], p1.data(), p0.data(), d);
-        }
-        for (int64_t k = 0; k < d; ++k) {
-          gbi[b * d + k] = static_cast<scalar_t>(gw[k] * p1[k] + gb[k] * p0[k]);
-          const acc_t bk = static_cast<acc_t>(brow[k]);
-          fp[k] += bk * p1[k];
-          fp[d + k] += bk * p0[k];
-          fp[2 * d + k] += p1[k];
-          fp[3 * d + k] += p0[k];
+                  weight_gradient(gx + slot * d, tab + sig[j] * d, brow, gw, bw, d);
         }
 
         // Softmax backward, then the score gradient to the normalised query.
@@ -476,7 +510,7 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
             an.add_scaled(sig[j], ds[j], dqn.data());
           }
         }
-        normalize_backward(q + b * a, q_sq, dqn.data(), a, gq + b * a);
+        if (gq) normalize_backward(q + b * a, q_sq, dqn.data(), a, gq + b * a);
       }
     }
   });
@@ -484,6 +518,7 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
   // Phase 2: per reference point. Each task owns whole blocks of points and scans the slots in
   // (set, slot) order, so every sum runs in that order whichever task computes it, and the
   // rows of grad_x a task reads come in increasing address order.
+  if (!(want.point_sums() || want.angles)) row_blocks = 0;
   at::parallel_for(0, row_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     const int64_t i_begin = block_begin * kRowsPerBlock;
     const int64_t i_end = std::min(n0, block_end * kRowsPerBlock);
@@ -494,15 +529,16 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
       for (int64_t j = 0; j < nsel[b]; ++j) {
         const int64_t slot = b * n_max + j, r = idx[slot] - i_begin;
         if (r < 0 || r >= rows) continue;
-        accumulate_rows(gx + slot * d, m_all[slot], s1.data() + r * d, s0.data() + r * d, d);
-        if (!score_all)
+        if (want.point_sums())
+          accumulate_rows(gx + slot * d, m_all[slot], s1.data() + r * d, s0.data() + r * d, d);
+        if (want.angles && !score_all)
           for (int64_t k = 0; k < a; ++k) dan[r * a + k] += ds_sel[slot] * qn[k];
       }
     }
     for (int64_t i = i_begin; i < i_end; ++i) {
       const int64_t r = i - i_begin;
       acc_t* dan_i = dan.data() + r * a;
-      if (score_all) {
+      if (want.angles && score_all) {
         for (int64_t b = 0; b < B; ++b) {
           const acc_t dsi = ds_dense[b * n0 + i];
           const acc_t* qn = qn_all.data() + b * a;
@@ -511,10 +547,12 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
       }
       const acc_t* s1_i = s1.data() + r * d;
       const acc_t* s0_i = s0.data() + r * d;
-      for (int64_t k = 0; k < d; ++k)
-        gt[i * d + k] = static_cast<scalar_t>(gw[k] * s1_i[k] + gb[k] * s0_i[k]);
-      normalize_backward(ang + i * a, an.sq_norms[i], dan_i, a, ga + i * a);
+      if (gt)
+        for (int64_t k = 0; k < d; ++k)
+          gt[i * d + k] = static_cast<scalar_t>(gw[k] * s1_i[k] + gb[k] * s0_i[k]);
+      if (ga) normalize_backward(ang + i * a, an.sq_norms[i], dan_i, a, ga + i * a);
     }
+    if (!want.film) return;
     // Film contributions t_i * S1_i, t_i * S0_i, summed per fixed block of points.
     for (int64_t i = i_begin; i < i_end; ++i) {
       acc_t* fp = film_rows.data() + (i / kRowsPerBlock) * 2 * d;
@@ -530,6 +568,7 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
   });
 
   // FiLM: the block partial sums, in block order.
+  if (!want.film) return;
   std::vector<acc_t> total(4 * d, 0);
   for (int64_t blk = 0; blk < set_blocks; ++blk)
     for (int64_t k = 0; k < 4 * d; ++k) total[k] += film_sets[blk * 4 * d + k];
@@ -539,10 +578,13 @@ void backward_kernel(const Tensor& grad_x, const Tensor& grad_weight, const Tens
   for (int64_t k = 0; k < 4 * d; ++k) gf[k] = static_cast<scalar_t>(total[k]);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topn_create_backward_cpu(
-    const Tensor& grad_x_, const Tensor& grad_weight_, const Tensor& query_,
-    const Tensor& angles_, const Tensor& table_, const Tensor& bias_, const Tensor& film_,
-    const Tensor& index_, c10::string_view score_norm) {
+using OptionalTensor = std::optional<Tensor>;
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor>
+topn_create_backward_cpu(const Tensor& grad_x_, const Tensor& grad_weight_, const Tensor& query_,
+                         const Tensor& angles_, const Tensor& table_, const Tensor& bias_,
+                         const Tensor& film_, const Tensor& index_, c10::string_view score_norm,
+                         std::array<bool, 5> output_mask) {
   const bool score_all = is_score_norm_all(score_norm);
   const Tensor query = query_.contiguous(), angles = angles_.contiguous(),
                table = table_.contiguous(), bias = bias_.contiguous(), film = film_.contiguous();
@@ -570,24 +612,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topn_create_backward_cpu(
     nsel[b] = j;
   }
 
-  Tensor g_query = at::empty_like(query), g_angles = at::empty_like(angles),
-         g_table = at::empty_like(table), g_bias = at::empty_like(bias),
-         g_film = at::empty_like(film);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
-                                  "topn_create_backward_cpu", [&] {
-                                    backward_kernel<scalar_t>(
-                                        grad_x, grad_weight, query, angles, table, bias, film,
-                                        index, nsel, score_all, g_query, g_angles, g_table,
-                                        g_bias, g_film);
-                                  });
-  return {g_query, g_angles, g_table, g_bias, g_film};
+  const Wanted want{output_mask[0], output_mask[1], output_mask[2], output_mask[3],
+                    output_mask[4]};
+  auto empty_if = [](bool wanted, const Tensor& like) {
+    return wanted ? at::empty_like(like) : Tensor();
+  };
+  Tensor g_query = empty_if(want.query, query), g_angles = empty_if(want.angles, angles),
+         g_table = empty_if(want.table, table), g_bias = empty_if(want.bias, bias),
+         g_film = empty_if(want.film, film);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, query.scalar_type(), "topn_create_backward_cpu", [&] {
+        backward_kernel<scalar_t>(grad_x, grad_weight, query, angles, table, bias, film, index,
+                                  nsel, score_all, want, g_query, g_angles, g_table, g_bias,
+                                  g_film);
+      });
+  auto optional = [](const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; };
+  return {optional(g_query), optional(g_angles), optional(g_table), optional(g_bias),
+          optional(g_film)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
-  m.impl("topn_create", &topn_create_cpu);
-  m.impl("topn_create_backward", &topn_create_backward_cpu);
+  m.impl("_topn_create_cpu", &topn_create_cpu);
+  m.impl("_topn_create_backward_cpu", &topn_create_backward_cpu);
 }
 
 }  // namespace topn_kernels

@@ -1,4 +1,4 @@
-"""The paper's synthetic molecule-like dataset (DESIGN 6, paper appendix D.2).
+"""The paper's synthetic molecule-like dataset (docs/set_vae.md; paper appendix D.2).
 
 Each set is grown by rejection sampling. Candidate points are drawn uniformly in the box
 ``[low, high]^3``, each with a valency cap drawn from ``valencies`` with ``valency_probs``.

@@ -1,4 +1,4 @@
-"""Chamfer distance on KeOps (DESIGN 3.3): nearest neighbours by KeOps ``argmin`` over the
+"""Chamfer distance on KeOps (docs/operators.md): nearest neighbours by KeOps ``argmin`` over the
 block-diagonal ranges of a packed batch, distances recomputed in torch from the indices so
 that autograd works (KeOps' ``Min`` has no gradient). Memory linear in the number of points."""
 

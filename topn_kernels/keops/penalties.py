@@ -1,6 +1,7 @@
-"""The paper's pairwise penalties on KeOps (DESIGN 3.3, paper D.2): Sum reductions over the
-block-diagonal ranges of a packed batch, and ``argKmin`` for the sorted neighbour distances
-(recomputed in torch from the indices, so that autograd works). One value per set."""
+"""The paper's pairwise penalties on KeOps (docs/operators.md, repulsion_penalty and
+valency_penalty; paper D.2): Sum reductions over the block-diagonal ranges of a packed batch, and
+``argKmin`` for the sorted neighbour distances (recomputed in torch from the indices, so that
+autograd works). One value per set."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sinkhorn divergence on KeOps (DESIGN 3.3): log-domain Sinkhorn with eps-scaling and
+"""Sinkhorn divergence on KeOps (docs/operators.md): log-domain Sinkhorn with eps-scaling and
 debiasing, geomloss's loop and conventions, every softmin a KeOps log-sum-exp over the
 block-diagonal ranges of a packed batch. Memory linear in the number of points.
 

@@ -1,4 +1,4 @@
-"""The reference set VAE (DESIGN 6): the model the fused ops are checked inside."""
+"""The reference set VAE (docs/set_vae.md): the model the fused ops are checked inside."""
 
 from .backends import BACKEND_NAMES, BackendLog, OpBackends
 from .setvae import CREATIONS, SetVAE, SetVAEConfig, VAEOutput

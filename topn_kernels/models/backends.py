@@ -3,14 +3,18 @@
 | name | ``topn_create`` | losses and penalties |
 | --- | --- | --- |
 | ``"reference"`` | reference | reference (every op in plain PyTorch: the oracle model) |
-| ``"auto"`` | auto (native on CPU, Triton on CUDA) | auto (KeOps, else the reference) |
+| ``"auto"`` | auto (native on CPU, Triton on CUDA) | auto (see below) |
 | ``"native"`` | native (CPU) | auto |
-| ``"keops"`` | auto | keops (an error until the KeOps backend lands) |
+| ``"keops"`` | auto | keops |
 
-``"auto"`` also runs the reference where the preferred backend is unavailable (with one warning
-per reason) and, for the losses, on problems small enough that the reference is faster, so what
-runs can change from call to call. :class:`BackendLog` records, call by call, the backend each
-op resolved to; :meth:`OpBackends.resolved` checks up front that the requested ones can run.
+The losses' ``"auto"`` runs the Sinkhorn loss on the native C++ loop for CPU tensors and on KeOps
+for CUDA tensors, the other losses and penalties on KeOps; problems small enough that the dense
+reference is faster (at most 2^17 point pairs, as at the paper's scale; for Chamfer only when no
+gradient is needed) run on the reference instead (docs/operators.md, Backends and dispatch).
+``"auto"`` also runs the reference where the preferred backend is unavailable (with one warning per
+reason), so what runs can change from call to call. :class:`BackendLog` records, call by call, the
+backend each op resolved to; :meth:`OpBackends.resolved` checks up front that the requested ones can
+run.
 """
 
 from __future__ import annotations

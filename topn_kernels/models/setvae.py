@@ -1,4 +1,4 @@
-"""The reference set VAE of the paper's synthetic experiment (DESIGN 6, paper appendix D.2).
+"""The reference set VAE of the paper's synthetic experiment (docs/set_vae.md; paper appendix D.2).
 
 Encoder: per-point features -> 2-layer MLP -> masked batch norm -> 3 x [transformer layer with a
 key padding mask, ReLU, masked batch norm, residual] -> PNA pooling (sum, mean, max, std over

@@ -1,11 +1,16 @@
-"""Python side of the native ``topn_kernels::topn_create`` operator.
+"""The native (C++, CPU) kernels of ``topn_kernels::topn_create``
+(``csrc/cpu/topn_create.cpp``).
 
-The C++ library defines the schemas and the CPU kernels; this module registers what the
-dispatcher needs from Python: fake (meta) kernels, so ``torch.compile`` traces the op as one
-node, and autograd, which calls ``topn_kernels::topn_create_backward``.
+The op itself, its fake kernels and its autograd are in :mod:`topn_kernels.ops.topn_create_op`,
+shared with the Triton backend; these are the two kernels it calls for ``backend="native"``.
+The forward checks the set sizes itself (no extra pass, no sync): a bad ``n`` raises
+``ValueError`` with the public function's message. The backward is deterministic, whatever
+the number of threads, so ``deterministic`` changes nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -13,7 +18,7 @@ from torch import Tensor
 _OPS = torch.ops.topn_kernels
 
 
-def topn_create(
+def forward(
     query: Tensor,
     angles: Tensor,
     table: Tensor,
@@ -24,48 +29,27 @@ def topn_create(
     score_norm: str,
     sorted: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x, mask, index, weight)`` on CPU; n is int64 (B,), inputs already validated."""
-    return _OPS.topn_create.default(query, angles, table, bias, n, film, n_max, score_norm, sorted)
-
-
-@torch.library.register_fake("topn_kernels::topn_create")
-def _topn_create_fake(query, angles, table, bias, n, film, n_max, score_norm, sorted):
-    batch, d = query.shape[0], table.shape[1]
-    return (
-        query.new_empty((batch, n_max, d)),
-        query.new_empty((batch, n_max), dtype=torch.bool),
-        query.new_empty((batch, n_max), dtype=torch.int64),
-        query.new_empty((batch, n_max)),
+    """``(x, mask, index, weight)``; CPU tensors, n int64 (B,)."""
+    return _OPS._topn_create_cpu.default(
+        query, angles, table, bias, n, film, n_max, score_norm, sorted
     )
 
 
-@torch.library.register_fake("topn_kernels::topn_create_backward")
-def _topn_create_backward_fake(
-    grad_x, grad_weight, query, angles, table, bias, film, index, score_norm
-):
-    return tuple(torch.empty_like(t) for t in (query, angles, table, bias, film))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    query, angles, table, bias, _n, film, _n_max, score_norm, _sorted = inputs
-    _x, _mask, index, _weight = output
-    ctx.save_for_backward(query, angles, table, bias, film, index)
-    ctx.score_norm = score_norm
-
-
-def _backward(ctx, grad_x, _grad_mask, _grad_index, grad_weight):
-    query, angles, table, bias, film, index = ctx.saved_tensors
-    if grad_x is None:
-        grad_x = query.new_zeros((*index.shape, table.shape[1]))
-    if grad_weight is None:
-        grad_weight = query.new_zeros(index.shape)
-    grads = _OPS.topn_create_backward.default(
-        grad_x, grad_weight, query, angles, table, bias, film, index, ctx.score_norm
+def backward(
+    grad_x: Tensor,
+    grad_weight: Tensor,
+    query: Tensor,
+    angles: Tensor,
+    table: Tensor,
+    bias: Tensor,
+    n: Tensor,
+    film: Tensor,
+    index: Tensor,
+    score_norm: str,
+    output_mask: Sequence[bool],
+    deterministic: bool,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of query, angles, table, bias, film; None where ``output_mask`` is False."""
+    return _OPS._topn_create_backward_cpu.default(
+        grad_x, grad_weight, query, angles, table, bias, film, index, score_norm, list(output_mask)
     )
-    g_query, g_angles, g_table, g_bias, g_film = grads
-    return g_query, g_angles, g_table, g_bias, None, g_film, None, None, None
-
-
-torch.library.register_autograd(
-    "topn_kernels::topn_create", _backward, setup_context=_setup_context
-)

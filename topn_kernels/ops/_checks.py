@@ -1,4 +1,4 @@
-"""Input validation shared by the public operators (DESIGN 5).
+"""Input validation shared by the public operators (docs/operators.md, Errors).
 
 Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value or
 device) with a message that names the argument, what was expected and what was received,

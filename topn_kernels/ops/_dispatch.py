@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN 4).
+"""Backend selection (docs/operators.md, Backends and dispatch).
 
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
 native extension on CPU for ``topn_create``; the native extension on CPU for ``sinkhorn_loss``;

@@ -1,5 +1,5 @@
 """Public ``topn_create``: validation, then the reference, the native or the Triton kernels
-(DESIGN 3.1)."""
+(docs/operators.md, topn_create)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .. import native, reference
-from .. import triton as triton_backend
+from .. import reference
 from . import _checks, _dispatch
+from .topn_create_op import topn_create as topn_create_op
 
 __all__ = ["TopNOutput", "topn_create"]
 
@@ -67,7 +67,7 @@ def topn_create(
     sorted: bool = True,
     backend: str = "auto",
 ) -> TopNOutput:
-    """Top-n creation (Vignac & Frossard 2022, eqs. 5-10; DESIGN 3.1).
+    """Top-n creation (Vignac & Frossard 2022, eqs. 5-10; docs/operators.md, topn_create).
 
     Per set b: score every reference angle by its cosine with the query, keep the ``n_b``
     best (equal scores by increasing index), weight them by a softmax of their scores, and
@@ -86,7 +86,8 @@ def topn_create(
         score_norm: "selected" (softmax over the selected scores, paper eq. 8) or "all"
             (``n_b * softmax`` over all n0 scores, as the authors' code).
         sorted: selected points in decreasing score order (True) or increasing index (False).
-        backend: "auto", "reference", "native" (CPU) or "triton" (see DESIGN 4).
+        backend: "auto", "reference", "native" (CPU) or "triton" (docs/operators.md,
+            Backends and dispatch).
 
     Returns:
         :class:`TopNOutput` ``(x, mask, index, weight)``. float16/bfloat16/float32/float64
@@ -96,17 +97,8 @@ def topn_create(
     sizes, n_max, chosen = _validate(
         query, angles, table, bias, n, film, n_max, score_norm, sorted, backend
     )
-    if chosen == "native":
-        out = native.topn_create.topn_create(
-            query, angles, table, bias, sizes, film, n_max, score_norm, sorted
-        )
-    elif chosen == "triton":
-        out = triton_backend.topn_create(
-            query, angles, table, bias, sizes, film, n_max, score_norm, sorted
-        )
-    else:
-        out = reference.topn_create(
-            query, angles, table, bias, sizes, film,
-            n_max=n_max, score_norm=score_norm, sorted=sorted,
-        )  # fmt: skip
-    return TopNOutput(*out)
+    if chosen == "reference":
+        kwargs = {"n_max": n_max, "score_norm": score_norm, "sorted": sorted}
+        return TopNOutput(*reference.topn_create(query, angles, table, bias, sizes, film, **kwargs))
+    args = (query, angles, table, bias, sizes, film, n_max, score_norm, sorted, chosen)
+    return TopNOutput(*topn_create_op(*args))

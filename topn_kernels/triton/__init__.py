@@ -7,8 +7,9 @@ to run the kernels on CPU tensors, set ``TRITON_INTERPRET=1`` before anything im
 ``triton``.
 
 - ``topn_create_forward.py``, ``topn_create_backward.py``: the kernels;
-- ``topn_create_launch.py``: launch configurations, the host forward and backward;
-- ``topn_create_op.py``: the ``torch.library`` ops, their fake kernels and autograd;
+- ``topn_create_launch.py``: launch configurations, the host forward and backward: the kernels
+  that the op ``topn_kernels::topn_create`` (``topn_kernels/ops/topn_create_op.py``, shared
+  with the native backend) runs for ``backend="triton"``;
 - ``_math.py``: exactly rounded arithmetic and ranking keys shared by the kernels.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
 
 
 def _interpreter_requested() -> bool:
@@ -53,22 +53,3 @@ def unavailable(device: torch.device) -> tuple[type[Exception], str] | None:
     if device.type == "cuda" and not torch.cuda.is_available():
         return RuntimeError, "torch finds no CUDA device"
     return None
-
-
-def topn_create(
-    query: Tensor,
-    angles: Tensor,
-    table: Tensor,
-    bias: Tensor,
-    n: Tensor,
-    film: Tensor,
-    n_max: int,
-    score_norm: str,
-    sorted: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x, mask, index, weight)`` by the Triton kernels (DESIGN 3.1): the op
-    ``torch.ops.topn_kernels.triton_topn_create``, with autograd. n is int64 (B,); the inputs
-    are validated by :func:`topn_kernels.topn_create`."""
-    from .topn_create_op import topn_create_op
-
-    return topn_create_op(query, angles, table, bias, n, film, n_max, score_norm, sorted)

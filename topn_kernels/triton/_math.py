@@ -2,10 +2,10 @@
 rounding to the output dtype, and the normalisation of the reference angles.
 
 Every helper takes ``IS_F64`` (constexpr): the compute dtype is float64 for float64 inputs and
-float32 otherwise (DESIGN 5). Calls of one jit function from another are slow in the
-interpreter (it patches triton.language at each call), so the kernels call these outside
-their inner loops. The forward kernels launch with ``enable_fp_fusion=False`` so
-that ``a * b + c`` rounds twice, as the reference does, never as one fused multiply-add.
+float32 otherwise (docs/operators.md, Dtypes and precision). Calls of one jit function from another
+are slow in the interpreter (it patches triton.language at each call), so the kernels call these
+outside their inner loops. The forward kernels launch with ``enable_fp_fusion=False`` so that ``a *
+b + c`` rounds twice, as the reference does, never as one fused multiply-add.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton backward of topn_create (DESIGN 3.1).
+"""Triton backward of topn_create (docs/operators.md, topn_create).
 
 With g the upstream gradient of x, m the weights, h = table[sigma] + bias and
 dm_bj = grad_weight_bj + sum_k g_bjk (h_bjk gamma_w_k + beta_w_k):

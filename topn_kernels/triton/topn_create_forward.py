@@ -1,4 +1,5 @@
-"""Triton forward of topn_create (DESIGN 3.1): per set, selection; per output tile, FiLM.
+"""Triton forward of topn_create (docs/operators.md, topn_create): per set, selection; per
+output tile, FiLM.
 
 ``select_kernel`` (one program per set) scores the n0 reference points, selects the n_b best
 and writes ``index`` and the weights in the compute dtype; ``film_kernel`` (one program per tile
@@ -18,12 +19,8 @@ index order and each one's slot is the count of selected keys ranking before it.
 Why not ``tl.sort``/``tl.topk``: they sort power-of-two blocks of values, so the index has to be
 packed into the value (no room beside a float64 key) and a runtime n_b needs the whole row
 sorted; the radix select costs a fixed number of passes whatever n_b, each a compare and a sum.
-Measured on one set of precomputed uint32 keys, selection alone (a throwaway script, not in the
-repository): in Triton's interpreter (its wall-clock says nothing of a GPU), 14 ms per set with
-32 one-bit passes, 9 ms with 8 passes of 16 candidates, and 115 ms (n0=70) to 1160 ms
-(n0=1024) with ``tl.sort`` of packed (key, index) pairs; compiled for sm_90 (no GPU run), for
-a 1024-key block: 27, 40 and 64 registers, and 386, 1073 and 6080 lines of PTX with 2, 6 and
-145 barriers. GPU timings: only from bench/gpu_check.sh on a GPU.
+Their relative speed on a GPU has not been measured yet (``bench/gpu_check.sh`` times the
+kernels on a GPU).
 """
 
 from __future__ import annotations

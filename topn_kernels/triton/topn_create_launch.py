@@ -9,6 +9,7 @@ interpreter's (few, large programs: each program costs Python time) or a GPU's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,7 @@ def normalized_angles(angles: Tensor, ct: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def forward(query, angles, table, bias, n, film, n_max: int, score_norm: str, sorted: bool):
-    """``(x, mask, index, weight)`` of DESIGN 3.1; n int64 (B,)."""
+    """``(x, mask, index, weight)`` of docs/operators.md, topn_create; n int64 (B,)."""
     query, angles, table, bias, film = (t.contiguous() for t in (query, angles, table, bias, film))
     n = n.to(torch.int64).contiguous()
     batch, a = query.shape
@@ -152,10 +153,24 @@ def forward(query, angles, table, bias, n, film, n_max: int, score_norm: str, so
     return x, mask, index, weight
 
 
-def backward(grad_x, grad_weight, query, angles, table, bias, film, n, index, score_norm: str,
-             deterministic: bool):  # fmt: skip
-    """Gradients of query, angles, table, bias and film (DESIGN 3.1) from those of x and weight,
-    without atomics when ``deterministic``; n int64 (B,), index the forward's."""
+def backward(
+    grad_x: Tensor,
+    grad_weight: Tensor,
+    query: Tensor,
+    angles: Tensor,
+    table: Tensor,
+    bias: Tensor,
+    n: Tensor,
+    film: Tensor,
+    index: Tensor,
+    score_norm: str,
+    output_mask: Sequence[bool],
+    deterministic: bool,
+) -> tuple[Tensor | None, ...]:
+    """Gradients of query, angles, table, bias and film from those of x and weight (None where
+    ``output_mask`` is False), without atomics when ``deterministic``; n int64 (B,), index the
+    forward's. One kernel gives the per-set gradients; the per-point ones (table, angles) take
+    one or two more, skipped when neither is wanted."""
     query, angles, table, bias, film, index = (
         t.contiguous() for t in (query, angles, table, bias, film, index)
     )
@@ -194,6 +209,16 @@ def backward(grad_x, grad_weight, query, angles, table, bias, film, n, index, sc
     else:  # no slot: every gradient is 0
         g_query.zero_(), g_bias.zero_(), film_part.zero_(), ds_dense.zero_()
 
+    want_query, want_angles, want_table, want_bias, want_film = output_mask
+    g_film = film_part.sum(0).to(dtype) if want_film else None
+    if not (want_table or want_angles):
+        return (
+            (g_query if want_query else None),
+            None,
+            None,
+            (g_bias if want_bias else None),
+            g_film,
+        )
     g_angles = empty(n0, a, dtype=dtype)
     if deterministic:
         g_table = empty(n0, d, dtype=dtype)
@@ -208,8 +233,8 @@ def backward(grad_x, grad_weight, query, angles, table, bias, film, n, index, sc
         launch = finish_launch(n0, a, batch, score_all, is_f64, interpret)
         launch(topn_create_backward.angles_finish_kernel, angles, angles_sq, dan_acc, ds_dense, qn,
                g_angles, batch, n0, a)  # fmt: skip
-    g_film = film_part.sum(0).to(dtype)
-    return g_query, g_angles, g_table, g_bias, g_film
+    grads = (g_query, g_angles, g_table, g_bias)
+    return (*(g if wanted else None for g, wanted in zip(grads, output_mask, strict=False)), g_film)
 
 
 def slots_by_point(index: Tensor, n0: int) -> tuple[Tensor, Tensor]:

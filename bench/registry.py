@@ -1,0 +1,17 @@
+"""Every operator's benchmark cases, for ``python -m bench`` and pytest-benchmark."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from . import losses, topn_create
+from .cases import Case
+
+OPS = ("topn_create", "chamfer_loss", "sinkhorn_loss", "repulsion_penalty", "valency_penalty")
+
+
+def all_cases(device: torch.device) -> Iterator[Case]:
+    yield from topn_create.cases(device)
+    yield from losses.cases(device)
