@@ -77,17 +77,22 @@ def run_one(args, extra: list[str], creation: str, seed: int) -> dict:
     metrics_path = out / "metrics.json"
     if args.reuse and metrics_path.exists():
         return json.loads(metrics_path.read_text())
-    program = [str(HERE / "train_setvae.py")]
+    launcher = [sys.executable]
     if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={args.nproc}"]  # fmt: skip
-    else:
-        launcher = [sys.executable]
-    cmd = [
-        *launcher, *program, "--creation", creation, "--epochs", str(args.epochs),
-        "--seed", str(seed), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-        "--backend", args.backend, "--n-train", str(args.n_train), "--out", str(out), *extra,
-    ]  # fmt: skip
+        distributed = ["torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        launcher += ["-m", *distributed]
+    options = {
+        "--creation": creation,
+        "--epochs": args.epochs,
+        "--seed": seed,
+        "--lr": args.lr,
+        "--batch-size": args.batch_size,
+        "--backend": args.backend,
+        "--n-train": args.n_train,
+        "--out": out,
+    }
+    flags = [str(v) for option in options.items() for v in option]
+    cmd = [*launcher, str(HERE / "train_setvae.py"), *flags, *extra]
     print(f"== {creation} seed {seed}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

@@ -187,14 +187,20 @@ def train_epoch(model, optimizer, loader, loss_cfg, progress: Progress) -> dict[
 def evaluate(model: SetVAE, data: dict, args, backend: str) -> dict:
     return metrics.evaluate(
         model,
-        data["train"].points, data["train"].lengths,
-        data["test"].points, data["test"].lengths,
-        data["stats"]["train"].valency_probs, data["stats"]["extrap"].valency_probs,
+        data["train"].points,
+        data["train"].lengths,
+        data["test"].points,
+        data["test"].lengths,
+        data["stats"]["train"].valency_probs,
+        data["stats"]["extrap"].valency_probs,
         data["extrap_sizes"],
-        num_generated=args.n_generated, num_pairs=args.n_pairs, seed=args.seed,
+        num_generated=args.n_generated,
+        num_pairs=args.n_pairs,
+        seed=args.seed,
         neighbor_dist=data["train"].config.neighbor_dist,
-        max_valency=data["train"].config.max_valency, backend=backend,
-    )  # fmt: skip
+        max_valency=data["train"].config.max_valency,
+        backend=backend,
+    )
 
 
 def build_data(args) -> dict:
@@ -204,10 +210,18 @@ def build_data(args) -> dict:
     sizes = extrapolation_sizes(
         train, args.n_generated, generator=torch.Generator().manual_seed(args.seed + 2)
     )
-    stats = {name: dataset_statistics(d) for name, d in (("train", train), ("test", test),
-                                                         ("extrap", extrap))}  # fmt: skip
-    return {"train": train, "test": test, "extrap": extrap, "extrap_sizes": sizes, "stats": stats,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    stats = {
+        name: dataset_statistics(d)
+        for name, d in (("train", train), ("test", test), ("extrap", extrap))
+    }
+    return {
+        "train": train,
+        "test": test,
+        "extrap": extrap,
+        "extrap_sizes": sizes,
+        "stats": stats,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, history, args) -> None:
@@ -266,15 +280,21 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if lead:
         train_stats = data["stats"]["train"]
-        print(f"data: {args.n_train} train / {args.n_test} test / {args.n_test} extrapolation "
-              f"sets in {data['seconds']:.1f}s; mean size {train_stats.mean_size:.2f} "
-              f"(extrapolation {data['stats']['extrap'].mean_size:.2f})")  # fmt: skip
-        print(f"creation {args.creation}, backend {args.backend!r}: ops resolve to {preferred}"
-              " (large problems)")  # fmt: skip
+        print(
+            f"data: {args.n_train} train / {args.n_test} test / {args.n_test} extrapolation "
+            f"sets in {data['seconds']:.1f}s; mean size {train_stats.mean_size:.2f} "
+            f"(extrapolation {data['stats']['extrap'].mean_size:.2f})"
+        )
+        print(
+            f"creation {args.creation}, backend {args.backend!r}: ops resolve to {preferred}"
+            " (large problems)"
+        )
         for w in caught:
             print(f"  note: {w.message}")
-        print(f"{sum(p.numel() for p in model.parameters())} parameters, {world} process(es), "
-              f"device {device}, {torch.get_num_threads()} thread(s) each")  # fmt: skip
+        print(
+            f"{sum(p.numel() for p in model.parameters())} parameters, {world} process(es), "
+            f"device {device}, {torch.get_num_threads()} thread(s) each"
+        )
 
     net = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(
@@ -296,8 +316,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         train_time += seconds
         terms = mean_across_ranks(terms, device)
         scheduler.step(terms["reconstruction"])
-        record = {"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": seconds}  # fmt: skip
+        record = {
+            "epoch": epoch + 1,
+            **terms,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
             if lead:
                 record.update(evaluate(model, data, args, ops.losses))
@@ -355,14 +379,21 @@ def main(argv: list[str] | None = None) -> dict | None:
                 x, mask = model.generate(model.sample_sizes(4).to(device))
             real = [data["test"][i] for i in range(4)]
             fake = [x[i][mask[i]].cpu() for i in range(4)]
-            plot_samples(real, fake, args.out / "samples.png",
-                         data["train"].config.neighbor_dist, title=args.creation)  # fmt: skip
+            plot_samples(
+                real,
+                fake,
+                args.out / "samples.png",
+                data["train"].config.neighbor_dist,
+                title=args.creation,
+            )
         for phase in ("training", "evaluation"):
             calls = result["backends"][phase]
             print(f"{phase} ops ran on (calls): {calls}")
         print(json.dumps({k: round(result[k], 4) for k in METRIC_KEYS}))
-        print(f"wrote {args.out}/metrics.json, history.json, checkpoint.pt"
-              + ("" if args.no_plots else ", curves.png, samples.png"))  # fmt: skip
+        print(
+            f"wrote {args.out}/metrics.json, history.json, checkpoint.pt"
+            + ("" if args.no_plots else ", curves.png, samples.png")
+        )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

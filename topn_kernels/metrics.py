@@ -82,8 +82,9 @@ def valency(points: Tensor, lengths: Tensor, neighbor_dist: float = 2.0) -> Tens
     _check_sets(points, lengths)
     if not neighbor_dist > 0:
         raise ValueError(f"neighbor_dist must be > 0, got {neighbor_dist}")
-    return valency_counts(points, lengths_mask(lengths.to(points.device), points.shape[1]),
-                          neighbor_dist)  # fmt: skip
+    return valency_counts(
+        points, lengths_mask(lengths.to(points.device), points.shape[1]), neighbor_dist
+    )
 
 
 def valency_counts(points: Tensor, mask: Tensor, neighbor_dist: float) -> Tensor:
@@ -139,14 +140,22 @@ def incorrect_valency_pct(counts: Tensor, lengths: Tensor, max_valency: int = 4)
 # ---------------------------------------------------------------------------------------------
 
 
-def _sinkhorn_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, p: int,
-                 backend: str) -> Tensor:  # fmt: skip
+def _sinkhorn_ot(
+    x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, p: int, backend: str
+) -> Tensor:
     """(B,) float64 debiased Sinkhorn divergences at the metrics' blur; small negative values
     from rounding count as 0."""
     s = sinkhorn_loss(
-        x.detach().double(), y.detach().double(), x_lengths, y_lengths,
-        p=p, blur=METRIC_BLUR, scaling=METRIC_SCALING, batch_reduction="none", backend=backend,
-    )  # fmt: skip
+        x.detach().double(),
+        y.detach().double(),
+        x_lengths,
+        y_lengths,
+        p=p,
+        blur=METRIC_BLUR,
+        scaling=METRIC_SCALING,
+        batch_reduction="none",
+        backend=backend,
+    )
     return s.clamp_min(0)
 
 

@@ -70,9 +70,16 @@ class TopNCreation(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         table = self.W1(self.points)  # (n_ref, set_dim) = R W1, shared by every set
         out = topn_create(
-            self.angle_mlp(z), self.angles, table, self.W2(z), n, self.film,
-            n_max=n_max, score_norm=self.score_norm, backend=self.backend,
-        )  # fmt: skip
+            self.angle_mlp(z),
+            self.angles,
+            table,
+            self.W2(z),
+            n,
+            self.film,
+            n_max=n_max,
+            score_norm=self.score_norm,
+            backend=self.backend,
+        )
         return out.x, out.mask
 
 

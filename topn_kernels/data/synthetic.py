@@ -327,9 +327,12 @@ def _generate_targeted(targets, rng, config, candidates) -> SyntheticSets:
     data = _to_dataset(rounds, config, width)
     inverse = torch.from_numpy(np.argsort(np.concatenate(slots)))  # back to the targets' order
     return SyntheticSets(
-        data.points[inverse], data.lengths[inverse], data.caps[inverse], data.valency[inverse],
+        data.points[inverse],
+        data.lengths[inverse],
+        data.caps[inverse],
+        data.valency[inverse],
         config,
-    )  # fmt: skip
+    )
 
 
 def make_datasets(

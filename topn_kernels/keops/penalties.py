@@ -36,8 +36,9 @@ def _nearest_others(dim: int, k: int):
     from pykeops.torch import Genred
 
     aliases = [f"X = Vi({dim})", f"Y = Vj({dim})", "I = Vi(1)", "J = Vj(1)", "C = Pm(1)"]
-    return Genred(f"IfElse({_SELF}, C, SqDist(X,Y))", aliases, reduction_op="ArgKMin", axis=1,
-                  opt_arg=k)  # fmt: skip
+    return Genred(
+        f"IfElse({_SELF}, C, SqDist(X,Y))", aliases, reduction_op="ArgKMin", axis=1, opt_arg=k
+    )
 
 
 def _packed(x: Tensor, lengths: Tensor | None) -> tuple[Packed, Tensor, tuple[Tensor, ...]]:

@@ -31,9 +31,13 @@ def _log_sum_exp(p: int, dim: int):
     from pykeops.torch import generic_logsumexp
 
     return generic_logsumexp(
-        f"(H - P * {_COSTS[p]})", "R = Vi(1)", f"X = Vi({dim})", f"Y = Vj({dim})", "H = Vj(1)",
+        f"(H - P * {_COSTS[p]})",
+        "R = Vi(1)",
+        f"X = Vi({dim})",
+        f"Y = Vj({dim})",
+        "H = Vj(1)",
         "P = Pm(1)",
-    )  # fmt: skip
+    )
 
 
 def sinkhorn_loss(

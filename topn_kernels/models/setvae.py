@@ -88,9 +88,14 @@ class VAEOutput(NamedTuple):
 def _creation(cfg: SetVAEConfig) -> nn.Module:
     if cfg.creation == "topn":
         return TopNCreation(
-            cfg.latent_dim, cfg.set_channels, cfg.n_ref, angle_dim=cfg.angle_dim,
-            hidden=cfg.angle_hidden, score_norm=cfg.score_norm, backend=cfg.topn_backend,
-        )  # fmt: skip
+            cfg.latent_dim,
+            cfg.set_channels,
+            cfg.n_ref,
+            angle_dim=cfg.angle_dim,
+            hidden=cfg.angle_hidden,
+            score_norm=cfg.score_norm,
+            backend=cfg.topn_backend,
+        )
     if cfg.creation == "firstn":
         return FirstNCreation(cfg.latent_dim, cfg.set_channels, cfg.n_max)
     if cfg.creation == "iid":

@@ -50,15 +50,24 @@ def setvae_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: LossConfig
     """
     lengths = lengths.to(points.device)
     rec = sinkhorn_loss(
-        out.recon, points, lengths, lengths,
-        p=2, blur=cfg.blur, scaling=cfg.scaling, backend=cfg.backend,
-    )  # fmt: skip
+        out.recon,
+        points,
+        lengths,
+        lengths,
+        p=2,
+        blur=cfg.blur,
+        scaling=cfg.scaling,
+        backend=cfg.backend,
+    )
     kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum(-1).mean()
     rep = repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend).mean()
     val = valency_penalty(
-        out.recon, lengths, neighbor_dist=cfg.neighbor_dist, max_valency=cfg.max_valency,
+        out.recon,
+        lengths,
+        neighbor_dist=cfg.neighbor_dist,
+        max_valency=cfg.max_valency,
         backend=cfg.backend,
-    ).mean()  # fmt: skip
+    ).mean()
     total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
     return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
 

@@ -20,7 +20,24 @@ __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "cached_bytes", "empty_cache", "se
 
 
 def _load() -> str | None:
-    """Loads the extension; returns None on success, else the reason it is unavailable."""
+    """Loads the extension; returns None on success, else the reason it is unavailable.
+
+    ``TOPN_KERNELS_LIBRARY=/path/to/_C.abi3.so`` loads exactly that file instead of the
+    installed one (``make sanitize`` points it at its ASan/UBSan build); a missing or
+    unloadable file is then an ImportError, not a fallback to another backend.
+    """
+    import os
+
+    override = os.environ.get("TOPN_KERNELS_LIBRARY")
+    if override:
+        path = os.path.abspath(override)
+        if not os.path.isfile(path):
+            raise ImportError(f"TOPN_KERNELS_LIBRARY={override}: no such file ({path})")
+        try:
+            torch.ops.load_library(path)
+        except OSError as err:
+            raise ImportError(f"TOPN_KERNELS_LIBRARY={override} failed to load: {err}") from err
+        return None
     try:
         spec = importlib.util.find_spec("topn_kernels._C")
     except ImportError:

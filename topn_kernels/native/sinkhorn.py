@@ -65,7 +65,13 @@ def sinkhorn_loss(
     )
     with_grad = torch.is_grad_enabled() and (px.points.requires_grad or py.points.requires_grad)
     value, _, _ = _OPS.sinkhorn.default(
-        px.points.contiguous(), py.points.contiguous(), px.offsets, py.offsets, eps_list, p,
-        debias, with_grad,
-    )  # fmt: skip
+        px.points.contiguous(),
+        py.points.contiguous(),
+        px.offsets,
+        py.offsets,
+        eps_list,
+        p,
+        debias,
+        with_grad,
+    )
     return reduce_batch(value, batch_reduction).to(x.dtype)

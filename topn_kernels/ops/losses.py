@@ -93,10 +93,14 @@ def chamfer_loss(
     chosen = _dispatch.resolve("chamfer_loss", backend, x.device, small=small)
     impl = keops_chamfer.chamfer_loss if chosen == "keops" else reference.chamfer_loss
     return impl(
-        x, y, x_lengths, y_lengths,
-        point_reduction=point_reduction, batch_reduction=batch_reduction,
+        x,
+        y,
+        x_lengths,
+        y_lengths,
+        point_reduction=point_reduction,
+        batch_reduction=batch_reduction,
         return_index=return_index,
-    )  # fmt: skip
+    )
 
 
 def sinkhorn_loss(
@@ -154,10 +158,17 @@ def sinkhorn_loss(
     else:
         impl = keops_sinkhorn.sinkhorn_loss if chosen == "keops" else reference.sinkhorn_loss
     return impl(
-        x, y, x_lengths, y_lengths,
-        p=p, blur=blur, scaling=scaling, diameter=diameter, debias=debias,
+        x,
+        y,
+        x_lengths,
+        y_lengths,
+        p=p,
+        blur=blur,
+        scaling=scaling,
+        diameter=diameter,
+        debias=debias,
         batch_reduction=batch_reduction,
-    )  # fmt: skip
+    )
 
 
 def repulsion_penalty(

@@ -87,8 +87,9 @@ def set_backward_kernel(
         for i0 in range(0, n0, BLOCK_N):
             pts = i0 + tl.arange(0, BLOCK_N)
             vp = pts < n0
-            an = tl.load(an_ptr + ka[None, :] * n0 + pts[:, None], mask=vp[:, None] & va[None, :],
-                         other=0.0)  # fmt: skip
+            an = tl.load(
+                an_ptr + ka[None, :] * n0 + pts[:, None], mask=vp[:, None] & va[None, :], other=0.0
+            )
             s = tl.where(vp, tl.sum(an * qn[None, :], 1), float("-inf"))
             new = tl.maximum(mx, nan_max(s, 0), propagate_nan=tl.PropagateNan.ALL)
             e = tl.exp(s - new)
@@ -103,8 +104,9 @@ def set_backward_kernel(
             slots = j0 + tl.arange(0, BLOCK_J)
             sig = tl.load(index_ptr + row + slots, mask=slots < nb, other=-1)
             ok = (sig >= 0) & (sig < n0)
-            an = tl.load(an_ptr + ka[None, :] * n0 + sig[:, None], mask=ok[:, None] & va[None, :],
-                         other=0.0)  # fmt: skip
+            an = tl.load(
+                an_ptr + ka[None, :] * n0 + sig[:, None], mask=ok[:, None] & va[None, :], other=0.0
+            )
             s = tl.where(ok, tl.sum(an * qn[None, :], 1), float("-inf"))
             new = tl.maximum(mx, nan_max(s, 0), propagate_nan=tl.PropagateNan.ALL)
             total = total * tl.exp(mx - new) + tl.sum(tl.exp(s - new), 0)
@@ -123,8 +125,9 @@ def set_backward_kernel(
         slots = j0 + tl.arange(0, BLOCK_J)
         sig = tl.load(index_ptr + row + slots, mask=slots < nb, other=-1)
         ok = (sig >= 0) & (sig < n0)
-        an = tl.load(an_ptr + ka[None, :] * n0 + sig[:, None], mask=ok[:, None] & va[None, :],
-                     other=0.0)  # fmt: skip
+        an = tl.load(
+            an_ptr + ka[None, :] * n0 + sig[:, None], mask=ok[:, None] & va[None, :], other=0.0
+        )
         s = tl.sum(an * qn[None, :], 1)
         m = tl.where(ok, tl.exp(s - mx) / total * scale, 0.0)
         tile = ok[:, None] & vd[None, :]
@@ -144,8 +147,9 @@ def set_backward_kernel(
         m_an += tl.sum(m[:, None] * an, 0)
         if ATOMIC:
             grad_t = g * (m[:, None] * gamma_w[None, :] + gamma_b[None, :])
-            tl.atomic_add(gt_acc_ptr + sig[:, None] * d + cols[None, :], grad_t, mask=tile,
-                          sem="relaxed")  # fmt: skip
+            tl.atomic_add(
+                gt_acc_ptr + sig[:, None] * d + cols[None, :], grad_t, mask=tile, sem="relaxed"
+            )
         tl.store(m_ptr + row + slots, m, mask=slots < nb)
         tl.store(dm_ptr + row + slots, dm, mask=slots < nb)
 
@@ -167,8 +171,9 @@ def set_backward_kernel(
         for i0 in range(0, n0, BLOCK_N):
             pts = i0 + tl.arange(0, BLOCK_N)
             vp = pts < n0
-            an = tl.load(an_ptr + ka[None, :] * n0 + pts[:, None], mask=vp[:, None] & va[None, :],
-                         other=0.0)  # fmt: skip
+            an = tl.load(
+                an_ptr + ka[None, :] * n0 + pts[:, None], mask=vp[:, None] & va[None, :], other=0.0
+            )
             p = tl.exp(tl.sum(an * qn[None, :], 1) - mx) / total
             tl.store(ds_dense_ptr + b * n0 + pts, -p * mdm, mask=vp)
         tl.debug_barrier()
@@ -189,8 +194,12 @@ def set_backward_kernel(
             ds = m * (tl.load(dm_ptr + row + slots, mask=ok, other=0.0) - mdm)
             if ATOMIC:
                 dan = ds[:, None] * qn[None, :]
-                tl.atomic_add(dan_acc_ptr + sig[:, None] * a + ka[None, :], dan,
-                              mask=ok[:, None] & va[None, :], sem="relaxed")  # fmt: skip
+                tl.atomic_add(
+                    dan_acc_ptr + sig[:, None] * a + ka[None, :],
+                    dan,
+                    mask=ok[:, None] & va[None, :],
+                    sem="relaxed",
+                )
             else:
                 tl.store(ds_ptr + row + slots, ds, mask=slots < nb)
 
@@ -234,16 +243,20 @@ def point_gather_kernel(
         r = r0 + tl.arange(0, BLOCK_S)
         vr = r < end
         slot = tl.load(order_ptr + r, mask=vr, other=0)
-        g = tl.load(gx_ptr + slot[:, None] * d + cols[None, :], mask=vr[:, None] & vd[None, :],
-                    other=0.0)  # fmt: skip
+        g = tl.load(
+            gx_ptr + slot[:, None] * d + cols[None, :], mask=vr[:, None] & vd[None, :], other=0.0
+        )
         g = g.to(ct)
         m = tl.load(m_ptr + slot, mask=vr, other=0.0)
         s1 += tl.sum(g * m[:, None], 0)
         s0 += tl.sum(g, 0)
         if ANGLES:
             ds = tl.load(ds_ptr + slot, mask=vr, other=0.0)
-            qn = tl.load(qn_ptr + (slot // n_max)[:, None] * a + ka[None, :],
-                         mask=vr[:, None] & va[None, :], other=0.0)  # fmt: skip
+            qn = tl.load(
+                qn_ptr + (slot // n_max)[:, None] * a + ka[None, :],
+                mask=vr[:, None] & va[None, :],
+                other=0.0,
+            )
             dan += tl.sum(ds[:, None] * qn, 0)
     gamma_w = tl.load(film_ptr + cols, mask=vd, other=0.0).to(ct)
     gamma_b = tl.load(film_ptr + d + cols, mask=vd, other=0.0).to(ct)
@@ -285,10 +298,14 @@ def angles_finish_kernel(
         for b0 in range(0, batch, BLOCK_B):
             sets = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
             vb = sets < batch
-            ds = tl.load(ds_dense_ptr + sets[:, None] * n0 + pts[None, :],
-                         mask=vb[:, None] & vp[None, :], other=0.0)  # fmt: skip
-            qn = tl.load(qn_ptr + sets[:, None] * a + ka[None, :], mask=vb[:, None] & va[None, :],
-                         other=0.0)  # fmt: skip
+            ds = tl.load(
+                ds_dense_ptr + sets[:, None] * n0 + pts[None, :],
+                mask=vb[:, None] & vp[None, :],
+                other=0.0,
+            )
+            qn = tl.load(
+                qn_ptr + sets[:, None] * a + ka[None, :], mask=vb[:, None] & va[None, :], other=0.0
+            )
             dan += tl.sum(ds[:, :, None] * qn[:, None, :], 0)
     else:
         dan = tl.load(dan_ptr + pts[:, None] * a + ka[None, :], mask=tile, other=0.0)

@@ -58,15 +58,22 @@ def normalize_launch(n0: int, is_f64: bool, interpret: bool) -> Launch:
     return Launch((triton.cdiv(n0, block),), {"BLOCK": block, "IS_F64": is_f64})
 
 
-def select_launch(batch: int, n0: int, sorted: bool, score_all: bool, is_f64: bool,
-                  interpret: bool) -> Launch:  # fmt: skip
+def select_launch(
+    batch: int, n0: int, sorted: bool, score_all: bool, is_f64: bool, interpret: bool
+) -> Launch:
     one_chunk = n0 <= SELECT_ONE_BLOCK_MAX
     block_n = _pow2(n0, 16) if one_chunk else SELECT_CHUNK
     num_warps = min(16, max(4, block_n // 256))
     # the ranking compares BLOCK_R x BLOCK_R tiles: at most 16 pairs per thread on a GPU
     block_r = 64 if interpret or num_warps > 4 else 32
-    meta = {"BLOCK_N": block_n, "ONE_CHUNK": one_chunk, "BLOCK_R": block_r, "SORTED": sorted,
-            "SCORE_ALL": score_all, "IS_F64": is_f64}  # fmt: skip
+    meta = {
+        "BLOCK_N": block_n,
+        "ONE_CHUNK": one_chunk,
+        "BLOCK_R": block_r,
+        "SORTED": sorted,
+        "SCORE_ALL": score_all,
+        "IS_F64": is_f64,
+    }
     return Launch((batch,), meta, num_warps=num_warps)
 
 
@@ -74,37 +81,60 @@ def film_launch(rows: int, d: int, write_weight: bool, is_f64: bool, interpret: 
     block_d = _pow2(d, 16) if interpret else min(_pow2(d, 16), 256)
     block_r = min(_pow2(rows), max(1, _tile(is_f64, interpret) // block_d))
     grid = (triton.cdiv(rows, block_r), max(1, triton.cdiv(d, block_d)))
-    meta = {"BLOCK_R": block_r, "BLOCK_D": block_d, "WRITE_WEIGHT": write_weight,
-            "IS_F64": is_f64}  # fmt: skip
+    meta = {"BLOCK_R": block_r, "BLOCK_D": block_d, "WRITE_WEIGHT": write_weight, "IS_F64": is_f64}
     return Launch(grid, meta, num_warps=8)
 
 
-def set_backward_launch(batch: int, n0: int, a: int, d: int, n_max: int, score_all: bool,
-                        atomic: bool, is_f64: bool, interpret: bool) -> Launch:  # fmt: skip
+def set_backward_launch(
+    batch: int,
+    n0: int,
+    a: int,
+    d: int,
+    n_max: int,
+    score_all: bool,
+    atomic: bool,
+    is_f64: bool,
+    interpret: bool,
+) -> Launch:
     tile = _tile(is_f64, interpret) // 2
     block_d = _pow2(d, 16)  # a slot's whole row in one tile
-    meta = {"A_BLOCK": _pow2(a, 2), "BLOCK_D": block_d,
-            "BLOCK_J": min(_pow2(n_max), max(1, tile // block_d)),
-            "BLOCK_N": min(_pow2(n0, 16), max(16, tile // _pow2(a, 2))),
-            "SCORE_ALL": score_all, "ATOMIC": atomic, "IS_F64": is_f64}  # fmt: skip
+    meta = {
+        "A_BLOCK": _pow2(a, 2),
+        "BLOCK_D": block_d,
+        "BLOCK_J": min(_pow2(n_max), max(1, tile // block_d)),
+        "BLOCK_N": min(_pow2(n0, 16), max(16, tile // _pow2(a, 2))),
+        "SCORE_ALL": score_all,
+        "ATOMIC": atomic,
+        "IS_F64": is_f64,
+    }
     return Launch((batch,), meta, fp_fusion=True)
 
 
-def gather_launch(n0: int, a: int, d: int, slots: int, angles: bool, is_f64: bool,
-                  interpret: bool) -> Launch:  # fmt: skip
+def gather_launch(
+    n0: int, a: int, d: int, slots: int, angles: bool, is_f64: bool, interpret: bool
+) -> Launch:
     block_d = _pow2(d, 16)
-    meta = {"A_BLOCK": _pow2(a, 2), "BLOCK_D": block_d,
-            "BLOCK_S": min(_pow2(slots), max(1, _tile(is_f64, interpret) // 2 // block_d)),
-            "ANGLES": angles, "IS_F64": is_f64}  # fmt: skip
+    meta = {
+        "A_BLOCK": _pow2(a, 2),
+        "BLOCK_D": block_d,
+        "BLOCK_S": min(_pow2(slots), max(1, _tile(is_f64, interpret) // 2 // block_d)),
+        "ANGLES": angles,
+        "IS_F64": is_f64,
+    }
     return Launch((n0,), meta, fp_fusion=True)
 
 
-def finish_launch(n0: int, a: int, batch: int, dense: bool, is_f64: bool,
-                  interpret: bool) -> Launch:  # fmt: skip
+def finish_launch(
+    n0: int, a: int, batch: int, dense: bool, is_f64: bool, interpret: bool
+) -> Launch:
     block_i = min(_pow2(n0, 16), 256 if interpret else 32)
-    meta = {"A_BLOCK": _pow2(a, 2), "BLOCK_I": block_i,
-            "BLOCK_B": min(_pow2(batch, 2), 64 if interpret else 16), "DENSE": dense,
-            "IS_F64": is_f64}  # fmt: skip
+    meta = {
+        "A_BLOCK": _pow2(a, 2),
+        "BLOCK_I": block_i,
+        "BLOCK_B": min(_pow2(batch, 2), 64 if interpret else 16),
+        "DENSE": dense,
+        "IS_F64": is_f64,
+    }
     return Launch((triton.cdiv(n0, block_i),), meta, fp_fusion=True)
 
 
@@ -144,12 +174,11 @@ def forward(query, angles, table, bias, n, film, n_max: int, score_norm: str, so
     ckey = torch.empty((batch, cs), dtype=key_dtypes[0], device=device).view(key_dtypes[1])
     cidx = torch.empty((batch, cs), dtype=torch.int64, device=device)
     launch = select_launch(batch, n0, sorted, score_norm == "all", is_f64, interpret)
-    launch(topn_create_forward.select_kernel, query, an, n, index, w, ckey, cidx,
-           n0, a, n_max, cs)  # fmt: skip
+    launch(topn_create_forward.select_kernel, query, an, n, index, w, ckey, cidx, n0, a, n_max, cs)
     rows = batch * n_max
     launch = film_launch(rows, d, weight is not w, is_f64, interpret)
-    launch(topn_create_forward.film_kernel, table, bias, film, index, w, x, mask, weight,
-           rows, n_max, n0, d)  # fmt: skip
+    inputs, outputs = (table, bias, film, index, w), (x, mask, weight)
+    launch(topn_create_forward.film_kernel, *inputs, *outputs, rows, n_max, n0, d)
     return x, mask, index, weight
 
 
@@ -201,38 +230,35 @@ def backward(
     qn, m, dm, ds = empty(batch, a), empty(batch, n_max), empty(batch, n_max), empty(batch, n_max)
     ds_dense = empty(batch, n0) if score_all else empty(1)
     if batch > 0 and n_max > 0:
-        launch = set_backward_launch(batch, n0, a, d, n_max, score_all, not deterministic, is_f64,
-                                     interpret)  # fmt: skip
-        launch(topn_create_backward.set_backward_kernel, grad_x, grad_weight, query, an, table,
-               bias, film, index, n, g_query, g_bias, film_part, qn, m, dm, ds, ds_dense, gt_acc,
-               dan_acc, n0, a, d, n_max)  # fmt: skip
+        launch = set_backward_launch(
+            batch, n0, a, d, n_max, score_all, not deterministic, is_f64, interpret
+        )
+        inputs = (grad_x, grad_weight, query, an, table, bias, film, index, n)
+        outputs = (g_query, g_bias, film_part, qn, m, dm, ds, ds_dense, gt_acc, dan_acc)
+        launch(topn_create_backward.set_backward_kernel, *inputs, *outputs, n0, a, d, n_max)
     else:  # no slot: every gradient is 0
         g_query.zero_(), g_bias.zero_(), film_part.zero_(), ds_dense.zero_()
 
     want_query, want_angles, want_table, want_bias, want_film = output_mask
     g_film = film_part.sum(0).to(dtype) if want_film else None
     if not (want_table or want_angles):
-        return (
-            (g_query if want_query else None),
-            None,
-            None,
-            (g_bias if want_bias else None),
-            g_film,
-        )
+        g_query, g_bias = (g_query if want_query else None), (g_bias if want_bias else None)
+        return g_query, None, None, g_bias, g_film
     g_angles = empty(n0, a, dtype=dtype)
     if deterministic:
         g_table = empty(n0, d, dtype=dtype)
         if n0 > 0:
             order, starts = slots_by_point(index, n0)
             launch = gather_launch(n0, a, d, batch * n_max, not score_all, is_f64, interpret)
-            launch(topn_create_backward.point_gather_kernel, grad_x, film, angles, angles_sq,
-                   order, starts, m, ds, qn, g_table, g_angles, a, d, n_max)  # fmt: skip
+            inputs = (grad_x, film, angles, angles_sq, order, starts, m, ds, qn)
+            kernel = topn_create_backward.point_gather_kernel
+            launch(kernel, *inputs, g_table, g_angles, a, d, n_max)
     else:
         g_table = gt_acc if ct == dtype else gt_acc.to(dtype)
     if (score_all or not deterministic) and n0 > 0:
         launch = finish_launch(n0, a, batch, score_all, is_f64, interpret)
-        launch(topn_create_backward.angles_finish_kernel, angles, angles_sq, dan_acc, ds_dense, qn,
-               g_angles, batch, n0, a)  # fmt: skip
+        inputs = (angles, angles_sq, dan_acc, ds_dense, qn)
+        launch(topn_create_backward.angles_finish_kernel, *inputs, g_angles, batch, n0, a)
     grads = (g_query, g_angles, g_table, g_bias)
     return (*(g if wanted else None for g, wanted in zip(grads, output_mask, strict=False)), g_film)
 
