@@ -6,12 +6,20 @@ from collections.abc import Iterator
 
 import torch
 
-from . import losses, topn_create
+from . import losses, set2graph_logits, topn_create
 from .cases import Case
 
-OPS = ("topn_create", "chamfer_loss", "sinkhorn_loss", "repulsion_penalty", "valency_penalty")
+OPS = (
+    "topn_create",
+    "chamfer_loss",
+    "sinkhorn_loss",
+    "repulsion_penalty",
+    "valency_penalty",
+    "set2graph_logits",
+)
 
 
 def all_cases(device: torch.device) -> Iterator[Case]:
     yield from topn_create.cases(device)
     yield from losses.cases(device)
+    yield from set2graph_logits.cases(device)

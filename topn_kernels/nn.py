@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from ._ragged import lengths_mask
 from .ops import _checks
+from .ops.set2graph import set2graph_logits
 from .ops.topn_create import topn_create
 
-__all__ = ["FirstNCreation", "IIDCreation", "MLPCreation", "TopNCreation"]
+__all__ = ["FirstNCreation", "IIDCreation", "MLPCreation", "Set2GraphHead", "TopNCreation"]
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -132,3 +133,28 @@ class MLPCreation(nn.Module):
         x = self.mlp(z).view(z.shape[0], self.n_max, self.set_dim)
         x = F.pad(x[:, :n_max], (0, 0, 0, n_max - min(n_max, self.n_max)))
         return x.masked_fill(~mask[..., None], 0.0), mask
+
+
+class Set2GraphHead(nn.Module):
+    """The edge head of Set2Graph: the MLP ``Linear(2 set_dim, hidden), ReLU, Linear(hidden,
+    num_classes)`` on the concatenation of every ordered pair of points of a set
+    (:func:`topn_kernels.set2graph_logits`, docs/operators.md, set2graph_logits).
+
+    Parameters, initialised as ``nn.Linear`` initialises its own: ``weight1`` (hidden,
+    2 set_dim), ``bias1`` (hidden,), ``weight2`` (num_classes, hidden), ``bias2``
+    (num_classes,). ``forward(x, lengths=None)``: x (B, n, set_dim), lengths an integer tensor
+    (B,) of set sizes in [0, n] or None; returns the logits (B, n, n, num_classes), 0 on
+    pairs with a padding point.
+    """
+
+    def __init__(self, set_dim: int, hidden: int, num_classes: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+        first, second = nn.Linear(2 * set_dim, hidden), nn.Linear(hidden, num_classes)
+        self.weight1, self.bias1 = first.weight, first.bias
+        self.weight2, self.bias2 = second.weight, second.bias
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return set2graph_logits(
+            x, self.weight1, self.bias1, self.weight2, self.bias2, lengths, backend=self.backend
+        )

@@ -23,6 +23,7 @@ __all__ = [
     "chamfer_loss",
     "ranking_tolerance",
     "repulsion_penalty",
+    "set2graph_logits",
     "sinkhorn_loss",
     "topn_create",
     "topn_create_at",
@@ -367,3 +368,38 @@ def valency_penalty(
     too_many = torch.relu(neighbor_dist - s[..., max_valency:]).sum(-1)  # relu(-inf) = 0
     counted = mask & (mask.sum(1, keepdim=True) >= 2)
     return torch.where(counted, no_neighbor + too_many, 0.0).sum(1).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set2Graph edge head (docs/operators.md, set2graph_logits)
+# ---------------------------------------------------------------------------------------------
+
+
+def set2graph_logits(
+    x: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+    lengths: Tensor | None = None,
+) -> Tensor:
+    """Set2Graph edge logits: ``out[b, i, j] = weight2 @ relu(weight1 @ cat(x_bi, x_bj) + bias1)
+    + bias2`` for i, j < lengths[b] (the diagonal included), 0 elsewhere.
+
+    x (B, n, s), weight1 (h, 2s), bias1 (h,), weight2 (k, h), bias2 (k,) -> (B, n, n, k): the
+    MLP ``Linear(2s, h), ReLU, Linear(h, k)`` on every ordered pair of real points, built here
+    as the dense (B, n, n, 2s) tensor of concatenated pairs.
+    """
+    out_dtype = x.dtype
+    ct = _compute_dtype(out_dtype)
+    batch, n = x.shape[0], x.shape[1]
+    mask = _point_mask(lengths, batch, n, x.device)
+    x = _real_points(x, mask)  # (B, n, s), padding rows 0
+    weight1, bias1, weight2, bias2 = (t.to(ct) for t in (weight1, bias1, weight2, bias2))
+    rows = x[:, :, None, :].expand(-1, -1, n, -1)  # x_i at [b, i, j]
+    cols = x[:, None, :, :].expand(-1, n, -1, -1)  # x_j at [b, i, j]
+    pairs = torch.cat([rows, cols], dim=-1)  # (B, n, n, 2s)
+    hidden = torch.relu(pairs @ weight1.T + bias1)  # (B, n, n, h)
+    out = hidden @ weight2.T + bias2  # (B, n, n, k)
+    real_pairs = mask[:, :, None] & mask[:, None, :]
+    return torch.where(real_pairs[..., None], out, 0.0).to(out_dtype)

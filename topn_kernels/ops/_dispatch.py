@@ -1,7 +1,9 @@
 """Backend selection (docs/operators.md, Backends and dispatch).
 
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
-native extension on CPU for ``topn_create``; the native extension on CPU for ``sinkhorn_loss``;
+native extension on CPU for ``topn_create`` and ``set2graph_logits`` (whose Triton kernels are
+not written yet: ``_unavailable`` reports them missing, so on CUDA it runs the reference); the
+native extension on CPU for ``sinkhorn_loss``;
 KeOps for the other losses (and Sinkhorn on CUDA), or the dense reference for problems small
 enough that KeOps' overheads dominate. When that backend is not
 available the call runs the reference instead and warns once, naming the reason. The
@@ -33,21 +35,29 @@ BACKENDS = {
     "sinkhorn_loss": ("reference", "keops", "native"),
     "repulsion_penalty": ("reference", "keops"),
     "valency_penalty": ("reference", "keops"),
+    "set2graph_logits": ("reference", "native", "triton"),
 }
+
+# operators whose Triton kernels are not written yet: "triton" is unavailable for them
+_NO_TRITON_KERNELS = frozenset({"set2graph_logits"})
 
 _warned: set[str] = set()
 
 
 def _preferred(op: str, device: torch.device) -> str:
-    if op == "topn_create":
+    if op in ("topn_create", "set2graph_logits"):
         return "triton" if device.type == "cuda" else "native"
     if op == "sinkhorn_loss" and device.type == "cpu":
         return "native"
     return "keops"
 
 
-def _unavailable(backend: str, device: torch.device) -> tuple[type[Exception], str] | None:
-    """Why ``backend`` cannot run on ``device`` (exception type and reason), or None."""
+def _unavailable(
+    backend: str, device: torch.device, op: str | None = None
+) -> tuple[type[Exception], str] | None:
+    """Why ``backend`` cannot run ``op`` on ``device`` (exception type and reason), or None."""
+    if backend == "triton" and op in _NO_TRITON_KERNELS:
+        return RuntimeError, f"the Triton kernels of {op} are not written yet"
     if backend == "native":
         if device.type != "cpu":
             return ValueError, f"the native backend runs on CPU tensors, got {device} tensors"
@@ -101,7 +111,7 @@ def _resolve(op: str, backend: object, device: torch.device, small: bool) -> str
         if forced:
             backend = _checks.choice(forced, ENV_VAR, ("auto", *allowed))
     if backend != "auto":
-        problem = _unavailable(backend, device)
+        problem = _unavailable(backend, device, op)
         if problem is not None:
             error, reason = problem
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
@@ -110,7 +120,7 @@ def _resolve(op: str, backend: object, device: torch.device, small: bool) -> str
     wanted = _preferred(op, device)
     if small and wanted == "keops":
         return "reference"
-    problem = _unavailable(wanted, device)
+    problem = _unavailable(wanted, device, op)
     if problem is None:
         return wanted
     message = (
