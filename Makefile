@@ -1,5 +1,7 @@
 # make test  : set up .venv (pinned requirements.txt), build the C++ extension, run the tests
-# make bench : the same set-up, then the microbenchmarks (table, bench/results/latest.json)
+# make bench : the same set-up, then the microbenchmarks (table, bench/results/<date>_<commit>.json)
+# make sanitize : the C++ extension built with ASan + UBSan into build/sanitize/, and the native
+#                 tests run against it (tools/sanitize.sh; SANITIZE_ARGS replaces the pytest args)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +9,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 SOURCES := CMakeLists.txt pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
 
-.PHONY: test bench build lint clean
+.PHONY: test bench build lint sanitize clean
 
 test: $(BUILT)
 	$(PY) -m pytest
@@ -19,6 +21,10 @@ build: $(BUILT)
 
 lint: $(DEPS)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+# A separate CMake tree (build/sanitize): the normal build and topn_kernels/_C.abi3.so are untouched.
+sanitize: $(DEPS)
+	VENV=$(VENV) tools/sanitize.sh $(SANITIZE_ARGS)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

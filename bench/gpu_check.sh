@@ -6,7 +6,8 @@
 # 1. installs the wheels carried in .whl/ (if any) into /tmp/site;
 # 2. builds the C++ extension against the machine's own torch (pip -e, --no-deps: the
 #    machine's torch may be older than pyproject's runtime pin; the Triton tests do not need it);
-# 3. runs the GPU tests (tests/test_triton.py, the triton and GPU cases of test_topn_create.py);
+# 3. runs the GPU tests (tests/test_topn_create_triton.py, the triton and GPU cases of
+#    test_topn_create.py);
 # 4. runs the topn_create benchmark, one shape at a time (eager, compile and triton providers),
 #    and checks the Triton kernels' GPU targets against it (bench/topn_create.py: check_targets).
 # Writes $OUT/gpu_check.json (what ran, its status, the targets), $OUT/gpu_check.log (all output),
@@ -100,7 +101,7 @@ step build 180 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . ||
 parallel=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 step tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" -k "triton or gpu" \
-  --junitxml="$OUT/tests.xml" tests/test_triton.py tests/test_topn_create.py
+  --junitxml="$OUT/tests.xml" tests/test_topn_create_triton.py tests/test_topn_create.py
 tests_rc=$?
 
 BENCH_TMP=$(mktemp -d)

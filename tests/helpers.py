@@ -1,15 +1,20 @@
-"""Seeded test inputs and comparison helpers shared by the test modules."""
+"""Seeded test inputs and comparison helpers shared by the test modules: ``topn_create``
+inputs and the tie-aware comparison of its backends (docs/operators.md, "Ranking"), devices,
+ragged loss inputs with poisoned padding ("General rules"), the loss-versus-reference
+comparison, and the bad-argument cases common to the losses ("Errors")."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import Tensor
 
 import topn_kernels as tk
 from topn_kernels import reference
 
+F64 = torch.float64
 POISON = (float("nan"), float("inf"), -1e30)
 TOPN_INPUTS = ("query", "angles", "table", "bias", "film")
 
@@ -216,3 +221,108 @@ def assert_topn_matches_reference(
         assert got.dtype == want.dtype, name
         assert_close_scaled(got, want, rtol if grad_rtol is None else grad_rtol)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: the Triton backend on CUDA where there is a GPU, else in its interpreter on CPU
+# ---------------------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def device_for(backend: str) -> torch.device:
+    """Where ``backend`` runs its tests: CUDA for triton on a GPU machine, else the CPU."""
+    return torch.device("cuda" if backend == "triton" and CUDA else "cpu")
+
+
+def on_device(device: torch.device, inputs: list[Tensor], n=None):
+    """The inputs as leaves on ``device`` (keeping requires_grad), and ``n`` there too when
+    given: ``inputs`` alone, or ``(inputs, n)``."""
+    moved = [t.detach().to(device).requires_grad_(t.requires_grad) for t in inputs]
+    if n is None:
+        return moved
+    return moved, n.to(device) if isinstance(n, Tensor) else n
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and penalties on ragged batches
+# ---------------------------------------------------------------------------------------------
+
+X_LEN = torch.tensor([5, 1, 9, 3])  # real lengths of ragged_pair's x (padded to 9)
+Y_LEN = torch.tensor([2, 7, 9, 4])  # and of its y
+
+
+def ragged_pair(dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """x (4, 9, 3) and y (4, 9, 3), leaves requiring grad, real lengths X_LEN and Y_LEN,
+    padding poisoned (NaN, inf, -1e30)."""
+    x = padded_sets(4, 9, 3, X_LEN, seed=seed).to(dtype).requires_grad_()
+    y = padded_sets(4, 9, 3, Y_LEN, seed=seed + 1).to(dtype).requires_grad_()
+    return x, y
+
+
+def small_loss_inputs() -> tuple[Tensor, Tensor]:
+    """x (3, 6, 2) and y (3, 5, 2), float32, every row real: the valid call that the input
+    validation tests alter one argument of."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 6, 2, generator=g), torch.randn(3, 5, 2, generator=g)
+
+
+def assert_rows_match_alone(grad: Tensor, alone: list[Tensor], lengths: Tensor) -> None:
+    """The gradient rows of each set's real points equal ``alone[b]`` (that set computed on
+    its own), and padding rows are exactly zero."""
+    for b, g in enumerate(alone):
+        assert_close_scaled(grad[b, : lengths[b]], g, 1e-10)
+        assert (grad[b, lengths[b] :] == 0).all()
+
+
+def assert_loss_matches_reference(fn, inputs: list[Tensor], rtol: float, backend: str) -> None:
+    """``fn(backend_name, *inputs)`` on ``backend`` against ``"reference"``.
+
+    ``fn`` returns a tensor, or a tuple whose first item is the value and whose other items
+    (indices) must be equal. Values and the gradients under a seeded random upstream gradient
+    are compared with :func:`assert_close_scaled`; gradients must be finite, and zero at NaN
+    (poisoned padding) inputs.
+    """
+    results = []
+    for name in (backend, "reference"):
+        out = fn(name, *inputs)
+        value = out[0] if isinstance(out, tuple) else out
+        g = torch.randn(value.shape, generator=torch.Generator().manual_seed(3), dtype=value.dtype)
+        grads = torch.autograd.grad((value * g).sum(), inputs)
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    if isinstance(out, tuple):
+        for got, want in zip(out[1:], ref[1:], strict=True):
+            assert torch.equal(got, want)
+        out, ref = out[0], ref[0]
+    assert out.dtype == ref.dtype
+    assert_close_scaled(out, ref, rtol)
+    for got, want, x in zip(grads, ref_grads, inputs, strict=True):
+        assert_close_scaled(got, want, rtol)
+        assert got.isfinite().all() and (got[x.isnan()] == 0).all()
+
+
+META = torch.device("meta")
+
+# bad arguments common to chamfer_loss and sinkhorn_loss (docs/operators.md, Errors):
+# (changed arguments, error type, text the message must contain)
+LOSS_VALIDATION_CASES = [
+    pytest.param(changes, error, names, id=case_id)
+    for case_id, changes, error, names in [
+        ("x-2d", {"x": torch.randn(6, 2)}, ValueError, "x"),
+        ("x-int", {"x": torch.ones(3, 6, 2, dtype=torch.int32)}, TypeError, "x"),
+        ("y-D", {"y": torch.randn(3, 5, 3)}, ValueError, "y"),
+        ("y-B", {"y": torch.randn(2, 5, 2)}, ValueError, "y"),
+        ("y-dtype", {"y": torch.randn(3, 5, 2, dtype=torch.float64)}, TypeError, "y"),
+        ("y-device", {"y": torch.empty(3, 5, 2, device=META)}, ValueError, "y"),
+        ("x_lengths-zero", {"x_lengths": torch.tensor([1, 0, 6])}, ValueError, "x_lengths"),
+        ("x_lengths-above-N", {"x_lengths": torch.tensor([1, 7, 6])}, ValueError, "x_lengths"),
+        ("x_lengths-float", {"x_lengths": torch.tensor([1.0, 2.0, 3.0])}, TypeError, "x_lengths"),
+        ("x_lengths-size", {"x_lengths": torch.tensor([1, 2])}, ValueError, "x_lengths"),
+        ("x_lengths-list", {"x_lengths": [1, 2, 3]}, TypeError, "x_lengths"),
+        ("y_lengths-above-M", {"y_lengths": torch.tensor([1, 6, 5])}, ValueError, "y_lengths"),
+        ("batch_reduction", {"batch_reduction": "max"}, ValueError, "batch_reduction"),
+        ("backend-triton", {"backend": "triton"}, ValueError, "backend"),
+    ]
+]

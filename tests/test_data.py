@@ -1,6 +1,6 @@
-"""The synthetic dataset (docs/set_vae.md): every set obeys every constraint, the vectorised
-generator has the size distribution of the literal one-point-at-a-time algorithm, determinism, the
-extrapolation variant, statistics and collation."""
+"""The synthetic dataset (docs/set_vae.md, "Dataset"): every set obeys every constraint, the
+vectorised generator has the size distribution of the literal one-point-at-a-time algorithm,
+determinism, the extrapolation variant, statistics and collation."""
 
 from __future__ import annotations
 

@@ -124,8 +124,8 @@ def test_record_backends_counts_what_ran():
     with tk.record_backends() as calls:
         tk.chamfer_loss(x, x)  # small: the reference
         tk.chamfer_loss(x, x, backend="keops")
-        tk.topn_create(torch.randn(2, 3), torch.randn(6, 3), torch.randn(6, 4),
-                       torch.randn(2, 4), 2, torch.randn(4, 4))  # fmt: skip
+        shapes = [(2, 3), (6, 3), (6, 4), (2, 4)]  # query, angles, table, bias
+        tk.topn_create(*[torch.randn(s) for s in shapes], 2, torch.randn(4, 4))
     assert calls == {"chamfer_loss": {"reference": 1, "keops": 1}, "topn_create": {"native": 1}}
     tk.chamfer_loss(x, x)  # no longer recorded
     assert sum(calls["chamfer_loss"].values()) == 2

@@ -1,5 +1,5 @@
-"""The paper's metrics (topn_kernels.metrics) on hand-made sets with known answers, and the
-Sinkhorn-based transport metrics against exact OT (POT)."""
+"""The paper's metrics (topn_kernels.metrics; docs/set_vae.md, "Metrics") on hand-made sets
+with known answers, and the Sinkhorn-based transport metrics against exact OT (POT)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from topn_kernels import metrics
 from topn_kernels.data import generate_sets
 
-F64 = torch.float64
+from .helpers import F64
 
 
 def line(*xs: float) -> torch.Tensor:
@@ -86,8 +86,8 @@ def test_exact_ot_keeps_keops_quiet():
         "print(float(exact_ot(x, x, torch.tensor([3]), torch.tensor([3]), p=2)[0]))"
     )
     env = {k: v for k, v in os.environ.items() if "KEOPS_VERBOSE" not in k}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
+    command = [sys.executable, "-c", script]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "0.0\n" and "KeOps" not in run.stderr
 

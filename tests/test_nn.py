@@ -8,8 +8,9 @@ import torch
 
 import topn_kernels as tk
 from topn_kernels.nn import FirstNCreation, IIDCreation, MLPCreation, TopNCreation
+from topn_kernels.reference import topn_create_at
 
-from .helpers import assert_close_scaled, random_sizes
+from .helpers import assert_close_scaled, assert_topn_matches_reference, random_sizes
 
 N = torch.tensor([3, 1, 7, 5])
 
@@ -20,15 +21,26 @@ def _check_padding(x, mask, n, n_max):
     assert (x[~mask] == 0).all()
 
 
+def _topn_create_inputs(module: TopNCreation, z: torch.Tensor) -> list[torch.Tensor]:
+    """[query, angles, table, bias, film]: the topn_create inputs the module's forward is
+    documented to pass (docs/operators.md, Creation modules)."""
+    table = module.points @ module.W1.weight.T
+    return [module.angle_mlp(z), module.angles, table, module.W2(z), module.film]
+
+
 def test_topn_creation_is_topn_create_on_its_parameters():
+    """The module's x is topn_create's on its parameters (the same backend, so the same
+    selection), and that is the reference's at that selection (tie-aware, docs/operators.md
+    "Ranking")."""
     torch.manual_seed(0)
     module = TopNCreation(latent_dim=6, set_dim=5, n_ref=9, score_norm="all")
     z = torch.randn(4, 6)
     x, mask = module(z, N, n_max=8)
     _check_padding(x, mask, N, 8)
-    table = module.points @ module.W1.weight.T
-    want = tk.topn_create(module.angle_mlp(z), module.angles, table, module.W2(z), N,
-                          module.film, n_max=8, score_norm="all", backend="reference")  # fmt: skip
+    inputs = _topn_create_inputs(module, z)
+    want = assert_topn_matches_reference(
+        module.backend, inputs, N, rtol=1e-5, grad_rtol=1e-4, n_max=8, score_norm="all"
+    )
     assert_close_scaled(x, want.x, 1e-5)
     x.square().sum().backward()
     for name, p in module.named_parameters():
@@ -36,13 +48,21 @@ def test_topn_creation_is_topn_create_on_its_parameters():
 
 
 def test_topn_creation_backends_agree_and_extrapolate_to_n_ref():
+    """Tie-aware (docs/operators.md, "Ranking"): each module's x is the reference's at the
+    selection its backend made, and the two selections are rankings the contract allows."""
     torch.manual_seed(1)
     native = TopNCreation(latent_dim=6, set_dim=5, n_ref=12)
     reference = TopNCreation(latent_dim=6, set_dim=5, n_ref=12, backend="reference")
     reference.load_state_dict(native.state_dict())
     z = torch.randn(4, 6)
+    inputs = _topn_create_inputs(native, z)
     for n in (N, 12):  # 12: a set as large as the whole reference set
-        assert_close_scaled(native(z, n)[0], reference(z, n)[0], 1e-5)
+        index = assert_topn_matches_reference("native", inputs, n, rtol=1e-5, grad_rtol=1e-4).index
+        at = topn_create_at(*inputs[:4], index, inputs[4])
+        assert_close_scaled(native(z, n)[0], at[0], 1e-5)
+        index = tk.topn_create(*inputs[:4], n, inputs[4], backend="reference").index
+        at = topn_create_at(*inputs[:4], index, inputs[4])
+        assert_close_scaled(reference(z, n)[0], at[0], 1e-5)
     with pytest.raises(ValueError, match="n must"):
         native(z, 13)
 

@@ -1,4 +1,5 @@
-"""The README's usage example runs as written."""
+"""The README's usage example runs as written (the operators it calls: docs/operators.md,
+"sinkhorn_loss" and "chamfer_loss"; the creation layer: "Creation modules")."""
 
 from __future__ import annotations
 

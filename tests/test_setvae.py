@@ -1,5 +1,6 @@
-"""The reference set VAE: masking, invariances, generation, the backends training the same
-trajectory, and the training program (2-process DDP on CPU, outputs, resume)."""
+"""The reference set VAE (docs/set_vae.md, "Model"): masking, invariances, generation, the
+backends training the same trajectory (docs/operators.md, "Backends and dispatch"), and the
+training program (2-process DDP on CPU, outputs, resume)."""
 
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ def _trajectory(topn_backend: str, losses: str, dtype: torch.dtype, steps: int =
     return torch.tensor(out, dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not native.AVAILABLE, reason="the native extension is not built")
 def test_reference_and_native_backends_train_the_same_trajectory():
     """20 training steps, every op on the reference vs the native topn_create (and the
@@ -208,15 +210,24 @@ def _run(cmd: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProce
     return result
 
 
+@pytest.mark.slow
 def test_training_program_under_two_process_ddp_then_resume(tmp_path):
     """torchrun, 2 processes, gloo: the program trains (its loss falls), writes metrics.json
     with every key, the plots and a checkpoint; --resume continues the same run."""
     out = tmp_path / "run"
-    common = ["--creation", "topn", "--backend", "native", "--n-train", "96", "--n-test", "24",
-              "--n-generated", "48", "--n-pairs", "40", "--batch-size", "32", "--lr", "1e-3",
-              "--seed", "3", "--out", str(out)]  # fmt: skip
-    if not native.AVAILABLE:
-        common[3] = "reference"
+    options = {
+        "--creation": "topn",
+        "--backend": "native" if native.AVAILABLE else "reference",
+        "--n-train": "96",
+        "--n-test": "24",
+        "--n-generated": "48",
+        "--n-pairs": "40",
+        "--batch-size": "32",
+        "--lr": "1e-3",
+        "--seed": "3",
+        "--out": str(out),
+    }
+    common = [item for option in options.items() for item in option]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = _run([*launcher, "python/train_setvae.py", "--epochs", "3", *common], {})
     assert "training ops ran on (calls)" in result.stdout
@@ -236,8 +247,8 @@ def test_training_program_under_two_process_ddp_then_resume(tmp_path):
     for name in ("curves.png", "samples.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 1000, name
 
-    _run([sys.executable, "python/train_setvae.py", "--epochs", "4", "--resume", "--no-plots",
-          *common], {})  # fmt: skip
+    resume = ["--epochs", "4", "--resume", "--no-plots"]
+    _run([sys.executable, "python/train_setvae.py", *resume, *common], {})
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert json.loads((out / "metrics.json").read_text())["processes"] == 1

@@ -213,8 +213,12 @@ def chamfer_loss(
 
     d2 = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)  # (B, N, M)
     d2 = d2.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), math.inf)
-    x_dist, x_index = d2.min(dim=2)  # nearest y of each x
-    y_dist, y_index = d2.min(dim=1)  # nearest x of each y
+    if n > 0 and m > 0:
+        x_dist, x_index = d2.min(dim=2)  # nearest y of each x
+        y_dist, y_index = d2.min(dim=1)  # nearest x of each y
+    else:  # no point on one side, which only a batch of no set (B = 0) may have
+        x_dist, x_index = d2.new_zeros(batch, n), x_mask.new_zeros(batch, n, dtype=torch.int64)
+        y_dist, y_index = d2.new_zeros(batch, m), y_mask.new_zeros(batch, m, dtype=torch.int64)
     x_term = x_dist.masked_fill(~x_mask, 0.0).sum(1)
     y_term = y_dist.masked_fill(~y_mask, 0.0).sum(1)
     if point_reduction == "mean":
@@ -232,6 +236,8 @@ def _diameter(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor) -> float:
     pts = torch.cat([x.flatten(0, 1), y.flatten(0, 1)]).detach()
     real = torch.cat([x_mask.flatten(), y_mask.flatten()])[:, None]
     real = real & pts.isfinite().all(1, keepdim=True)
+    if pts.shape[0] == 0:
+        return 0.0
     lo = pts.masked_fill(~real, math.inf).amin(0)
     hi = pts.masked_fill(~real, -math.inf).amax(0)
     return float((hi - lo).norm())

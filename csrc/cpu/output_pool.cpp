@@ -23,6 +23,17 @@
 #include <unordered_map>
 #include <vector>
 
+// Under AddressSanitizer (make sanitize), the bytes of a block past its tensor and the blocks
+// the pool keeps are off limits, so that overflows into them and use after free are reported.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POOL_POISON(ptr, size) ASAN_POISON_MEMORY_REGION(ptr, size)
+#define POOL_UNPOISON(ptr, size) ASAN_UNPOISON_MEMORY_REGION(ptr, size)
+#else
+#define POOL_POISON(ptr, size) ((void)(ptr), (void)(size))
+#define POOL_UNPOISON(ptr, size) ((void)(ptr), (void)(size))
+#endif
+
 namespace topn_kernels {
 namespace {
 
@@ -52,6 +63,8 @@ class PooledAllocator final : public c10::Allocator {
     void* ptr = take(size);
     const bool recycled = ptr != nullptr;
     if (!recycled) ptr = fresh(size);
+    POOL_UNPOISON(ptr, nbytes);
+    POOL_POISON(static_cast<char*>(ptr) + nbytes, size - nbytes);
     return {ptr, new Block{ptr, size, recycled}, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -71,7 +84,10 @@ class PooledAllocator final : public c10::Allocator {
   void empty_cache() {
     std::lock_guard<std::mutex> guard(mutex_);
     for (auto& [size, blocks] : free_)
-      for (void* p : blocks) std::free(p);
+      for (void* p : blocks) {
+        POOL_UNPOISON(p, size);
+        std::free(p);
+      }
     free_.clear();
     cached_ = 0;
   }
@@ -124,11 +140,13 @@ class PooledAllocator final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> guard(mutex_);
       if (cached_ + size <= limit_.load()) {
+        POOL_POISON(ptr, size);
         free_[size].push_back(ptr);
         cached_ += size;
         return;
       }
     }
+    POOL_UNPOISON(ptr, size);
     std::free(ptr);
   }
 

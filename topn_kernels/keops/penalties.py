@@ -71,6 +71,8 @@ def valency_penalty(
     """
     px, position, ranges = _packed(x, lengths)
     pts = px.points
+    if pts.shape[0] == 0:  # no point in the batch: KeOps cannot reduce over nothing
+        return x[:, :0].sum((1, 2))  # zeros (B,), in the graph of x
     nd = _scalar(neighbor_dist, pts)
     close = _sum(f"IfElse({_SELF}, Zero(1), ReLU(C - {_DIST}))", pts.shape[1])
     total = close(pts, pts, position, position, nd, ranges=ranges).view(-1)

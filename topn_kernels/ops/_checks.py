@@ -9,6 +9,7 @@ kernels' own bounds checks are the safety net.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -84,6 +85,22 @@ def positive_number(value: object, name: str) -> float:
     return float(value)
 
 
+def power_in_range(value: float, name: str, p: int, dtype: torch.dtype) -> float:
+    """``value ** p`` is a normal, finite number of ``dtype`` (an entropic scale of Sinkhorn:
+    outside that range its inverse overflows, and every value becomes NaN or inf)."""
+    info = torch.finfo(dtype)
+    try:
+        power = value**p
+    except OverflowError:
+        power = math.inf
+    if not (math.isfinite(value) and info.tiny <= power <= info.max):
+        raise ValueError(
+            f"{name} must be finite with {name}**p in [{info.tiny:.3g}, {info.max:.3g}] "
+            f"(normal {dtype} numbers), got {name}={value} with p={p}"
+        )
+    return value
+
+
 def int_vector(value: Tensor, name: str, batch: int, device: torch.device) -> Tensor:
     """An integer tensor (B,) (or 0-d, broadcast) on ``device``, returned as int64 (B,)."""
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
@@ -132,9 +149,10 @@ def set_sizes(
         if batch == 0 or not (check or n_max is None):
             return sizes, 0 if n_max is None else n_max
         lo, hi = (int(v) for v in torch.aminmax(sizes))  # one reduction for every bound
+        if check or n_max is None:  # the values are read already: the checks cost nothing
+            _bounds("n", lo, hi, 1, upper, upper_name)
         n_max = hi if n_max is None else n_max
         if check:
-            _bounds("n", lo, hi, 1, upper, upper_name)
             _bounds("n", lo, hi, 1, n_max, "n_max")
         return sizes, n_max
     n = integer(n, "n")

@@ -41,6 +41,12 @@ def _small(x: Tensor, y: Tensor, *, grad_favours_keops: bool = False) -> bool:
 
 def _lengths(lengths: Tensor | None, name: str, x: Tensor, minimum: int) -> Tensor | None:
     if lengths is None:
+        if x.shape[1] < minimum and x.shape[0] > 0:
+            points = name.removesuffix("_lengths")
+            raise ValueError(
+                f"{points} has shape {tuple(x.shape)}: with {name}=None every set has all "
+                f"{x.shape[1]} rows, and a set needs at least {minimum} point(s)"
+            )
         return None
     if not isinstance(lengths, Tensor):
         raise TypeError(f"{name} must be an integer tensor ({x.shape[0]},) or None")
@@ -144,12 +150,14 @@ def sinkhorn_loss(
     p = _checks.integer(p, "p")
     if p not in (1, 2):
         raise ValueError(f"p must be 1 (cost |x-y|) or 2 (cost |x-y|^2 / 2), got {p}")
-    blur = _checks.positive_number(blur, "blur")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    blur = _checks.power_in_range(_checks.positive_number(blur, "blur"), "blur", p, compute)
     scaling = _checks.positive_number(scaling, "scaling")
     if not scaling < 1:
         raise ValueError(f"scaling must be in (0, 1), got {scaling}")
     if diameter is not None:
         diameter = _checks.positive_number(diameter, "diameter")
+        diameter = _checks.power_in_range(diameter, "diameter", p, compute)
     _checks.flag(debias, "debias")
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
     chosen = _dispatch.resolve("sinkhorn_loss", backend, x.device, small=_small(x, y))

@@ -39,6 +39,8 @@ def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, ba
     _checks.same_device(floats)
     batch, a = query.shape
     n0, d = table.shape
+    if a < 1:
+        raise ValueError(f"query has shape {tuple(query.shape)}: the angle dim a must be >= 1")
     _checks.dim_equal("angles", angles.shape, 1, a, "the angle dim a of query")
     _checks.dim_equal("table", table.shape, 0, angles.shape[0], "the n0 of angles")
     _checks.dim_equal("bias", bias.shape, 0, batch, "the batch size B of query")

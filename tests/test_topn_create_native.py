@@ -1,5 +1,11 @@
-"""What only the native CPU kernel has: its output pool, its streaming stores, and the paths
-of its selection (clustered scores, large n0)."""
+"""What only the native CPU ``topn_create`` kernel has (docs/operators.md, "The native CPU
+backend" and "Determinism, torch.compile and custom ops"): its output pool, its streaming
+stores, the paths of its selection (clustered scores, large n0), and forward and backward
+that are the same bits whatever the number of threads.
+
+Its equivalence with the reference, shared with the other backends, is in
+test_topn_create.py.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from .helpers import (
     assert_topn_matches_reference,
     assert_valid_selection,
     random_sizes,
+    run_topn,
     topn_inputs,
 )
 
@@ -96,3 +103,24 @@ def test_large_reference_set(sorted):
     inputs = topn_inputs(4, 5000, 8, 16, ties=True)
     n = torch.tensor([1, 17, 2500, 5000])
     _assert_matches_reference(inputs, n, sorted=sorted)
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    """The same bits, outputs and gradients, run after run and on one thread (exact by
+    contract: the same backend on the same inputs, not two roundings to compare tie-aware)."""
+    inputs = topn_inputs(64, 300, 3, 32, ties=True, requires_grad=True)
+    n = random_sizes(64, 1, 300)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (threads, threads, 1):
+            torch.set_num_threads(num_threads)
+            for score_norm in ("selected", "all"):
+                out, grads = run_topn("native", inputs, n, score_norm=score_norm)
+                results.append((num_threads, score_norm, [*out, *grads]))
+    finally:
+        torch.set_num_threads(threads)
+    first = {sn: tensors for _, sn, tensors in results[:2]}
+    for _, score_norm, tensors in results[2:]:
+        for got, want in zip(tensors, first[score_norm], strict=True):
+            assert torch.equal(got, want)

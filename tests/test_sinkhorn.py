@@ -1,0 +1,321 @@
+"""Everything about ``sinkhorn_loss`` (docs/operators.md, "sinkhorn_loss"): the reference
+against geomloss and POT's exact transport, every backend (native, KeOps) against the
+reference and the peers, each set of a ragged batch computed as if alone, non-finite points
+confined to their set, the native op (opcheck, its portable build, threads; "The native CPU
+backend"), and input validation ("Errors").
+
+Ragged batches carry poisoned padding (NaN, inf, -1e30): values and gradients of real points
+must equal those of each set alone, and padding must get a zero gradient. float64 judges the
+algorithms tightly; one float32 case per backend checks the float32 path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import geomloss
+import numpy as np
+import ot
+import pytest
+import torch
+
+import topn_kernels as tk
+from topn_kernels import reference
+
+from .helpers import (
+    F64,
+    LOSS_VALIDATION_CASES,
+    X_LEN,
+    Y_LEN,
+    assert_close_scaled,
+    assert_loss_matches_reference,
+    assert_rows_match_alone,
+    ragged_pair,
+    small_loss_inputs,
+)
+
+BACKENDS = ["keops", "native"]  # besides the reference
+ALL_BACKENDS = ["reference", *BACKENDS]
+
+
+def _grads_under_weights(values: torch.Tensor, inputs) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``sum_b w_b values_b`` for fixed weights of both signs."""
+    w = torch.tensor([1.0, -2.0, 0.5, 0.75][: values.shape[0]], dtype=values.dtype)
+    return torch.autograd.grad((values * w).sum(), inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle: the reference against geomloss and POT
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("blur", "scaling", "debias"), [(0.05, 0.5, True), (0.3, 0.8, True), (0.05, 0.5, False)]
+)
+def test_reference_matches_geomloss(blur, scaling, debias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 15, 3, dtype=F64, generator=g).requires_grad_()
+    y = (torch.randn(3, 20, 3, dtype=F64, generator=g) + 0.5).requires_grad_()
+    kwargs = {"blur": blur, "scaling": scaling, "debias": debias}
+    ours = reference.sinkhorn_loss(x, y, batch_reduction="none", **kwargs)
+    peer = geomloss.SamplesLoss("sinkhorn", p=2, backend="tensorized", **kwargs)(x, y)
+    assert_close_scaled(ours, peer, 1e-10)
+    ours_grads, peer_grads = _grads_under_weights(ours, (x, y)), _grads_under_weights(peer, (x, y))
+    for got, want in zip(ours_grads, peer_grads, strict=True):
+        assert_close_scaled(got, want, 1e-10)
+
+
+@pytest.mark.slow  # thousands of annealing steps (scaling 0.999) on the dense reference
+def test_reference_tends_to_exact_ot():
+    """As blur -> 0 (slow annealing), the divergence tends to W2^2/2 from POT's exact solver."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 12, 2, dtype=F64, generator=g)
+    y = torch.randn(1, 17, 2, dtype=F64, generator=g)
+    cost = (((x[0, :, None] - y[0, None]) ** 2).sum(-1) / 2).numpy()
+    exact = ot.emd2(np.full(12, 1 / 12), np.full(17, 1 / 17), cost)
+    approx = reference.sinkhorn_loss(x, y, blur=1e-3, scaling=0.999).item()
+    assert abs(approx - exact) < 2e-4 * exact
+
+
+# ---------------------------------------------------------------------------------------------
+# every backend: ragged batches, against the reference and the peers
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch_diameter(x, y):
+    """The default diameter: the bounding-box diagonal of the batch's real points."""
+    real = [x[b, : X_LEN[b]] for b in range(4)] + [y[b, : Y_LEN[b]] for b in range(4)]
+    pts = torch.cat(real)
+    return float((pts.amax(0) - pts.amin(0)).norm())
+
+
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ragged_equals_each_set_alone(backend, debias):
+    """Each set's value and gradient, in a ragged batch with the default diameter (the
+    batch's), equal those of the set computed alone with that diameter; padding rows get a
+    zero gradient."""
+    x, y = ragged_pair()
+    kwargs = {"debias": debias, "backend": backend}
+    values = tk.sinkhorn_loss(x, y, X_LEN, Y_LEN, batch_reduction="none", **kwargs)
+    gx, gy = torch.autograd.grad(values.sum(), (x, y))
+    diameter = _batch_diameter(x.detach(), y.detach())
+    alone_x, alone_y = [], []
+    for b in range(4):
+        xb = x[b : b + 1, : X_LEN[b]].detach().requires_grad_()
+        yb = y[b : b + 1, : Y_LEN[b]].detach().requires_grad_()
+        alone = tk.sinkhorn_loss(xb, yb, diameter=diameter, **kwargs)
+        assert_close_scaled(values[b], alone, 1e-12)
+        gxb, gyb = torch.autograd.grad(alone, (xb, yb))
+        alone_x.append(gxb[0])
+        alone_y.append(gyb[0])
+    assert_rows_match_alone(gx, alone_x, X_LEN)
+    assert_rows_match_alone(gy, alone_y, Y_LEN)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nonfinite_point_leaves_the_other_sets_unchanged(backend, value):
+    """A real point with a NaN (or inf) coordinate in one set of a ragged batch, default
+    diameter (taken over finite points only): the other sets' values and gradients are those
+    of the batch without that point. A NaN point makes its own set's value NaN."""
+    x, y = ragged_pair()
+    bad_set = 2
+    bad_row = int(X_LEN[bad_set]) - 1
+    without = X_LEN.clone()
+    without[bad_set] -= 1  # the bad point becomes padding, whose content is irrelevant
+    x = x.detach().clone()
+    x[bad_set, bad_row, 1] = value
+    x.requires_grad_()
+    weights = torch.tensor([1.0, -2.0, 0.5, 0.75], dtype=F64)
+    results = []
+    for x_lengths in (without, X_LEN):
+        values = tk.sinkhorn_loss(x, y, x_lengths, Y_LEN, batch_reduction="none", backend=backend)
+        results.append((values.detach(), *torch.autograd.grad(values @ weights, (x, y))))
+    (want, want_gx, want_gy), (got, gx, gy) = results
+    others = [b for b in range(4) if b != bad_set]
+    assert want[others].isfinite().all()
+    assert_close_scaled(got[others], want[others], 1e-12)
+    assert_close_scaled(gx[others], want_gx[others], 1e-12)
+    assert_close_scaled(gy[others], want_gy[others], 1e-12)
+    if value != value:  # NaN
+        assert got[bad_set].isnan()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [True, False])
+def test_matches_reference(backend, p, debias):
+    def fn(backend, x, y):
+        kwargs = {"p": p, "debias": debias, "batch_reduction": "none", "backend": backend}
+        return tk.sinkhorn_loss(x, y, X_LEN, Y_LEN, **kwargs)
+
+    assert_loss_matches_reference(fn, list(ragged_pair()), 1e-10, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32(backend):
+    def fn(backend, x, y):
+        return tk.sinkhorn_loss(
+            x, y, X_LEN, Y_LEN, blur=0.1, batch_reduction="sum", backend=backend
+        )
+
+    assert_loss_matches_reference(fn, list(ragged_pair(torch.float32)), 1e-4, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("blur", [0.05, 0.3])
+def test_matches_geomloss(backend, blur):
+    """Equal-size sets, the same parameters: geomloss's value and gradient within 1e-4."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 30, 3, generator=g).requires_grad_()
+    y = (torch.randn(3, 25, 3, generator=g) + 0.5).requires_grad_()
+    ours = tk.sinkhorn_loss(x, y, blur=blur, batch_reduction="none", backend=backend)
+    peer = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.5, backend="online")(x, y)
+    torch.testing.assert_close(ours, peer, rtol=1e-4, atol=0)
+    ours_grads, peer_grads = _grads_under_weights(ours, (x, y)), _grads_under_weights(peer, (x, y))
+    for got, want in zip(ours_grads, peer_grads, strict=True):
+        assert_close_scaled(got, want, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("keops", marks=pytest.mark.slow), "native"],  # ~800 KeOps calls
+)
+@pytest.mark.parametrize("p", [1, 2])
+def test_tends_to_exact_ot(backend, p):
+    """As blur -> 0 with slower annealing, the divergence approaches W1 (p=1) or W2^2/2 (p=2)
+    from POT's exact solver: within 0.5% with ~800 annealing steps (the error left is the
+    annealing's, one iteration per scale as in geomloss; the reference test shows 6e-5 at
+    blur 1e-3, scaling 0.999)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 12, 3, dtype=F64, generator=g)
+    y = torch.randn(1, 17, 3, dtype=F64, generator=g)
+    dist = torch.cdist(x[0], y[0])
+    cost = (dist if p == 1 else dist**2 / 2).numpy()
+    exact = ot.emd2(np.full(12, 1 / 12), np.full(17, 1 / 17), cost)
+
+    def error(blur, scaling):
+        value = tk.sinkhorn_loss(x, y, p=p, blur=blur, scaling=scaling, backend=backend)
+        return abs(value.item() - exact) / exact
+
+    errors = [error(0.1, 0.5), error(1e-3, 0.99)]
+    assert errors[1] < min(5e-3, errors[0] / 5), errors
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_identical_and_collapsed_clouds_give_zero(backend):
+    x = torch.randn(2, 6, 3, dtype=F64)
+    values = tk.sinkhorn_loss(x, x.clone(), batch_reduction="none", backend=backend)
+    assert torch.equal(values, torch.zeros(2, dtype=F64))
+    point = torch.ones(1, 4, 3, dtype=F64)  # zero diameter
+    assert tk.sinkhorn_loss(point, point.clone(), backend=backend).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the native op
+# ---------------------------------------------------------------------------------------------
+
+
+def test_native_sinkhorn_large_sets_match_reference_and_do_not_depend_on_threads():
+    """Few large sets: the native loop runs its softmins in parallel over rows; sets of
+    different sizes; the value and gradient equal the reference's and are the same on 1
+    thread."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 300, 3, generator=g).requires_grad_()
+    y = torch.randn(2, 200, 3, generator=g).requires_grad_()
+    x_len, y_len = torch.tensor([300, 171]), torch.tensor([133, 200])
+
+    def fn(backend, x, y):
+        return tk.sinkhorn_loss(x, y, x_len, y_len, batch_reduction="none", backend=backend)
+
+    assert_loss_matches_reference(fn, [x, y], 1e-4, "native")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (threads, 1):
+            torch.set_num_threads(num_threads)
+            value = tk.sinkhorn_loss(x, y, x_len, y_len, backend="native")
+            results.append([value, *torch.autograd.grad(value, (x, y))])
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_native_sinkhorn_portable_build_matches_reference():
+    """The portable build of the softmin (machines without AVX2), forced on this one
+    (TOPN_KERNELS_PORTABLE=1, read once per process: a fresh interpreter)."""
+    script = textwrap.dedent(
+        """
+        import torch, topn_kernels as tk
+        from topn_kernels import reference
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(3, 21, 3, dtype=torch.float64, generator=g).requires_grad_()
+        y = torch.randn(3, 13, 3, dtype=torch.float64, generator=g).requires_grad_()
+        for p in (1, 2):
+            ours = tk.sinkhorn_loss(x, y, p=p, batch_reduction="sum", backend="native")
+            ref = reference.sinkhorn_loss(x, y, p=p, batch_reduction="sum")
+            gx, gr = torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref, x)[0]
+            assert abs(ours.item() - ref.item()) <= 1e-12 * abs(ref.item()), (ours, ref)
+            assert (gx - gr).abs().max() <= 1e-10 * gr.abs().max()
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TOPN_KERNELS_PORTABLE": "1"}
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_native_sinkhorn_opcheck(with_grad):
+    """torch.ops.topn_kernels.sinkhorn as a torch.library op: schema, fake kernel, autograd
+    registration, AOT dispatch (docs/operators.md, "Determinism, torch.compile and custom
+    ops")."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, generator=g, requires_grad=with_grad)
+    y = torch.randn(7, 3, generator=g, requires_grad=with_grad)
+    x_offsets, y_offsets = torch.tensor([0, 4, 9]), torch.tensor([0, 2, 7])
+    args = (x, y, x_offsets, y_offsets, [4.0, 1.0, 0.25, 0.0025], 2, True, with_grad)
+    torch.library.opcheck(torch.ops.topn_kernels.sinkhorn.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation (docs/operators.md, Errors)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("changes", "error", "names"), LOSS_VALIDATION_CASES)
+def test_validation_names_the_bad_argument(changes, error, names):
+    x, y = small_loss_inputs()
+    with pytest.raises(error, match=names):
+        tk.sinkhorn_loss(**{"x": x, "y": y, **changes})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"blur": 0.0}, ValueError, "blur"),
+        ({"blur": -1.0}, ValueError, "blur"),
+        ({"scaling": 1.0}, ValueError, "scaling"),
+        ({"scaling": 0}, ValueError, "scaling"),
+        ({"diameter": -2.0}, ValueError, "diameter"),
+        ({"p": 3}, ValueError, "p must"),
+        ({"p": 2.0}, TypeError, "p must"),
+        ({"debias": None}, TypeError, "debias"),
+    ],
+)
+def test_validation_of_sinkhorn_arguments(kwargs, error, names):
+    with pytest.raises(error, match=names):
+        tk.sinkhorn_loss(*small_loss_inputs(), **kwargs)
+
+
+def test_validation_nan_points_give_nan():
+    """NaN is not an error: the set it belongs to gets NaN."""
+    x, y = small_loss_inputs()
+    x[1, 2, 0] = float("nan")
+    assert tk.sinkhorn_loss(x, y, batch_reduction="none", backend="reference")[1].isnan()
