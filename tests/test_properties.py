@@ -576,18 +576,22 @@ def _check_nearest(index, ref_index, src, dst) -> None:
 @given(
     case=pair_cases(),
     backend=st.sampled_from(["keops", "reference"]),
-    point_reduction=st.sampled_from(["mean", "sum"]),
+    point_reduction=st.sampled_from(["mean", "sum", "max"]),
     batch_reduction=st.sampled_from(BATCH_REDUCTIONS),
     return_index=st.booleans(),
+    weighted=st.booleans(),
     seed=SEEDS,
 )
 def test_chamfer_matches_reference(
-    case, backend, point_reduction, batch_reduction, return_index, seed
+    case, backend, point_reduction, batch_reduction, return_index, weighted, seed
 ):
+    batch = case.x.shape[0]
+    weights = torch.rand(batch, generator=torch.Generator().manual_seed(seed), dtype=F64)
     kwargs = {
         "point_reduction": point_reduction,
         "batch_reduction": batch_reduction,
         "return_index": return_index,
+        "weights": weights.to(case.dtype) if weighted else None,
     }
     inputs, lengths = [case.x, case.y], [case.x_lengths, case.y_lengths]
     out, grads = _value_and_grads(
@@ -771,9 +775,10 @@ def test_topn_create_empty_dimensions(batch, n0, a, d, n_max, score_norm, backen
 )
 @_examples(0.5)
 def test_losses_on_no_sets_or_empty_sets(op, backend, shape, which, batch_reduction):
-    """B=0 (no set) or N=0 (sets of no point, lengths None). The penalties take both (0 per
-    set). chamfer and sinkhorn need a point per set: N=0 must raise a ValueError naming the
-    empty input; B=0 gives no value per set (an empty (0,) tensor with "none", 0 summed)."""
+    """B=0 (no set) or N=0 (sets of no point, lengths None). The penalties and chamfer take
+    both (0 per set, as PyTorch3D's chamfer_distance). sinkhorn needs a point per set: N=0
+    must raise a ValueError naming the empty input; B=0 gives no value per set (an empty (0,)
+    tensor with "none", 0 summed)."""
     if backend == "native" and op != "sinkhorn_loss":
         backend = "keops"
     batch, size = shape
@@ -786,14 +791,12 @@ def test_losses_on_no_sets_or_empty_sets(op, backend, shape, which, batch_reduct
         args.append(torch.randn(batch, size if which == "y" else 3, 3, generator=g))
         kwargs["batch_reduction"] = batch_reduction
     call = lambda: getattr(tk, op)(*args, **kwargs)  # noqa: E731
-    if pair and size == 0 and batch > 0:
+    if op == "sinkhorn_loss" and size == 0 and batch > 0:
         _expect_rejection(call, which)
         return
     value = call()
-    if not pair:
+    if not pair or batch_reduction == "none":
         assert torch.equal(value, torch.zeros(batch))
-    elif batch_reduction == "none":
-        assert value.shape == (0,)
     else:
         assert value.item() == 0
 
@@ -970,8 +973,8 @@ def test_losses_reject_bad_arguments(op, batch, n, backend, data):
     elif name.endswith("lengths"):
         size = n if name != "y_lengths" else n + 1
         bad = draw(_bad_sizes(batch, size))
-        legal = (  # the penalties take empty sets
-            not pair
+        legal = (  # the penalties and chamfer take empty sets
+            op != "sinkhorn_loss"
             and isinstance(bad, torch.Tensor)
             and bad.device.type == "cpu"
             and bad.dtype == torch.int64
@@ -992,6 +995,9 @@ def test_losses_reject_bad_arguments(op, batch, n, backend, data):
         kwargs[name] = draw(st.sampled_from([-1, 2.5, "3", None]))
     elif name in ("debias", "return_index"):
         kwargs[name] = draw(st.sampled_from([1, 0, None, "yes"]))
+    elif op == "chamfer_loss":  # reductions: also "max" and None, as PyTorch3D
+        bad = ["", "Mean", 0, "min"] + (["max"] if name == "batch_reduction" else [])
+        kwargs[name] = draw(st.sampled_from(bad))
     else:  # reductions
         kwargs[name] = draw(st.sampled_from(["max", "", None, "Mean", 0]))
     note(f"bad {name}: {kwargs.get(name, '?')!r}")

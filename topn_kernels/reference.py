@@ -189,45 +189,128 @@ def topn_create_at(
 # ---------------------------------------------------------------------------------------------
 
 
+def _nearest(
+    p: Tensor, q: Tensor, p_mask: Tensor, q_mask: Tensor, norm: int
+) -> tuple[Tensor, Tensor]:
+    """For each point of p (B, P, D), the distance to the nearest real point of q (B, Q, D),
+    squared Euclidean (norm 2) or L1 (norm 1), and that point's index; (B, P) each. Padding
+    of p, and points whose set of q is empty, get distance 0 and index -1."""
+    diff = p[:, :, None, :] - q[:, None, :, :]  # (B, P, Q, D)
+    d = diff.abs().sum(-1) if norm == 1 else (diff**2).sum(-1)
+    if q.shape[1] == 0:
+        return d.new_zeros(p.shape[:2]), torch.full(p.shape[:2], -1, device=p.device)
+    dist, index = d.masked_fill(~q_mask[:, None, :], math.inf).min(dim=2)
+    found = p_mask & q_mask.any(1, keepdim=True)  # a real point, and a neighbour to find
+    return torch.where(found, dist, 0.0), torch.where(found, index, -1)
+
+
+def _normal_terms(
+    p_normals: Tensor, q_normals: Tensor, index: Tensor, p_mask: Tensor, abs_cosine: bool
+) -> Tensor:
+    """(B, P): ``1 - |cos|`` (``1 - cos`` without abs_cosine) between each point's normal and
+    the normal of its nearest neighbour ``index`` (-1, no neighbour: a zero normal, cos 0);
+    0 on padding."""
+    near = q_normals.gather(1, index.clamp_min(0)[..., None].expand(-1, -1, q_normals.shape[2]))
+    near = torch.where(index[..., None] >= 0, near, 0.0)
+    cos = F.cosine_similarity(p_normals, near, dim=2, eps=1e-6)
+    return torch.where(p_mask, 1 - (cos.abs() if abs_cosine else cos), 0.0)
+
+
+def _reduce_points(terms: Tensor, mask: Tensor, point_reduction: str | None) -> Tensor:
+    """(B, P) per-point terms, 0 on padding -> (B,) by ``point_reduction`` (None: the terms
+    themselves); a set of no point gives 0 (its mean divides by max(n_b, 1))."""
+    if point_reduction is None:
+        return terms
+    if point_reduction == "max":
+        return terms.max(1).values if terms.shape[1] > 0 else terms.new_zeros(terms.shape[0])
+    total = terms.sum(1)
+    return total / mask.sum(1).clamp_min(1) if point_reduction == "mean" else total
+
+
+def _reduce_chamfer_batch(values: Tensor, weights: Tensor | None, batch_reduction: str) -> Tensor:
+    """PyTorch3D's batch reduction of per-set (or per-point) values already multiplied by
+    their set's weight: "none" keeps them, "sum" adds them, "mean" divides their sum by B
+    (at least 1) or, with weights, by the sum of the weights (by 1 if that is 0)."""
+    if batch_reduction == "none":
+        return values
+    total = values.sum()
+    if batch_reduction == "sum":
+        return total
+    if weights is None:
+        return total / max(values.shape[0], 1)
+    weight_sum = weights.sum()
+    return total / torch.where(weight_sum > 0, weight_sum, 1.0)
+
+
 def chamfer_loss(
     x: Tensor,
     y: Tensor,
     x_lengths: Tensor | None = None,
     y_lengths: Tensor | None = None,
+    x_normals: Tensor | None = None,
+    y_normals: Tensor | None = None,
+    weights: Tensor | None = None,
     *,
-    point_reduction: str = "mean",
+    point_reduction: str | None = "mean",
     batch_reduction: str = "mean",
+    norm: int = 2,
+    single_directional: bool = False,
+    abs_cosine: bool = True,
     return_index: bool = False,
-) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """Chamfer distance between padded sets x (B, N, D) and y (B, M, D).
+) -> Tensor | tuple:
+    """Chamfer distance between padded sets x (B, N, D) and y (B, M, D): PyTorch3D's
+    ``chamfer_distance`` (docs/operators.md, chamfer_loss). Lengths (B,) may be 0.
 
-    ``red_i min_j |x_i - y_j|^2 + red_j min_i |x_i - y_j|^2`` per set, squared distances summed
-    over channels, ``red`` the mean or sum over the set's own points. With ``return_index`` also
-    returns the nearest-neighbour indices x->y (B, N) and y->x (B, M), -1 on padding.
+    Per real point, the distance to its nearest neighbour among the real points of the other
+    set, squared Euclidean (``norm=2``) or L1 (``norm=1``), summed over the D channels; 0
+    where the other set is empty. Each direction is reduced over its set's points by
+    ``point_reduction``: "mean" (0 for a set of no point), "sum", "max", or None (the
+    per-point terms (B, N), 0 on padding). The two directions are added ("max": their
+    maximum; None: the pair (x->y (B, N), y->x (B, M))); x->y alone with
+    ``single_directional``. ``weights`` (B,) >= 0 multiply each set's terms (all zero: the
+    loss is 0, gradients too). ``batch_reduction``: "none", "sum", or "mean" (the sum divided
+    by B, or by the sum of the weights).
+
+    With normals x_normals (B, N, D) and y_normals (B, M, D) the same reductions of ``1 -
+    |cos|`` (``1 - cos`` if not ``abs_cosine``) between a point's normal and its nearest
+    neighbour's (a zero normal where there is none: the term is 1) give ``loss_normals``.
+
+    Returns ``loss``, or ``(loss, loss_normals)`` with normals; ``return_index`` appends the
+    nearest-neighbour indices x->y (B, N) and y->x (B, M), int64, -1 on padding and where the
+    other set is empty.
     """
     out_dtype = x.dtype
     batch, n, m = x.shape[0], x.shape[1], y.shape[1]
     x_mask = _point_mask(x_lengths, batch, n, x.device)
     y_mask = _point_mask(y_lengths, batch, m, x.device)
     x, y = _real_points(x, x_mask), _real_points(y, y_mask)
+    x_dist, x_index = _nearest(x, y, x_mask, y_mask, norm)
+    y_dist, y_index = _nearest(y, x, y_mask, x_mask, norm)
+    parts = [[(x_dist, x_mask), (y_dist, y_mask)]]  # distances, then the normals' terms
+    if x_normals is not None and y_normals is not None:
+        xn, yn = _real_points(x_normals, x_mask), _real_points(y_normals, y_mask)
+        x_cos = _normal_terms(xn, yn, x_index, x_mask, abs_cosine)
+        y_cos = _normal_terms(yn, xn, y_index, y_mask, abs_cosine)
+        parts.append([(x_cos, x_mask), (y_cos, y_mask)])
 
-    d2 = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)  # (B, N, M)
-    d2 = d2.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), math.inf)
-    if n > 0 and m > 0:
-        x_dist, x_index = d2.min(dim=2)  # nearest y of each x
-        y_dist, y_index = d2.min(dim=1)  # nearest x of each y
-    else:  # no point on one side, which only a batch of no set (B = 0) may have
-        x_dist, x_index = d2.new_zeros(batch, n), x_mask.new_zeros(batch, n, dtype=torch.int64)
-        y_dist, y_index = d2.new_zeros(batch, m), y_mask.new_zeros(batch, m, dtype=torch.int64)
-    x_term = x_dist.masked_fill(~x_mask, 0.0).sum(1)
-    y_term = y_dist.masked_fill(~y_mask, 0.0).sum(1)
-    if point_reduction == "mean":
-        x_term = x_term / x_mask.sum(1)
-        y_term = y_term / y_mask.sum(1)
-    loss = _reduce_batch(x_term + y_term, batch_reduction).to(out_dtype)
+    w = None if weights is None else weights.to(x.dtype)
+    scale = None if w is None else w * (w.sum() > 0)  # all-zero weights: 0, zero gradients
+    outputs = []
+    for part in parts:
+        values = [_reduce_points(t, mask, point_reduction) for t, mask in part]
+        if single_directional:
+            values = values[:1]
+        elif point_reduction == "max":
+            values = [torch.maximum(values[0], values[1])]
+        elif point_reduction is not None:
+            values = [values[0] + values[1]]
+        if scale is not None:
+            values = [v * (scale if point_reduction else scale[:, None]) for v in values]
+        values = [_reduce_chamfer_batch(v, w, batch_reduction).to(out_dtype) for v in values]
+        outputs.append(values[0] if len(values) == 1 else tuple(values))
     if return_index:
-        return loss, torch.where(x_mask, x_index, -1), torch.where(y_mask, y_index, -1)
-    return loss
+        outputs += [x_index, y_index]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def _diameter(x: Tensor, y: Tensor, x_mask: Tensor, y_mask: Tensor) -> float:
@@ -255,6 +338,13 @@ def _epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> l
     return [diameter**p] + [float(np.exp(e)) for e in steps] + [blur**p]
 
 
+def _probabilities(weights: Tensor | None, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, P) weights (None: uniform) on the real points, 0 on padding, each set's summing
+    to 1."""
+    w = mask.to(dtype) if weights is None else torch.where(mask, weights.to(dtype), 0.0)
+    return w / w.sum(1, keepdim=True)
+
+
 def sinkhorn_loss(
     x: Tensor,
     y: Tensor,
@@ -267,8 +357,13 @@ def sinkhorn_loss(
     diameter: float | None = None,
     debias: bool = True,
     batch_reduction: str = "mean",
+    a: Tensor | None = None,
+    b: Tensor | None = None,
 ) -> Tensor:
-    """Debiased Sinkhorn divergence between uniform measures on padded sets (dense, log domain).
+    """Debiased Sinkhorn divergence between measures on padded sets (dense, log domain).
+
+    ``a`` (B, N), ``b`` (B, M): the weights of the points (None: uniform), renormalised to sum
+    to 1 over each set's real points (padding weighs 0 whatever it holds).
 
     geomloss's conventions: cost |x-y|^p / p (p = 1 or 2), eps = blur^p, eps-scaling from
     diameter^p to blur^p by scaling^p, symmetric (averaged) updates, ``S = OT(a,b) - OT(a,a)/2
@@ -289,10 +384,11 @@ def sinkhorn_loss(
         diameter = _diameter(x, y, x_mask, y_mask)
     eps_list = _epsilon_schedule(p, diameter, blur, scaling)
 
-    # uniform weights on the real points; log-weight -inf on padding removes it from every sum
-    a = x_mask / x_mask.sum(1, keepdim=True).to(x.dtype)
-    b = y_mask / y_mask.sum(1, keepdim=True).to(x.dtype)
-    a_log, b_log = a.log(), b.log()
+    # weights on the real points, summing to 1 per set; log-weight -inf on padding (and on
+    # points of weight 0) removes them from every sum
+    a = _probabilities(a, x_mask, x.dtype)
+    b = _probabilities(b, y_mask, x.dtype)
+    a_log, b_log = a.detach().log(), b.detach().log()
 
     def cost(u: Tensor, v: Tensor) -> Tensor:  # (B, I, J): |u_i - v_j|^p / p
         if p == 1:

@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._ragged import block_ranges, reduce_batch
+from .._ragged import Packed, block_ranges, pack, reduce_batch
 from .._schedule import prepare
 from ._pykeops import pykeops
 
@@ -40,6 +40,22 @@ def _log_sum_exp(p: int, dim: int):
     )
 
 
+def _probabilities(
+    weights: Tensor | None, packed: Packed, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(P,) weights of the packed points (None: uniform), each set's summing to 1, and their
+    logs, detached. KeOps' log-sum-exp starts from -inf and would take exp(-inf - (-inf)) =
+    NaN for a leading -inf: a point of weight 0 gets log-weight -1e30 instead, whose term
+    underflows to exactly 0 as -inf's does."""
+    ct = packed.points.dtype
+    if weights is None:
+        w = torch.ones(packed.points.shape[0], dtype=ct, device=packed.points.device)
+    else:
+        w = pack(weights[..., None], lengths).points[:, 0]
+    w = w / packed.segment_sum(w)[packed.set_of]
+    return w, w.detach().log().clamp_min(-1e30)
+
+
 def sinkhorn_loss(
     x: Tensor,
     y: Tensor,
@@ -52,6 +68,8 @@ def sinkhorn_loss(
     diameter: float | None,
     debias: bool,
     batch_reduction: str,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
 ) -> Tensor:
     """As :func:`topn_kernels.reference.sinkhorn_loss`; inputs already validated."""
     px, py, eps_list = prepare(
@@ -68,9 +86,10 @@ def sinkhorn_loss(
         inv = torch.tensor([1.0 / eps], dtype=ct, device=rows.device)
         return -eps * lse(rows, cols, h.view(-1, 1), inv, ranges=ranges).view(-1)
 
-    # uniform weights on the real points of each set
-    a_log = -px.lengths.to(ct).log()[px.set_of]
-    b_log = -py.lengths.to(ct).log()[py.set_of]
+    # the weights of the real points, summing to 1 per set (differentiable), and their logs
+    # (held fixed: only the final sums are differentiated with respect to the weights)
+    a, a_log = _probabilities(a, px, x_lengths)
+    b, b_log = _probabilities(b, py, y_lengths)
 
     with torch.no_grad():
         eps = eps_list[0]
@@ -93,5 +112,5 @@ def sinkhorn_loss(
     if debias:
         f_ba = f_ba - softmin(eps, xs, xd, a_log + f_aa / eps, r_xx)
         g_ab = g_ab - softmin(eps, ys, yd, b_log + g_bb / eps, r_yy)
-    value = px.segment_sum(a_log.exp() * f_ba) + py.segment_sum(b_log.exp() * g_ab)
+    value = px.segment_sum(a * f_ba) + py.segment_sum(b * g_ab)
     return reduce_batch(value, batch_reduction).to(x.dtype)

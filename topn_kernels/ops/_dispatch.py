@@ -3,7 +3,7 @@
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
 native extension on CPU for ``topn_create`` and ``set2graph_logits`` (whose Triton kernels are
 not written yet: ``_unavailable`` reports them missing, so on CUDA it runs the reference); the
-native extension on CPU for ``sinkhorn_loss``;
+native extension on CPU for ``sinkhorn_loss`` (without per-point weights, which it lacks);
 KeOps for the other losses (and Sinkhorn on CUDA), or the dense reference for problems small
 enough that KeOps' overheads dominate. When that backend is not
 available the call runs the reference instead and warns once, naming the reason. The
@@ -17,7 +17,7 @@ import contextlib
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -91,20 +91,36 @@ def record_backends() -> Iterator[dict[str, Counter]]:
         _recorders.remove(counts)
 
 
-def resolve(op: str, backend: object, device: torch.device, *, small: bool = False) -> str:
+def resolve(
+    op: str,
+    backend: object,
+    device: torch.device,
+    *,
+    small: bool = False,
+    unsupported: Mapping[str, str] | None = None,
+) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend``.
 
     ``small``: the problem is small enough that the dense reference beats KeOps' launch and
-    set-up costs; ``"auto"`` then runs the reference instead of KeOps.
+    set-up costs; ``"auto"`` then runs the reference instead of KeOps. ``unsupported``:
+    backends that lack an option this call uses, with the reason; asking for one explicitly
+    is a ValueError giving the reason, and ``"auto"`` passes over it to KeOps (or, small, the
+    reference).
     """
-    chosen = _resolve(op, backend, device, small)
+    chosen = _resolve(op, backend, device, small, unsupported or {})
     for counts in _recorders:
         counts.setdefault(op, Counter())[chosen] += 1
     return chosen
 
 
-def _resolve(op: str, backend: object, device: torch.device, small: bool) -> str:
+def _resolve(
+    op: str, backend: object, device: torch.device, small: bool, unsupported: Mapping[str, str]
+) -> str:
     allowed = BACKENDS[op]
+        if backend in unsupported:
+            raise ValueError(
+                f"{op}: backend={backend!r} cannot run this call: {unsupported[backend]}"
+            )
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
     if backend == "auto":
         forced = os.environ.get(ENV_VAR)
@@ -112,6 +128,8 @@ def _resolve(op: str, backend: object, device: torch.device, small: bool) -> str
             backend = _checks.choice(forced, ENV_VAR, ("auto", *allowed))
     if backend != "auto":
         problem = _unavailable(backend, device, op)
+    if wanted in unsupported:
+        wanted = "keops"
         if problem is not None:
             error, reason = problem
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
