@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import losses, set2graph_logits, topn_create
+from . import losses, set2graph_logits, setvae_epoch, topn_create
 from .cases import Case
 
 OPS = (
@@ -16,6 +16,7 @@ OPS = (
     "repulsion_penalty",
     "valency_penalty",
     "set2graph_logits",
+    "setvae_epoch",
 )
 
 
@@ -23,3 +24,4 @@ def all_cases(device: torch.device) -> Iterator[Case]:
     yield from topn_create.cases(device)
     yield from losses.cases(device)
     yield from set2graph_logits.cases(device)
+    yield from setvae_epoch.cases(device)

@@ -9,6 +9,7 @@ batch: W the debiased Sinkhorn divergence between the input and its reconstructi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,18 +78,22 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     points: Tensor,
     lengths: Tensor,
-    cfg: LossConfig,
+    cfg,
     *,
     clip: float | None = 4.0,
+    loss: Callable[..., dict] = setvae_loss,
 ) -> dict[str, float]:
     """One step: forward (through ``model``, so a DDP wrapper syncs the gradients), loss,
     backward, gradient-norm clipping at ``clip`` (the released code's 4.0; None: none), update.
+
+    ``loss(out, points, lengths, cfg)`` gives the terms (``setvae_loss`` with a
+    :class:`LossConfig`, or :func:`.authors.authors_loss` with its own config).
 
     Returns the loss terms as floats. A non-finite loss is a ``FloatingPointError``, raised
     before the update.
     """
     optimizer.zero_grad(set_to_none=True)
-    terms = setvae_loss(model(points, lengths), points, lengths, cfg)
+    terms = loss(model(points, lengths), points, lengths, cfg)
     if not torch.isfinite(terms["loss"]):
         raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in terms.items()} }")
     terms["loss"].backward()

@@ -1,0 +1,231 @@
+"""The authors' preset of the set VAE (docs/set_vae.md, "The authors' preset"): its layers and
+creation modules against literal formulas, its loss against loops, its batches, and the
+training program (``--preset authors``: a run, a stop by --max-minutes, and a bit-for-bit
+resume)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from topn_kernels.data import collate_sets, generate_sets
+from topn_kernels.models import AuthorsConfig, AuthorsLossConfig, AuthorsSetVAE, authors_loss
+from topn_kernels.models.authors import (
+    AuthorsMLP,
+    PNAPooling,
+    TopN,
+    iterate_batches,
+    size_grouped_batches,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+def test_mlp_follows_the_released_formula():
+    torch.manual_seed(0)
+    mlp = AuthorsMLP(16, 8, 16, 3, cond_dim=5, modulation="film").double()
+    x, y = torch.randn(4, 7, 16, dtype=F64), torch.randn(4, 1, 5, dtype=F64)
+    h = mlp.lin1(x) * torch.sigmoid(mlp.lin2(y)) + mlp.lin3(y)
+    h = torch.relu(h) + x  # dim_in == width
+    h = h + mlp.hidden[0](torch.relu(h))
+    expected = mlp.lin_final(torch.relu(h))  # dim_out != width: no residual
+    torch.testing.assert_close(mlp(x, y), expected, rtol=0, atol=0)
+
+    plus = AuthorsMLP(3, 6, 6, 2, cond_dim=4).double()
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 4, dtype=F64)
+    h = torch.relu(plus.lin1(x) + plus.lin2(y))
+    torch.testing.assert_close(plus(x, y), plus.lin_final(torch.relu(h)) + h, rtol=0, atol=0)
+
+
+def test_pna_pooling_literal():
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 2, dtype=F64)
+    out = PNAPooling(average_n=9).forward(x)
+    amplify = math.log(6) / math.log(10)
+    for b, c in itertools.product(range(3), range(2)):
+        col = x[b, :, c]
+        for s, scale in enumerate((1.0, amplify, 1 / amplify)):
+            v = col * scale
+            reductions = (v.sum(), v.max(), v.mean(), v.std())
+            for r, expected in enumerate(reductions):
+                torch.testing.assert_close(out[b, c * 12 + r * 3 + s], expected)
+    with pytest.raises(ValueError, match="at least 2"):
+        PNAPooling()(x[:, :1])
+
+
+def test_topn_creation_literal():
+    torch.manual_seed(2)
+    cfg = AuthorsConfig(n_ref=9, size_cap=8, set_channels=4)
+    topn = TopN(cfg).double()
+    with torch.no_grad():
+        topn.angles.mul_(torch.rand(9, 1, dtype=F64) + 0.5)  # trained angles leave the sphere
+    z = torch.randn(6, cfg.latent_dim, dtype=F64)
+    n = 5
+    x = topn(z, n)
+    for b in range(6):
+        q = topn.angle_mlp(z[b])
+        q = q / (q.norm() + 1e-5)
+        probs = torch.softmax(topn.angles @ q, dim=0)
+        order = sorted(range(9), key=lambda i: -float(probs[i].detach()))[:n]
+        for slot, i in enumerate(order):
+            m = n * probs[i]
+            gamma = topn.gamma.weight[:, 0] * m + topn.gamma.bias
+            beta = topn.beta.weight[:, 0] * m + topn.beta.bias
+            torch.testing.assert_close(x[b, slot], gamma * topn.points[i] + beta)
+
+
+def test_size_grouped_batches():
+    lengths = torch.tensor([3, 5, 3, 3, 2, 5, 3, 2, 3])
+    batches = size_grouped_batches(lengths, 3)
+    assert [b.tolist() for b in batches] == [[4, 7], [0, 2, 3], [6, 8], [1, 5]]
+    points = torch.randn(9, 6, 3)
+    for (x, n), index in zip(iterate_batches(points, lengths, batches), batches, strict=True):
+        assert x.shape == (len(index), int(lengths[index[0]]), 3) and (n == n[0]).all()
+        torch.testing.assert_close(x, points[index, : int(n[0])])
+    with pytest.raises(ValueError, match="batch_size"):
+        size_grouped_batches(lengths, 0)
+
+
+def _pair_sum(x: torch.Tensor, f) -> torch.Tensor:
+    n = x.shape[0]
+    return sum(f((x[i] - x[j]).norm()) for i in range(n) for j in range(n) if i != j)
+
+
+def test_loss_is_the_released_sum_over_the_batch():
+    torch.manual_seed(3)
+    b, n = 3, 5
+    points = torch.randn(b, n, 3, dtype=F64) * 2
+    recon = torch.randn(b, n, 3, dtype=F64) * 2
+    mu, log_var = torch.randn(b, 30, dtype=F64), torch.randn(b, 30, dtype=F64) * 0.1
+    out = type("Out", (), {"recon": recon, "mu": mu, "log_var": log_var})
+    lengths = torch.full((b,), n)
+    cfg = AuthorsLossConfig(backend="reference")
+    terms = authors_loss(out, points, lengths, cfg)
+
+    rec = 0.0
+    for k in range(b):
+        rec += min(
+            sum((recon[k, i] - points[k, p[i]]).norm() for i in range(n)) / n
+            for p in itertools.permutations(range(n))
+        )
+    kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum()
+    rep = sum(_pair_sum(recon[k], lambda d: torch.relu(1.0 - d)) for k in range(b))
+    val = 0.0
+    for k in range(b):
+        dist = torch.cdist(recon[k], recon[k])
+        s = dist.sort(dim=1).values[:, 1:]  # without the point itself
+        val += torch.relu(s[:, 0] - 2.0).sum() + torch.relu(2.0 - s[:, 4:]).sum()
+    torch.testing.assert_close(terms["reconstruction"], torch.as_tensor(rec, dtype=F64))
+    torch.testing.assert_close(terms["kl"], kl)
+    torch.testing.assert_close(terms["repulsion"], torch.as_tensor(rep, dtype=F64))
+    torch.testing.assert_close(terms["valency"], torch.as_tensor(val, dtype=F64))
+    total = rec + 0.003 * kl + 200 * rep + 200 * val
+    torch.testing.assert_close(terms["loss"], torch.as_tensor(total, dtype=F64))
+
+
+@pytest.mark.parametrize("creation", ["topn", "firstn", "iid", "mlp"])
+def test_mixed_sizes_run_each_size_alone(creation):
+    """In eval, a batch of several sizes gives each set what a batch of its size alone gives;
+    the output is zero past each length, and every parameter gets a gradient in training."""
+    torch.manual_seed(4)
+    data = generate_sets(10, seed=4)
+    points, lengths = collate_sets([data[i] for i in range(10)])
+    model = AuthorsSetVAE(AuthorsConfig(creation=creation)).double().eval()
+    points = points.double()
+    sizes = torch.unique(lengths).tolist()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        rec = model.reconstruct(points, lengths)
+        for n in sizes[:1] if creation == "iid" else sizes:  # i.i.d. draws anew at every call
+            idx = (lengths == n).nonzero().squeeze(1)
+            torch.manual_seed(0)
+            alone = model.reconstruct(points[idx, :n], lengths[idx])
+            torch.testing.assert_close(rec[idx, :n], alone)
+        assert all((rec[lengths == n, n:] == 0).all() for n in sizes)
+    model.train()
+    batch = size_grouped_batches(lengths, 128)[-1]
+    x, n = points[batch, : int(lengths[batch[0]])], lengths[batch]
+    torch.manual_seed(5)
+    terms = authors_loss(model(x, n), x, n, AuthorsLossConfig(backend="reference"))
+    terms["loss"].backward()
+    missing = [k for k, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_generation_sizes_and_extrapolation_clamp():
+    torch.manual_seed(6)
+    model = AuthorsSetVAE().eval()
+    model.set_size_distribution(torch.tensor([30, 31, 33, 2, 2]))
+    sizes = model.sample_sizes(200, shift=10, generator=torch.Generator().manual_seed(0))
+    assert sizes.min() >= 12 and sizes.max() == 34  # 30 + 10 and up, capped at 34
+    x, mask = model.generate(torch.tensor([2, 7, 34]))
+    assert x.shape == (3, 34, 3) and mask.sum(1).tolist() == [2, 7, 34]
+    assert (x[~mask] == 0).all()
+    with pytest.raises(ValueError, match="size_cap"):
+        model.generate(torch.tensor([35]))
+
+
+def _train(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [
+        "--preset",
+        "authors",
+        "--n-train",
+        "48",
+        "--n-test",
+        "16",
+        "--n-generated",
+        "24",
+        "--n-pairs",
+        "16",
+        "--batch-size",
+        "16",
+        "--backend",
+        "reference",
+        "--no-plots",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        [sys.executable, "python/train_setvae.py", *common, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_program_trains_stops_on_time_and_resumes_bit_for_bit(tmp_path):
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    _train(["--creation", "iid", "--epochs", "2"], straight)
+    metrics = json.loads((straight / "metrics.json").read_text())
+    for key in ("train_w2", "test_w2", "train_matched", "test_matched", "extrap_valency_loss"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["preset"] == "authors" and metrics["epochs"] == 2
+    printed = metrics["as_the_authors_print"]
+    assert printed["test_matched"] == pytest.approx(metrics["test_matched"] * 16 / 48)
+    history = json.loads((straight / "history.json").read_text())
+    assert printed["train_matched"] == history[-1]["reconstruction"]
+
+    result = _train(["--creation", "iid", "--epochs", "2", "--max-minutes", "0"], chunked)
+    assert "--max-minutes 0 reached after 1 epochs" in result.stdout
+    assert not (chunked / "metrics.json").exists()
+    _train(["--creation", "iid", "--epochs", "2", "--resume"], chunked)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(chunked / "checkpoint.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["history"][-1]["loss"] == b["history"][-1]["loss"]

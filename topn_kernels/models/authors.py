@@ -1,0 +1,494 @@
+"""The set VAE of the paper's synthetic experiment as the authors' released code builds and
+trains it (docs/set_vae.md, "The authors' preset"); :mod:`.setvae` is this library's variant.
+
+Every batch holds sets of one size (the data is sorted by size and cut into batches of at most
+``batch_size``), so nothing is padded inside the model. Calls with sets of several sizes
+(evaluation, generation) run each size on its own and pad the results.
+
+Encoder: ``x`` (n, 3) and the one-hot valency (n, 4) of each point -> :class:`AuthorsMLP` (the
+two inputs added after their first linear maps) -> ReLU -> batch norm -> 3 x [transformer
+layer, ReLU, batch norm, residual] -> :class:`PNAPooling` with 3 degree scalers -> ReLU ->
+MLP -> (mu, log_var).
+
+Decoder: creation module (no latent input) -> MLP whose first layer is gated by z,
+``lin1(x) * sigmoid(lin2(z)) + lin3(z)`` -> ReLU -> batch norm -> the same 3 blocks -> MLP
+with a residual on its hidden layer -> points.
+
+Creation modules (``creation``):
+
+- ``topn``: query ``q = MLP(z)``, scores ``angles @ q / (|q| + 1e-5)`` over the ``n_ref``
+  reference points (the angles are unit vectors at initialisation only, so a score is not a
+  cosine), ``m = n * softmax(scores)`` at the n best points (sorted),
+  ``x = R[sigma] * (gamma_w m + gamma_b) + (beta_w m + beta_b)``. Plain PyTorch:
+  :func:`topn_kernels.topn_create` computes true cosines, which these scores are not.
+- ``firstn``: the first n of ``n_ref`` trainable points.
+- ``iid``: n standard normal points divided by sqrt(n), drawn at every call.
+- ``mlp``: an MLP from z to ``n_max`` points, of which the first n are kept.
+
+The loss (:func:`authors_loss`) is summed over the sets of a batch: the matched distance
+(:func:`topn_kernels.metrics.matched_distance`, exact assignment), ``0.003 * KL``, 200 times the
+repulsion summed over ordered pairs (twice :func:`topn_kernels.repulsion_penalty`) and 200 times
+:func:`topn_kernels.valency_penalty`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..metrics import matched_distance, valency_counts
+from ..ops import repulsion_penalty, valency_penalty
+from .setvae import CREATIONS, VAEOutput
+
+__all__ = [
+    "AuthorsConfig",
+    "AuthorsLossConfig",
+    "AuthorsMLP",
+    "AuthorsSetVAE",
+    "PNAPooling",
+    "authors_loss",
+    "iterate_batches",
+    "size_grouped_batches",
+]
+
+
+@dataclass(frozen=True)
+class AuthorsConfig:
+    """Hyper-parameters of the released code's configuration.
+
+    ``n_ref`` is the number of reference points of Top-n and First-n and the number of points
+    the MLP creation makes (the released ``max_n``); generated sizes are clamped to
+    ``[2, size_cap]`` (the released code's ``[2, max_n - 1]``). ``valency_classes`` is the
+    width of the encoder's one-hot valency (valencies 1..4).
+    """
+
+    creation: str = "topn"
+    point_dim: int = 3
+    latent_dim: int = 30
+    set_channels: int = 16
+    angle_dim: int = 3
+    hidden: int = 64
+    heads: int = 4
+    feedforward: int = 256
+    layers: int = 3
+    encoder_mlp_hidden: int = 128
+    encoder_final_hidden: int = 128
+    decoder_mlp_hidden: int = 128
+    decoder_final_hidden: int = 64
+    angle_hidden: int = 32
+    creation_mlp_hidden: int = 512
+    n_ref: int = 35
+    size_cap: int = 34
+    pna_average_n: float = 9.0
+    valency_classes: int = 4
+    neighbor_dist: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.creation not in CREATIONS:
+            raise ValueError(f"creation must be one of {list(CREATIONS)}, got {self.creation!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+        if not 2 <= self.size_cap <= self.n_ref:
+            raise ValueError(f"size_cap={self.size_cap} must be in [2, n_ref={self.n_ref}]")
+
+    @property
+    def n_max(self) -> int:
+        """The largest set the model makes."""
+        return self.size_cap
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class AuthorsMLP(nn.Module):
+    """The released code's MLP: ``layers`` linear maps of width ``width`` with ReLUs, residual
+    connections where the widths allow, and an optional second input ``y``.
+
+    ``forward(x, y=None)``: x (..., dim_in), y (..., cond_dim) broadcastable -> (..., dim_out).
+
+    1. ``h = lin1(x)``, then with y: ``h + lin2(y)`` (``modulation="+"``) or
+       ``h * sigmoid(lin2(y)) + lin3(y)`` (``"film"``);
+    2. ``h = relu(h) + (x if dim_in == width)``;
+    3. each of the ``layers - 2`` hidden maps: ``h = h + hidden(relu(h))``;
+    4. ``out = lin_final(relu(h)) + (h if dim_out == width)``.
+
+    ``layers`` of 1 and 2 give the same two maps.
+    """
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        width: int,
+        layers: int,
+        cond_dim: int | None = None,
+        modulation: str = "+",
+    ) -> None:
+        super().__init__()
+        if modulation not in ("+", "film"):
+            raise ValueError(f"modulation must be '+' or 'film', got {modulation!r}")
+        self.modulation = modulation if cond_dim is not None else None
+        self.lin1 = nn.Linear(dim_in, width)
+        if cond_dim is not None:
+            self.lin2 = nn.Linear(cond_dim, width)
+            if modulation == "film":
+                self.lin3 = nn.Linear(cond_dim, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 2))
+        self.lin_final = nn.Linear(width, dim_out)
+        self.residual_start, self.residual_end = dim_in == width, dim_out == width
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.lin1(x)
+        if self.modulation == "+":
+            h = h + self.lin2(y)
+        elif self.modulation == "film":
+            h = h * torch.sigmoid(self.lin2(y)) + self.lin3(y)
+        h = F.relu(h) + (x if self.residual_start else 0.0)
+        for layer in self.hidden:
+            h = h + layer(F.relu(h))
+        return self.lin_final(F.relu(h)) + (h if self.residual_end else 0.0)
+
+
+class PNAPooling(nn.Module):
+    """Principal neighbourhood aggregation over the points of equal-size sets:
+    (B, n, C) -> (B, 12 C).
+
+    Each channel is taken as is and scaled by ``log(n + 1) / log(average_n + 1)`` and by its
+    inverse (3 degree scalers); each of the three is reduced by sum, max, mean and standard
+    deviation (unbiased, n >= 2) over the n points. The output is ordered (channel, reduction,
+    scaler). The std has a 1e-12 floor under the root, so that a constant channel has a finite
+    gradient (the released code has none).
+    """
+
+    def __init__(self, average_n: float = 9.0) -> None:
+        super().__init__()
+        self.log_average = math.log(average_n + 1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        if n < 2:
+            raise ValueError(f"PNA pooling needs sets of at least 2 points, got {n}")
+        amplify = math.log(n + 1.0) / self.log_average
+        x = torch.stack([x, x * amplify, x / amplify], dim=-1)  # (B, n, C, 3)
+        var = x.var(dim=1)
+        reductions = [x.sum(1), x.amax(1), x.mean(1), (var + 1e-12).sqrt()]
+        return torch.stack(reductions, dim=2).flatten(1)  # (B, C, 4, 3) -> (B, 12 C)
+
+
+class SetBlock(nn.Module):
+    """``x + BN(relu(Transformer(x)))`` on equal-size sets (B, n, C); batch norm over all points."""
+
+    def __init__(self, channels: int, heads: int, feedforward: int) -> None:
+        super().__init__()
+        self.attn = nn.TransformerEncoderLayer(
+            channels, heads, feedforward, dropout=0.0, batch_first=True
+        )
+        self.norm = nn.BatchNorm1d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + _point_norm(self.norm, F.relu(self.attn(x)))
+
+
+def _point_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """Batch norm over the points of (B, n, C)."""
+    return norm(x.flatten(0, 1)).view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Creation modules: (z (B, latent), n) -> (B, n, set_channels)
+# ---------------------------------------------------------------------------------------------
+
+
+class TopN(nn.Module):
+    """The released code's Top-n (module docstring)."""
+
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.points = nn.Parameter(torch.randn(cfg.n_ref, cfg.set_channels))
+        angles = torch.randn(cfg.n_ref, cfg.angle_dim)
+        self.angles = nn.Parameter(angles / (angles.norm(dim=1, keepdim=True) + 1e-5))
+        self.angle_mlp = AuthorsMLP(cfg.latent_dim, cfg.angle_dim, cfg.angle_hidden, 2)
+        self.gamma = nn.Linear(1, cfg.set_channels)
+        self.beta = nn.Linear(1, cfg.set_channels)
+
+    def forward(self, z: Tensor, n: int) -> Tensor:
+        q = self.angle_mlp(z)
+        q = q / (q.norm(dim=1, keepdim=True) + 1e-5)
+        probs = torch.softmax(q @ self.angles.T, dim=1)  # (B, n_ref)
+        top, index = torch.topk(probs, n, dim=1, largest=True, sorted=True)
+        m = (n * top)[..., None]  # (B, n, 1)
+        return self.gamma(m) * self.points[index] + self.beta(m)
+
+
+class FirstN(nn.Module):
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.points = nn.Parameter(torch.randn(cfg.n_ref, cfg.set_channels))
+
+    def forward(self, z: Tensor, n: int) -> Tensor:
+        return self.points[:n].expand(z.shape[0], -1, -1)
+
+
+class IID(nn.Module):
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.set_channels = cfg.set_channels
+
+    def forward(self, z: Tensor, n: int) -> Tensor:
+        return torch.randn(z.shape[0], n, self.set_channels, dtype=z.dtype, device=z.device) / (
+            math.sqrt(n)
+        )
+
+
+class MLPCreation(nn.Module):
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.shape = (cfg.n_ref, cfg.set_channels)
+        self.mlp = AuthorsMLP(
+            cfg.latent_dim, cfg.n_ref * cfg.set_channels, cfg.creation_mlp_hidden, 2
+        )
+
+    def forward(self, z: Tensor, n: int) -> Tensor:
+        return self.mlp(z).view(z.shape[0], *self.shape)[:, :n]
+
+
+_CREATION_MODULES = {"topn": TopN, "firstn": FirstN, "iid": IID, "mlp": MLPCreation}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder, decoder, VAE
+# ---------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Equal-size sets x (B, n, point_dim) -> (mu, log_var), each (B, latent_dim)."""
+
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = AuthorsMLP(
+            cfg.point_dim, cfg.hidden, cfg.encoder_mlp_hidden, 2, cond_dim=cfg.valency_classes
+        )
+        self.norm = nn.BatchNorm1d(cfg.hidden)
+        self.blocks = nn.ModuleList(
+            SetBlock(cfg.hidden, cfg.heads, cfg.feedforward) for _ in range(cfg.layers)
+        )
+        self.pool = PNAPooling(cfg.pna_average_n)
+        self.head = AuthorsMLP(12 * cfg.hidden, 2 * cfg.latent_dim, cfg.encoder_final_hidden, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        counts = valency_counts(x, mask, self.cfg.neighbor_dist)
+        classes = (counts - 1).clamp(0, self.cfg.valency_classes - 1)
+        onehot = F.one_hot(classes, self.cfg.valency_classes).to(x.dtype)
+        h = _point_norm(self.norm, F.relu(self.embed(x, onehot)))
+        for block in self.blocks:
+            h = block(h)
+        mu, log_var = self.head(F.relu(self.pool(h))).chunk(2, dim=-1)
+        return mu, log_var
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) and a size n -> points (B, n, point_dim)."""
+
+    def __init__(self, cfg: AuthorsConfig) -> None:
+        super().__init__()
+        self.creation = _CREATION_MODULES[cfg.creation](cfg)
+        self.embed = AuthorsMLP(
+            cfg.set_channels,
+            cfg.hidden,
+            cfg.decoder_mlp_hidden,
+            2,
+            cond_dim=cfg.latent_dim,
+            modulation="film",
+        )
+        self.norm = nn.BatchNorm1d(cfg.hidden)
+        self.blocks = nn.ModuleList(
+            SetBlock(cfg.hidden, cfg.heads, cfg.feedforward) for _ in range(cfg.layers)
+        )
+        self.head = AuthorsMLP(cfg.hidden, cfg.point_dim, cfg.decoder_final_hidden, 2)
+
+    def forward(self, z: Tensor, n: int) -> Tensor:
+        x = self.creation(z, n)
+        h = _point_norm(self.norm, F.relu(self.embed(x, z[:, None, :])))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _by_size(fn: Callable[[Tensor, int], Tensor], lengths: Tensor, width: int) -> Tensor:
+    """Runs ``fn(index, n)`` -> (len(index), n, C) on the sets of each size n and pads the
+    results into (B, width, C)."""
+    out: Tensor | None = None
+    for n in torch.unique(lengths).tolist():
+        index = (lengths == n).nonzero().squeeze(1)
+        part = fn(index, n)
+        if out is None:
+            out = part.new_zeros(lengths.shape[0], width, part.shape[-1])
+        out[index, :n] = part
+    assert out is not None
+    return out
+
+
+class AuthorsSetVAE(nn.Module):
+    """The released code's set VAE, with the interface of :class:`.SetVAE`:
+    ``model(points, lengths) -> VAEOutput``, ``reconstruct``, ``generate``, ``sample_sizes``.
+
+    points (B, N, point_dim), lengths (B,) integer in [2, N]. Sets of one size pass through the
+    model as one batch (batch norm statistics over all their points); a call with several sizes
+    runs each size as its own batch.
+    """
+
+    def __init__(self, cfg: AuthorsConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = AuthorsConfig() if cfg is None else cfg
+        self.encoder = Encoder(self.cfg)
+        self.decoder = Decoder(self.cfg)
+        sizes = torch.zeros(self.cfg.n_ref + 1)
+        sizes[2 : self.cfg.size_cap + 1] = 1.0
+        self.register_buffer("size_probs", sizes / sizes.sum())
+
+    def _inputs(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(points, Tensor) or points.dim() != 3:
+            raise TypeError("points must be a tensor (B, N, point_dim)")
+        if points.shape[-1] != self.cfg.point_dim:
+            raise ValueError(f"points must have {self.cfg.point_dim} channels, got {points.shape}")
+        if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point:
+            raise TypeError("lengths must be an integer tensor (B,)")
+        if tuple(lengths.shape) != (points.shape[0],):
+            raise ValueError(f"lengths must have shape ({points.shape[0]},), got {lengths.shape}")
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 2 or hi > points.shape[1]:
+            raise ValueError(f"lengths must be in [2, N={points.shape[1]}], got [{lo}, {hi}]")
+        return points, lengths.to(points.device, torch.int64)
+
+    def _encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        stats = _by_size(
+            lambda i, n: torch.cat(self.encoder(points[i, :n]), -1)[:, None], lengths, 1
+        )
+        return stats[:, 0].chunk(2, dim=-1)
+
+    def encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log_var), each (B, latent_dim)."""
+        return self._encode(*self._inputs(points, lengths))
+
+    def forward(self, points: Tensor, lengths: Tensor, noise: Tensor | None = None) -> VAEOutput:
+        """Encode, sample ``z = mu + sigma * noise`` (noise from the global RNG when None),
+        decode at the input's sizes; recon (B, N, point_dim) is zero past each length."""
+        points, lengths = self._inputs(points, lengths)
+        mu, log_var = self._encode(points, lengths)
+        if noise is None:
+            noise = torch.randn_like(mu)
+        z = mu + noise.to(mu) * (0.5 * log_var).exp()
+        recon = _by_size(lambda i, n: self.decoder(z[i], n), lengths, points.shape[1])
+        mask = torch.arange(points.shape[1], device=points.device) < lengths[:, None]
+        return VAEOutput(recon, mask, mu, log_var)
+
+    def reconstruct(self, points: Tensor, lengths: Tensor) -> Tensor:
+        """Decodes the latent mean: (B, N, point_dim), zero on padding."""
+        points, lengths = self._inputs(points, lengths)
+        mu, _ = self._encode(points, lengths)
+        return _by_size(lambda i, n: self.decoder(mu[i], n), lengths, points.shape[1])
+
+    @torch.no_grad()
+    def set_size_distribution(self, lengths: Tensor) -> None:
+        """Stores the distribution of the training sizes ``lengths`` (S,), each in [2, n_ref]."""
+        lengths = lengths.to(self.size_probs.device, torch.int64)
+        if lengths.numel() == 0 or int(lengths.min()) < 2 or int(lengths.max()) > self.cfg.n_ref:
+            raise ValueError(f"training sizes must be in [2, n_ref={self.cfg.n_ref}]")
+        counts = torch.bincount(lengths, minlength=self.cfg.n_ref + 1).to(self.size_probs)
+        self.size_probs.copy_(counts / counts.sum())
+
+    def sample_sizes(self, num: int, *, shift: int = 0, generator=None) -> Tensor:
+        """(num,) int64 sizes drawn from the training distribution, plus ``shift``, clamped to
+        ``[2, size_cap]`` (the released code's extrapolation: ``shift=10``)."""
+        sizes = torch.multinomial(self.size_probs.cpu(), num, replacement=True, generator=generator)
+        return (sizes + shift).clamp(2, self.cfg.size_cap).to(self.size_probs.device)
+
+    def generate(self, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """New sets from z ~ N(0, I) (global RNG), sizes (B,) in [2, size_cap]: points
+        (B, max size, point_dim) zero on padding, and the mask (B, max size)."""
+        if not isinstance(sizes, Tensor) or sizes.dim() != 1 or sizes.dtype.is_floating_point:
+            raise TypeError("sizes must be an integer tensor (B,)")
+        if int(sizes.min()) < 2 or int(sizes.max()) > self.cfg.size_cap:
+            raise ValueError(f"sizes must be in [2, size_cap={self.cfg.size_cap}]")
+        device, dtype = self.size_probs.device, self.size_probs.dtype
+        sizes = sizes.to(device, torch.int64)
+        z = torch.randn(sizes.shape[0], self.cfg.latent_dim, device=device, dtype=dtype)
+        width = int(sizes.max())
+        x = _by_size(lambda i, n: self.decoder(z[i], n), sizes, width)
+        return x, torch.arange(width, device=device) < sizes[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthorsLossConfig:
+    """Weights of the released code's loss (``lmbdas``) and the dataset's geometry."""
+
+    kl: float = 0.003
+    repulsion: float = 200.0
+    valency: float = 200.0
+    min_dist: float = 1.0
+    neighbor_dist: float = 2.0
+    max_valency: int = 4
+    backend: str = "auto"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLossConfig) -> dict:
+    """The released code's loss, each term summed over the sets of the batch (0-d tensors):
+    ``loss`` (to backpropagate) = ``reconstruction + kl * KL + repulsion * R + valency * V``
+    with ``reconstruction`` the matched distances, ``KL`` summed over latent dimensions, ``R``
+    the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted)."""
+    lengths = lengths.to(points.device)
+    rec = matched_distance(out.recon, points, lengths, lengths).sum()
+    kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
+    rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)
+    val = valency_penalty(
+        out.recon,
+        lengths,
+        neighbor_dist=cfg.neighbor_dist,
+        max_valency=cfg.max_valency,
+        backend=cfg.backend,
+    )
+    rep, val = rep.sum(), val.sum()
+    total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
+    return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
+
+
+def size_grouped_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
+    """The released code's batches: set indices sorted by size (stable), cut into runs of at
+    most ``batch_size`` sets of one size. Returns a list of int64 index tensors, in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.argsort(lengths.cpu(), stable=True)
+    batches = []
+    for n in torch.unique(lengths.cpu()).tolist():
+        same = order[lengths.cpu()[order] == n]
+        batches.extend(same.split(batch_size))
+    return batches
+
+
+def iterate_batches(
+    points: Tensor, lengths: Tensor, batches: list[Tensor]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(points (b, n, D), lengths (b,)) of each batch, trimmed to its one size n."""
+    for index in batches:
+        n = int(lengths[index[0]])
+        yield points[index, :n], lengths[index]
