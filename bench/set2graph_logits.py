@@ -4,7 +4,9 @@ topn_kernels/reference.py): named shapes x providers x directions.
 Providers: ``eager`` (the reference: the dense (B, n, n, 2s) pairs through the MLP),
 ``compile`` (torch.compile of the plain formulation, ``nn.Sequential(Linear, ReLU, Linear)`` on
 cat(x_i, x_j) at a fixed n, padding masked as the reference does; compiled, and run once, when
-the case is built, outside the timed region) and ``native`` (the C++ kernels, CPU).
+the case is built, outside the timed region), ``native`` (the C++ kernels, CPU) and ``triton``
+(the Triton kernels, CUDA only; run once when the case is built, so that the kernels are
+compiled outside the timed region).
 
 Directions: ``fwd`` under no_grad, and ``fwd+bwd`` timed as a training step: the forward, the
 loss ``(out * g).sum()`` for a fixed random g, ``loss.backward()``, then every gradient set to
@@ -13,8 +15,8 @@ None (so each step allocates its gradients, as a training loop with ``zero_grad(
 Shapes: ``qm9`` (B=512 sets of 1..9 points, s=64, h=64, k=4), ``large`` (B=4 sets of 1024
 points, s=64, h=128, k=4; the dense providers need about 10 GB and take seconds to minutes per
 call there, so they run once, as heavy cases), and the memory case ``n4096`` (one set of 4096
-points, h=128: native only, one timed call with its peak memory; the dense providers would hold
-(n^2, h) activations, about 17 GB).
+points, h=128: native and triton only, one timed call with its peak memory; the dense providers
+would hold (n^2, h) activations, about 17 GB).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Shape:
     k: int
     ragged: bool = False  # lengths uniform in [1, n], else every set has n points
     dense_heavy: bool = False  # eager and compile: one timed call
-    native_only: bool = False  # memory case: the dense providers would not fit
+    native_only: bool = False  # memory case: the dense providers would not fit (native, triton)
 
 
 SHAPES = [
@@ -84,6 +86,13 @@ def _providers(shape: Shape, device: torch.device) -> dict[str, tuple[Callable, 
             return lambda x, lengths: tk.set2graph_logits(x, *weights, lengths, backend="native")
 
         out["native"] = (native, shape.native_only)
+    if device.type == "cuda" and tk.triton.unavailable(device) is None:
+
+        def triton(mlp):
+            weights = (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+            return lambda x, lengths: tk.set2graph_logits(x, *weights, lengths, backend="triton")
+
+        out["triton"] = (triton, shape.native_only)
     return out
 
 
@@ -135,7 +144,7 @@ def cases(device: torch.device) -> Iterator[Case]:
                 def build(make=make, shape=shape, direction=direction, name=name):
                     mlp, x, lengths = make_inputs(shape, device)
                     call = timed_call(make(mlp), mlp, x, lengths, direction)
-                    if name == "compile":
+                    if name in ("compile", "triton"):
                         call()  # compiles: outside the timed region
                     return call
 

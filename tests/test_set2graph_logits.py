@@ -2,16 +2,23 @@
 
 - the oracle: ``topn_kernels.reference.set2graph_logits`` against ``nn.Sequential(Linear, ReLU,
   Linear)`` applied pair by pair in literal loops;
-- the native kernels against the reference on ragged batches (lengths 0, 1, n and between),
-  values and gradients under a random upstream gradient, in every float dtype, on shapes that
-  take each path of the kernels (the backward of small sets, vectorised over hidden units, and
-  of larger ones, vectorised over columns in several chunks of rows; class and hidden sizes
-  that leave partial vectors); every CPU build of the kernels (portable, AVX2, AVX-512);
+- the native and Triton kernels against the reference on ragged batches (lengths 0, 1, n and
+  between), values and gradients under a random upstream gradient, in every float dtype, on
+  shapes that take each path of the kernels (native: the backward of small sets, vectorised
+  over hidden units, and of larger ones, vectorised over columns in several chunks of rows;
+  class and hidden sizes that leave partial vectors); every CPU build of the native kernels
+  (portable, AVX2, AVX-512); the Triton kernels under several tile sizes (tiles that do not
+  divide n, partial chunks of hidden units, several chunks of the backward's partial sums,
+  with and without tl.dot), and their GPU build (compiled for sm_90 on the CPU);
 - padding never read (NaN and inf there change no bit), empty sets, determinism across runs and
   thread counts;
 - the op ``topn_kernels::set2graph_logits``: opcheck of the forward and of the backward under
-  several output masks, the fake kernel, torch.compile of a model without a graph break;
+  several output masks (both backends), the fake kernel, torch.compile of a model without a
+  graph break;
 - dispatch, bad input (a TypeError or ValueError naming the argument), the module.
+
+The Triton kernels run on CUDA where there is a GPU, else in Triton's interpreter on CPU
+tensors (tests/conftest.py): their tests keep to small shapes.
 
 Equivalence inputs are small multiples of powers of two (``_grid``): the first layer, sums of
 products of such numbers, is then exact in float32 and float64, in every backend and summation
@@ -23,9 +30,12 @@ are rounded as usual and compared with tolerances.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -38,13 +48,15 @@ from topn_kernels import reference
 from topn_kernels.nn import Set2GraphHead
 from topn_kernels.ops import _dispatch
 
-from .helpers import POISON, assert_close_scaled
+from .helpers import CUDA, POISON, assert_close_scaled, device_for, on_device
 
 OP = torch.ops.topn_kernels.set2graph_logits.default
 BACKWARD_OP = torch.ops.topn_kernels.set2graph_logits_backward.default
 INPUTS = ("x", "weight1", "bias1", "weight2", "bias2")
 META = torch.device("meta")
 ROOT = Path(__file__).resolve().parents[1]
+TRITON = device_for("triton")  # CUDA on a GPU machine, else the CPU (Triton's interpreter)
+BACKENDS = ("native", "triton")
 
 # forward and gradient tolerances (docs/operators.md, set2graph_logits, Dtypes and precision)
 RTOL = {
@@ -101,11 +113,17 @@ def _inputs(
 
 def _run(backend: str, inputs: list[Tensor], lengths: Tensor | None, seed: int = 7):
     """out, and the gradients of ``(out * g).sum()`` for a seeded random g (in out's dtype)
-    with respect to the inputs that require them."""
+    with respect to the inputs that require them. Triton runs on TRITON; its results come back
+    to the CPU."""
+    if backend == "triton":
+        inputs = on_device(TRITON, inputs)
+        lengths = None if lengths is None else lengths.to(TRITON)
     out = tk.set2graph_logits(*inputs, lengths, backend=backend)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    g = g.to(device=out.device, dtype=out.dtype)
     leaves = [t for t in inputs if t.requires_grad]
-    return out, torch.autograd.grad((out * g).sum(), leaves)
+    grads = torch.autograd.grad((out * g).sum(), leaves)
+    return out.cpu(), tuple(t.cpu() for t in grads)
 
 
 # --- the reference -----------------------------------------------------------------------------
@@ -134,12 +152,12 @@ def test_reference_keeps_the_input_dtype_and_ignores_padding():
     assert all(g.dtype == torch.bfloat16 and g.isfinite().all() for g in grads)
 
 
-# --- native against the reference --------------------------------------------------------------
+# --- native and Triton against the reference ---------------------------------------------------
 
 
-def _assert_matches_reference(inputs, lengths, dtype):
+def _assert_matches_reference(inputs, lengths, dtype, backend="native"):
     rtol, grad_rtol = RTOL[dtype]
-    out, grads = _run("native", inputs, lengths)
+    out, grads = _run(backend, inputs, lengths)
     ref, ref_grads = _run("reference", inputs, lengths)
     assert out.dtype == ref.dtype == dtype
     assert_close_scaled(out, ref, rtol)
@@ -152,15 +170,32 @@ def _assert_matches_reference(inputs, lengths, dtype):
 
 @pytest.mark.parametrize("dtype", RTOL, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_native_matches_reference(shape, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, shape, dtype):
     inputs, lengths = _inputs(*shape, dtype=dtype)
-    out, grads = _assert_matches_reference(inputs, lengths, dtype)
+    out, grads = _assert_matches_reference(inputs, lengths, dtype, backend)
     for b, length in enumerate(lengths.tolist()):  # zero blocks and rows past each set
         assert (out[b, length:] == 0).all() and (out[b, :, length:] == 0).all()
         assert (grads[0][b, length:] == 0).all()
 
 
-def test_native_matches_reference_on_unquantized_values():
+# (B, n, s, h, k, lengths): one point per set, full sets, a set of 0 points among full ones
+EDGE_SHAPES = {
+    "n1": (3, 1, 2, 6, 3, [1, 0, 1]),
+    "full": (2, 11, 3, 20, 5, [11, 11]),
+    "empty-and-full": (3, 6, 4, 17, 2, [6, 0, 6]),
+}
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES.values(), ids=EDGE_SHAPES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_lengths_match_reference(backend, shape):
+    for dtype in (torch.float32, torch.float64):
+        _assert_matches_reference(*_inputs(*shape, dtype=dtype), dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_on_unquantized_values(backend):
     """Arbitrary floats: the forward is continuous, so a relu decided differently within
     rounding of 0 changes the value by rounding only."""
     g = torch.Generator().manual_seed(3)
@@ -168,52 +203,60 @@ def test_native_matches_reference_on_unquantized_values():
     x = torch.randn(batch, n, s, generator=g)
     weights = [torch.randn(shape, generator=g) for shape in ((h, 2 * s), (h,), (k, h), (k,))]
     lengths = torch.tensor([23, 0, 1, 12, 22])
-    out = tk.set2graph_logits(x, *weights, lengths, backend="native")
+    device = TRITON if backend == "triton" else torch.device("cpu")
+    args = on_device(device, [x, *weights], lengths)
+    out = tk.set2graph_logits(*args[0], args[1], backend=backend).cpu()
     assert_close_scaled(out, reference.set2graph_logits(x, *weights, lengths), 1e-5)
 
 
-def test_lengths_none_means_full_sets():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lengths_none_means_full_sets(backend):
     inputs, _ = _inputs(2, 9, 3, 5, 2, [9, 9])
-    out, grads = _run("native", inputs, None)
-    full, full_grads = _run("native", inputs, torch.tensor([9, 9]))
+    out, grads = _run(backend, inputs, None)
+    full, full_grads = _run(backend, inputs, torch.tensor([9, 9]))
     assert torch.equal(out, full)
     assert all(torch.equal(a, b) for a, b in zip(grads, full_grads, strict=True))
 
 
 @pytest.mark.parametrize("shape", [SHAPES["small"], SHAPES["large"]], ids=["small", "large"])
-def test_padding_is_never_read(shape):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_is_never_read(backend, shape):
     """NaN, inf and -1e30 past each length change no bit of the values or the gradients, and
     padding rows get a zero gradient."""
     clean, lengths = _inputs(*shape)
     poisoned, _ = _inputs(*shape, poison=True)
     assert not poisoned[0].isfinite().all()
-    out, grads = _run("native", poisoned, lengths)
-    want, want_grads = _run("native", clean, lengths)
+    out, grads = _run(backend, poisoned, lengths)
+    want, want_grads = _run(backend, clean, lengths)
     assert torch.equal(out, want)
     for got, expected in zip(grads, want_grads, strict=True):
         assert torch.equal(got, expected)
     for b, length in enumerate(lengths.tolist()):
         assert (grads[0][b, length:] == 0).all()
-    _assert_matches_reference(poisoned, lengths, torch.float32)
+    _assert_matches_reference(poisoned, lengths, torch.float32, backend)
 
 
-def test_nan_in_a_real_point_gives_nan_in_its_set_only():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_real_point_gives_nan_in_its_set_only(backend):
     inputs, lengths = _inputs(3, 9, 3, 8, 2, [9, 5, 9])
     x = inputs[0].detach().clone()
     x[1, 2, 0] = float("nan")
-    out = tk.set2graph_logits(x, *inputs[1:], lengths, backend="native")
+    device = TRITON if backend == "triton" else torch.device("cpu")
+    args, lengths = on_device(device, [x, *inputs[1:]], lengths)
+    out = tk.set2graph_logits(*args, lengths, backend=backend).cpu()
     assert out[1, 2, :5].isnan().all() and out[1, :5, 2].isnan().all()
     assert out[[0, 2]].isfinite().all() and (out[1, 5:] == 0).all()
 
 
-def test_empty_sets_and_empty_shapes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sets_and_empty_shapes(backend):
     inputs, _ = _inputs(2, 6, 3, 5, 2, [0, 0])
-    out, grads = _run("native", inputs, torch.tensor([0, 0]))
+    out, grads = _run(backend, inputs, torch.tensor([0, 0]))
     assert (out == 0).all() and (grads[0] == 0).all() and (grads[1] == 0).all()
     assert torch.equal(grads[4], torch.zeros(2))  # no pair: no gradient for bias2
     for shape in [(0, 6, 3, 5, 2, []), (2, 0, 3, 5, 2, [0, 0]), (2, 4, 3, 5, 0, [4, 2])]:
         inputs, lengths = _inputs(*shape)
-        out, grads = _run("native", inputs, lengths)
+        out, grads = _run(backend, inputs, lengths)
         ref, ref_grads = _run("reference", inputs, lengths)
         assert out.shape == ref.shape
         for got, want in zip(grads, ref_grads, strict=True):
@@ -221,7 +264,8 @@ def test_empty_sets_and_empty_shapes():
 
 
 @pytest.mark.parametrize("n", [7, 40], ids=["small-sets", "large-sets"])
-def test_degenerate_layer_sizes(n):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_layer_sizes(backend, n):
     """s = 0 (the first layer is its bias), h = 0 (the output is bias2), h = 1 and k = 1,
     k = 0 (an empty output), and a batch of empty sets."""
     shapes = [
@@ -233,10 +277,11 @@ def test_degenerate_layer_sizes(n):
     ]
     for shape in shapes:
         inputs, lengths = _inputs(*shape)
-        _assert_matches_reference(inputs, lengths, torch.float32)
+        _assert_matches_reference(inputs, lengths, torch.float32, backend)
 
 
-def test_only_the_gradients_asked_for_are_computed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_gradients_asked_for_are_computed(backend):
     inputs, lengths = _inputs(*SHAPES["large"])
     _, want = _run("reference", inputs, lengths)
     masks = [
@@ -247,7 +292,7 @@ def test_only_the_gradients_asked_for_are_computed():
     ]
     for wanted in masks:
         leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted, strict=True)]
-        _, grads = _run("native", leaves, lengths)
+        _, grads = _run(backend, leaves, lengths)
         expected = [g for g, w in zip(want, wanted, strict=True) if w]
         for got, ref in zip(grads, expected, strict=True):
             assert_close_scaled(got, ref, 1e-4)
@@ -272,6 +317,44 @@ def test_native_is_deterministic_across_runs_and_thread_counts():
     for other in results[1:]:
         for got, want in zip(other, results[0], strict=True):
             assert torch.equal(got, want)
+
+
+def test_triton_is_deterministic():
+    """No atomics: the backward's partial sums are added in a fixed order (torch's
+    deterministic mode is on in every test, tests/conftest.py)."""
+    inputs, lengths = _inputs(*SHAPES["qm9-like"])
+    first = _run("triton", inputs, lengths)
+    again = _run("triton", inputs, lengths)
+    for got, want in zip([again[0], *again[1]], [first[0], *first[1]], strict=True):
+        assert torch.equal(got, want)
+
+
+# Tile sizes forced on the Triton kernels (block_a, block_o, block_h, chunks) at n = 9, h = 20:
+# tiles that do not divide n, hidden units in partial chunks, the backward's sums over the
+# other points split into 3 chunks (the last one partial), with tl.dot (16 pairs and 16 hidden
+# units at least) and without; 3 classes in float32, 17 (a partial tile of 32) in float64.
+TRITON_TILES = {
+    "no-dot": (4, 4, 8, 3),
+    "dot": (4, 4, 16, 3),
+    "tall": (8, 4, 16, 4),
+}
+
+
+@pytest.mark.parametrize("tiles", TRITON_TILES.values(), ids=TRITON_TILES.keys())
+def test_triton_tile_sizes(monkeypatch, tiles):
+    from topn_kernels.triton import set2graph_launch
+
+    block_a, block_o, block_h, chunks = tiles
+    forced = set2graph_launch.Tiles(block_a, block_o, block_h, chunks=chunks)
+    monkeypatch.setattr(set2graph_launch, "tiles", lambda *args, **kwargs: forced)
+    use_dot = block_a * block_o >= 16 and block_h >= 16
+    for k, dtype in ((3, torch.float32), (17, torch.float64)):
+        args = (2, 9, 20, k, True, True, True, True, dtype == torch.float64, False)
+        launch, chunk, used = set2graph_launch.backward_launch(*args)
+        assert launch.meta["USE_DOT"] == use_dot
+        assert used == 3 and chunk % block_o == 0 and 2 * chunk < 9
+        inputs, lengths = _inputs(2, 9, 3, 20, k, [9, 6], dtype=dtype, poison=True)
+        _assert_matches_reference(inputs, lengths, dtype, "triton")
 
 
 CPU_BUILDS = {
@@ -303,33 +386,164 @@ def test_every_cpu_build_matches_the_reference(setting):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
 
 
+# (name, B, n, h, k, dtype): the benchmark shapes, bfloat16, float64 and 32 classes
+HOPPER_SHAPES = [
+    ("qm9", 512, 9, 64, 4, "fp32"),
+    ("large", 4, 1024, 128, 4, "fp32"),
+    ("large-bf16", 4, 1024, 128, 4, "bf16"),
+    ("fp64", 4, 256, 64, 4, "fp64"),
+    ("k32", 4, 256, 64, 32, "fp32"),
+]
+# (rows, want_h, want_w2, want_b2) of the backward's launches: every gradient; only weight2;
+# only bias2; the column role
+HOPPER_BACKWARDS = [(True, True, True, True), (True, False, True, False)]
+HOPPER_BACKWARDS += [(True, False, False, True), (False, True, False, False)]
+
+
+def _ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spill store bytes) that ptxas (shipped with Triton) reports for one kernel."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    if not ptxas.exists():
+        ptxas = ptxas.with_name("ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        command = [str(ptxas), "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    return regs, int(re.search(r"(\d+) bytes spill stores", out).group(1))
+
+
+def compile_for_hopper() -> None:
+    """Compiles the Triton kernels as the host code launches them on a GPU, for sm_90, on the
+    CPU (Triton's compiler and ptxas); prints one JSON line per kernel variant. Run without
+    TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from topn_kernels.triton import set2graph_backward, set2graph_forward
+    from topn_kernels.triton import set2graph_launch as launches
+
+    def signature(text: str, meta: dict) -> dict:
+        return dict(word.split(":") for word in text.split()) | dict.fromkeys(meta, "constexpr")
+
+    for name, batch, n, h, k, dt in HOPPER_SHAPES:
+        io, ct, f64 = f"*{dt}", "*fp64" if dt == "fp64" else "*fp32", dt == "fp64"
+        variants = [
+            (
+                set2graph_forward.pairs_forward_kernel,
+                f"u_ptr:{ct} v_ptr:{ct} w2_ptr:{ct} b2_ptr:{ct} lengths_ptr:*i64 "
+                f"out_ptr:{io} n:i32 h:i32 k:i32",
+                launches.forward_launch(batch, n, h, k, f64, False),
+            )
+        ]
+        for roles in HOPPER_BACKWARDS:
+            launch, _, _ = launches.backward_launch(batch, n, h, k, *roles, f64, False)
+            text = (
+                f"g_ptr:{io} u_ptr:{ct} v_ptr:{ct} w2_ptr:{ct} lengths_ptr:*i64 gh_ptr:{ct} "
+                f"gw2_ptr:{ct} gb2_ptr:{ct} stride_gb:i32 stride_gi:i32 stride_gj:i32 "
+                "stride_gk:i32 batch:i32 n:i32 h:i32 k:i32 chunk:i32"
+            )
+            variants.append((set2graph_backward.pairs_backward_kernel, text, launch))
+        for kernel, text, launch in variants:
+            source = ASTSource(kernel, signature(text, launch.meta), constexprs=launch.meta)
+            options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+            options["enable_fp_fusion"] = True
+            target = GPUTarget("cuda", 90, 32)
+            ptx = triton.compile(source, target=target, options=options).asm["ptx"]
+            regs, spills = _ptxas_report(ptx)
+            row = {"shape": name, "kernel": kernel.__name__, "constexprs": launch.meta}
+            row |= {"num_warps": launch.num_warps, "registers": regs, "spill_bytes": spills}
+            row["tf32"] = len(re.findall(r"tf32", ptx))
+            print(json.dumps(row), flush=True)
+
+
+@pytest.mark.slow  # about a minute from a cold Triton cache
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels compile for real in the other tests")
+def test_triton_kernels_compile_for_hopper():
+    """Every kernel variant the host code launches on a GPU compiles for sm_90, keeps float32
+    products in float32 (no TF32 instruction) and spills next to no registers."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "from tests.test_set2graph_logits import compile_for_hopper; compile_for_hopper()"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(HOPPER_SHAPES) * (1 + len(HOPPER_BACKWARDS))
+    for row in rows:
+        assert row["spill_bytes"] <= 64 and row["tf32"] == 0, row
+        assert row["constexprs"]["USE_DOT"], row
+
+
 # --- the op: opcheck, fake kernel, torch.compile ------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [SHAPES["small"], SHAPES["large"]], ids=["small", "large"])
-def test_opcheck_forward(shape):
-    inputs, lengths = _inputs(*shape)
-    torch.library.opcheck(OP, (*inputs, lengths, "native"))
+def _device_of(backend: str) -> torch.device:
+    return TRITON if backend == "triton" else torch.device("cpu")
 
 
 @pytest.mark.parametrize(
-    "wanted",
+    ("backend", "shape"),
     [
-        (True,) * 5,
-        (False, True, False, True, False),
-        (True, False, False, False, False),
-        (False, False, False, False, True),
-        (False, False, True, True, False),
+        pytest.param("native", SHAPES["small"], id="native-small"),
+        pytest.param("native", SHAPES["large"], id="native-large"),
+        pytest.param("triton", SHAPES["small"], id="triton-small"),
     ],
 )
-def test_opcheck_backward(wanted):
-    inputs, lengths = _inputs(*SHAPES["large"])
+def test_opcheck_forward(backend, shape):
+    inputs, lengths = on_device(_device_of(backend), *_inputs(*shape))
+    torch.library.opcheck(OP, (*inputs, lengths, backend))
+
+
+OUTPUT_MASKS = [
+    (True,) * 5,
+    (False, True, False, True, False),
+    (True, False, False, False, False),
+    (False, False, False, False, True),
+    (False, False, True, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "wanted"),
+    [pytest.param("native", w, id=f"native-{i}") for i, w in enumerate(OUTPUT_MASKS)]
+    # the interpreter is slow: two masks, which between them launch every kernel variant
+    + [pytest.param("triton", OUTPUT_MASKS[i], id=f"triton-{i}") for i in (0, 4)],
+)
+def test_opcheck_backward(backend, wanted):
+    device = _device_of(backend)
+    inputs, lengths = on_device(device, *_inputs(*SHAPES["large"]))
     inputs = [t.detach() for t in inputs]
-    g = torch.randn(3, 37, 37, 9, generator=torch.Generator().manual_seed(0))
-    args = (g, *inputs, lengths, list(wanted), "native")
+    g = torch.randn(3, 37, 37, 9, generator=torch.Generator().manual_seed(0)).to(device)
+    args = (g, *inputs, lengths, list(wanted), backend)
     grads = BACKWARD_OP(*args)
     assert [t is not None for t in grads] == list(wanted)
     torch.library.opcheck(BACKWARD_OP, args)
+
+
+def test_triton_reads_the_upstream_gradient_with_its_strides():
+    """An expanded gradient (``out.sum()``: stride 0) and a permuted one give the gradients of
+    the same values made contiguous."""
+    inputs, lengths = on_device(TRITON, *_inputs(*SHAPES["small"]))
+    inputs = [t.detach() for t in inputs]
+    everything = [True] * 5
+    for g in (
+        torch.ones((), device=TRITON).expand(4, 5, 5, 6),
+        torch.randn(6, 5, 5, 4, device=TRITON).permute(3, 2, 1, 0),
+    ):
+        got = BACKWARD_OP(g, *inputs, lengths, everything, "triton")
+        want = BACKWARD_OP(g.contiguous(), *inputs, lengths, everything, "triton")
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_the_kernel_checks_lengths_itself():
@@ -396,19 +610,31 @@ def test_auto_runs_native_on_cpu():
     assert torch.equal(out, tk.set2graph_logits(*inputs, lengths, backend="native"))
 
 
-def test_triton_is_reported_unavailable_and_auto_on_cuda_falls_back(monkeypatch):
+def test_auto_runs_triton_on_cuda_or_falls_back_when_it_cannot_run(monkeypatch):
+    """Whether or not this machine has a GPU: Triton's availability is patched."""
     monkeypatch.setattr(_dispatch, "_warned", set())
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     cuda = torch.device("cuda")
-    error, reason = _dispatch._unavailable("triton", cuda, "set2graph_logits")
-    assert error is RuntimeError and "not written yet" in reason
-    with pytest.warns(RuntimeWarning, match="set2graph_logits: backend 'auto' falls back"):
+    monkeypatch.setattr(_dispatch.triton_backend, "unavailable", lambda device: None)
+    assert _dispatch.resolve("set2graph_logits", "auto", cuda) == "triton"
+    assert _dispatch.resolve("set2graph_logits", "auto", torch.device("cpu")) == "native"
+    no_gpu = (RuntimeError, "no GPU here")
+    monkeypatch.setattr(_dispatch.triton_backend, "unavailable", lambda device: no_gpu)
+    with pytest.warns(RuntimeWarning, match="backend 'auto' falls back.*no GPU here"):
         assert _dispatch.resolve("set2graph_logits", "auto", cuda) == "reference"
-    inputs, lengths = _inputs(*SHAPES["small"])
-    with pytest.raises(RuntimeError, match="not written yet"):
-        tk.set2graph_logits(*inputs, lengths, backend="triton")
-    with pytest.raises(NotImplementedError, match="Triton kernels"):
-        OP(*inputs, lengths, "triton")
+    with pytest.raises(RuntimeError, match="no GPU here"):
+        _dispatch.resolve("set2graph_logits", "triton", cuda)
+
+
+def test_triton_runs_the_op_with_the_triton_kernels():
+    inputs, lengths = on_device(TRITON, *_inputs(*SHAPES["small"]))
+    with tk.record_backends() as calls:
+        out = tk.set2graph_logits(*inputs, lengths, backend="triton")
+        if CUDA:  # auto on CUDA tensors
+            assert torch.equal(tk.set2graph_logits(*inputs, lengths), out)
+    assert calls["set2graph_logits"] == {"triton": 2 if CUDA else 1}
+    assert out.device == TRITON
+    assert torch.equal(out, OP(*inputs, lengths, "triton"))
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -459,7 +685,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference", *(() if CUDA else ("triton",))])
 @pytest.mark.parametrize(
     ("changes", "error", "name"), [pytest.param(c, e, n, id=i) for i, c, e, n in BAD_INPUT]
 )

@@ -1,8 +1,7 @@
 """Backend selection (docs/operators.md, Backends and dispatch).
 
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
-native extension on CPU for ``topn_create`` and ``set2graph_logits`` (whose Triton kernels are
-not written yet: ``_unavailable`` reports them missing, so on CUDA it runs the reference); the
+native extension on CPU for ``topn_create`` and ``set2graph_logits``; the
 native extension on CPU for ``sinkhorn_loss`` (without per-point weights, which it lacks);
 KeOps for the other losses (and Sinkhorn on CUDA), or the dense reference for problems small
 enough that KeOps' overheads dominate. When that backend is not
@@ -38,9 +37,6 @@ BACKENDS = {
     "set2graph_logits": ("reference", "native", "triton"),
 }
 
-# operators whose Triton kernels are not written yet: "triton" is unavailable for them
-_NO_TRITON_KERNELS = frozenset({"set2graph_logits"})
-
 _warned: set[str] = set()
 
 
@@ -56,8 +52,6 @@ def _unavailable(
     backend: str, device: torch.device, op: str | None = None
 ) -> tuple[type[Exception], str] | None:
     """Why ``backend`` cannot run ``op`` on ``device`` (exception type and reason), or None."""
-    if backend == "triton" and op in _NO_TRITON_KERNELS:
-        return RuntimeError, f"the Triton kernels of {op} are not written yet"
     if backend == "native":
         if device.type != "cpu":
             return ValueError, f"the native backend runs on CPU tensors, got {device} tensors"
@@ -117,25 +111,25 @@ def _resolve(
     op: str, backend: object, device: torch.device, small: bool, unsupported: Mapping[str, str]
 ) -> str:
     allowed = BACKENDS[op]
-        if backend in unsupported:
-            raise ValueError(
-                f"{op}: backend={backend!r} cannot run this call: {unsupported[backend]}"
-            )
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
     if backend == "auto":
         forced = os.environ.get(ENV_VAR)
         if forced:
             backend = _checks.choice(forced, ENV_VAR, ("auto", *allowed))
     if backend != "auto":
+        if backend in unsupported:
+            raise ValueError(
+                f"{op}: backend={backend!r} cannot run this call: {unsupported[backend]}"
+            )
         problem = _unavailable(backend, device, op)
-    if wanted in unsupported:
-        wanted = "keops"
         if problem is not None:
             error, reason = problem
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
         return backend
 
     wanted = _preferred(op, device)
+    if wanted in unsupported:
+        wanted = "keops"
     if small and wanted == "keops":
         return "reference"
     problem = _unavailable(wanted, device, op)

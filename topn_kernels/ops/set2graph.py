@@ -65,15 +65,16 @@ def set2graph_logits(
         weight2: (k, h), bias2: (k,): the second layer (``nn.Linear(h, k)``).
         lengths: integer tensor (B,) of set sizes, each in [0, n] (a set of 0 points gives an
             all-zero block); None: every set has n points.
-        backend: "auto", "reference" or "native" (CPU). "triton" is reserved: its kernels are
-            not written yet, so it is reported unavailable; "auto" runs "native" on CPU tensors
-            and, on CUDA tensors, falls back to "reference" with a one-time RuntimeWarning.
+        backend: "auto", "reference", "native" (CPU) or "triton" (CUDA; CPU tensors under
+            TRITON_INTERPRET=1). "auto" runs "native" on CPU tensors and "triton" on CUDA
+            tensors (the reference, with a one-time RuntimeWarning, when Triton cannot run).
 
     Returns:
         (B, n, n, k) in the input dtype. float16/bfloat16/float32/float64 inputs (one dtype
         for all); computed in float32 (float64 for float64). Gradients reach x (0 on padding
-        rows), weight1, bias1, weight2 and bias2. The native kernel never stores the (B, n, n,
-        h) hidden activations (its memory grows as the output, B n^2 k); the reference does.
+        rows), weight1, bias1, weight2 and bias2. The native and Triton kernels never store the
+        (B, n, n, h) hidden activations (their memory grows as the output, B n^2 k); the
+        reference does.
     """
     sizes, chosen = _validate(x, weight1, bias1, weight2, bias2, lengths, backend)
     if chosen == "reference":

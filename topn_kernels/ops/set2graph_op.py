@@ -4,10 +4,10 @@ for every backend (docs/operators.md, ``set2graph_logits``).
 This module holds what the backends share: the forward and backward schemas, the fake kernels
 that check shapes and dtypes (what ``torch.compile`` and ``opcheck`` trace), and the autograd
 registration. A backend supplies only its two kernels (:class:`Kernels`): the native one in
-:mod:`topn_kernels.native.set2graph` (C++, CPU). The Triton kernels are not written yet:
-``backend="triton"`` names them in the schema, and :func:`_kernels` raises
-``NotImplementedError`` for it (the public function never gets there: the dispatcher reports
-Triton unavailable for this operator). The ``backend`` argument of the op is a constant under
+:mod:`topn_kernels.native.set2graph` (C++, CPU) and the Triton one in
+:mod:`topn_kernels.triton.set2graph_launch` (CUDA; CPU under ``TRITON_INTERPRET=1``). Both
+backwards are deterministic (no atomics), so the op has no ``deterministic`` argument. The
+``backend`` argument of the op names the kernels to run; it is a constant under
 ``torch.compile``, so the op stays one opaque node whatever the backend.
 """
 
@@ -39,11 +39,11 @@ class Kernels(NamedTuple):
 
 
 def _kernels(backend: str) -> Kernels:
-    """The kernels of ``backend``, imported at the first call."""
+    """The kernels of ``backend``, imported at the first call (Triton only when used)."""
     if backend == "native":
         from ..native import set2graph as module
     elif backend == "triton":
-        raise NotImplementedError(f"{OP}: the Triton kernels of this operator are not written yet")
+        from ..triton import set2graph_launch as module
     else:
         raise ValueError(f"{OP}: backend must be 'native' or 'triton', got {backend!r}")
     return Kernels(module.forward, module.backward)

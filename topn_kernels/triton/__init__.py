@@ -10,7 +10,13 @@ to run the kernels on CPU tensors, set ``TRITON_INTERPRET=1`` before anything im
 - ``topn_create_launch.py``: launch configurations, the host forward and backward: the kernels
   that the op ``topn_kernels::topn_create`` (``topn_kernels/ops/topn_create_op.py``, shared
   with the native backend) runs for ``backend="triton"``;
+- ``set2graph_forward.py``, ``set2graph_backward.py``: the pair kernels of set2graph_logits;
+- ``set2graph_launch.py``: their tile sizes, the host forward and backward: the kernels that
+  the op ``topn_kernels::set2graph_logits`` (``topn_kernels/ops/set2graph_op.py``, shared with
+  the native backend) runs for ``backend="triton"``;
 - ``_math.py``: exactly rounded arithmetic and ranking keys shared by the kernels.
+
+``unavailable`` is the same for every operator: the kernels of both run wherever Triton does.
 """
 
 from __future__ import annotations
