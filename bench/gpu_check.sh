@@ -4,18 +4,27 @@
 #   bash bench/gpu_check.sh            # from the repository root; OUT=<dir> to choose the output
 #
 # 1. installs the wheels carried in .whl/ (if any) into /tmp/site;
-# 2. builds the C++ extension against the machine's own torch (pip -e, --no-deps: the
-#    machine's torch may be older than pyproject's runtime pin; the Triton tests do not need it);
-# 3. runs the GPU tests (tests/test_topn_create_triton.py, the triton and GPU cases of
-#    test_topn_create.py);
-# 4. runs the topn_create benchmark, one shape at a time (eager, compile and triton providers),
-#    and checks the Triton kernels' GPU targets against it (bench/topn_create.py: check_targets).
-# Writes $OUT/gpu_check.json (what ran, its status, the targets), $OUT/gpu_check.log (all output),
-# $OUT/tests.xml (JUnit), $OUT/bench.json and $OUT/bench.png (the benchmark rows and plot).
-# Without a CUDA GPU it stops at once with a message and status 2. Each step has a time limit,
-# and the run stops starting steps once GPU_CHECK_SECONDS (default 540) have passed, so that it
-# ends within a 10-minute lease command whatever hangs; most of the time goes to compiling
-# kernels and torch.compile graphs.
+# 2. benchmarks the targets' shapes first (bench/topn_create.py: target and target_bf16
+#    forward, then paper forward and forward+backward), every Triton path beside the eager
+#    reference, each path's index compared with the reference's (the rows' params);
+# 3. runs the GPU tests of tests/test_topn_create_triton.py (every path at the benchmark
+#    shapes among them), benchmarks the paper shape's torch.compile and
+#    torch.compile(mode="reduce-overhead") baselines, and runs the triton and GPU cases of
+#    test_topn_create.py;
+# 4. benchmarks the other shapes (large_batch, point_cloud), and set2graph_logits when its
+#    benchmark has a Triton provider;
+# 5. builds the C++ extension last, with what time is left (the Triton checks do not need it:
+#    the package imports without it).
+# The targets are checked against the benchmark rows (bench/topn_create.py: check_targets).
+# Writes one record, $OUT/gpu_check.json: each step's status and seconds (or why it did not
+# run: out_of_time, no_triton_provider; listed again under "skipped"), the tests' counts and
+# failures, the targets and the benchmark rows. Beside it: $OUT/gpu_check.log (all output),
+# $OUT/tests_*.xml (JUnit), $OUT/bench.json and $OUT/bench.png (the rows and their plot).
+# Without a CUDA GPU it stops at once with a message and status 2. Each step has a time limit
+# (SIGINT at the limit: pytest still writes its XML), and no step starts or runs past
+# GPU_CHECK_SECONDS (default 540) minus 50 s kept for the report, so that the whole run ends
+# within a 10-minute lease command whatever hangs; most of the time goes to compiling kernels
+# and torch.compile graphs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_check}"
@@ -26,7 +35,8 @@ LOG="$OUT/gpu_check.log"
 STEPS="$OUT/.steps"
 : >"$STEPS"
 export PYTHONUNBUFFERED=1
-DEADLINE=$(($(date +%s) + ${GPU_CHECK_SECONDS:-540}))
+# steps start and end before DEADLINE; the last 50 s are kept for the report and the summary
+DEADLINE=$(($(date +%s) + ${GPU_CHECK_SECONDS:-540} - 50))
 
 log() { echo "gpu_check: $*" | tee -a "$LOG"; }
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, records its status
@@ -35,29 +45,33 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, logs it, reco
   left=$((DEADLINE - $(date +%s)))
   if [ "$left" -lt 20 ]; then
     log "$name: skipped, out of time"
-    echo "$name skipped 0" >>"$STEPS"
+    echo "$name out_of_time 0" >>"$STEPS"
     return 124
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   log "$name: $*"
   start=$(date +%s)
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  # SIGINT first: pytest then stops and still writes its JUnit XML of the tests run so far
+  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   echo "$name $rc $(($(date +%s) - start))" >>"$STEPS"
   log "$name: status $rc after $(($(date +%s) - start)) s"
   return $rc
 }
-summary() {  # summary OK REASON: writes gpu_check.json from the recorded steps
+summary() {  # summary OK REASON: writes gpu_check.json, the one record of the run
   "$PYTHON" - "$OUT" "$1" "$2" <<'EOF' || echo "{\"ok\": false, \"reason\": \"$2\"}" >"$OUT/gpu_check.json"
 import json, sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out, ok, reason = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 steps = {}
 for line in (out / ".steps").read_text().splitlines():
     name, rc, seconds = line.split()
-    steps[name] = {"status": rc if rc == "skipped" else int(rc), "seconds": int(seconds)}
+    status = int(rc) if rc.lstrip("-").isdigit() else rc  # or why it did not run
+    steps[name] = {"status": status, "seconds": int(seconds)}
 result = {"ok": ok, "reason": reason, "steps": steps}
+result["skipped"] = {name: s["status"] for name, s in steps.items() if isinstance(s["status"], str)}
 try:
     import torch
 
@@ -68,10 +82,30 @@ try:
     result["triton"] = triton.__version__
 except Exception as err:  # the summary must be written whatever is missing
     result["import_error"] = repr(err)
-if (out / "targets.json").exists():
-    result["targets"] = json.loads((out / "targets.json").read_text())
+tests = {}
+for path in sorted(out.glob("tests_*.xml")):
+    try:
+        cases = list(ET.parse(path).getroot().iter("testcase"))
+    except ET.ParseError as err:
+        tests[path.stem] = {"error": repr(err)}
+        continue
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for case in cases:
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+            counts["failures"].append(name)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    tests[path.stem] = counts
+result["tests"] = tests
+for name in ("targets", "bench"):
+    if (out / f"{name}.json").exists():
+        result[name] = json.loads((out / f"{name}.json").read_text())
 (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
-print(json.dumps(result, indent=1))
+print(json.dumps({k: v for k, v in result.items() if k != "bench"}, indent=1))
 EOF
 }
 
@@ -95,24 +129,46 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   step wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-step build 180 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . ||
-  log "build failed: the native extension is missing; the Triton checks go on without it"
-
-parallel=()
-if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-step tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" -k "triton or gpu" \
-  --junitxml="$OUT/tests.xml" tests/test_topn_create_triton.py tests/test_topn_create.py
-tests_rc=$?
 
 BENCH_TMP=$(mktemp -d)
 bench_rc=0
-for shape in paper target target_bf16 large_batch point_cloud; do  # the targets' shapes first
-  step "bench_$shape" 120 "$PYTHON" -m bench --op topn_create --shape "$shape" \
-    --out "$BENCH_TMP/$shape" || bench_rc=1
-done
+bench() {  # bench OP SHAPE SECONDS [PROVIDERS]: PROVIDERS (bench/topn_create.py) names a step
+  local name="bench_$2${4:+_${4//,/_}}"
+  TOPN_BENCH_PROVIDERS="${4:-}" step "$name" "$3" "$PYTHON" -m bench --op "$1" --shape "$2" \
+    --out "$BENCH_TMP/$name" || bench_rc=1
+}
+# the targets' shapes first, the Triton paths before the torch.compile baselines, so that a
+# baseline's compile time cannot cost the Triton rows
+bench topn_create target 80 eager,triton
+bench topn_create target_bf16 50 eager,triton
+bench topn_create paper 70 eager,triton
+
+tests_rc=0
+parallel=()
+if "$PYTHON" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+step tests_triton 120 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+  --junitxml="$OUT/tests_triton.xml" tests/test_topn_create_triton.py || tests_rc=1
+bench topn_create paper 100 compile # both baselines of the paper's targets
+step tests_shared 70 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+  -k "triton or gpu" --junitxml="$OUT/tests_shared.xml" tests/test_topn_create.py || tests_rc=1
+
+bench topn_create large_batch 60
+bench topn_create point_cloud 60
+if "$PYTHON" -c "
+import sys, torch
+from bench import set2graph_logits
+providers = {c.provider for c in set2graph_logits.cases(torch.device('cuda'))}
+sys.exit(0 if any(p.startswith('triton') for p in providers) else 1)
+" >>"$LOG" 2>&1; then
+  bench set2graph_logits qm9 60
+else
+  log "bench_set2graph_logits: skipped, its benchmark has no triton provider"
+  echo "bench_set2graph_logits no_triton_provider 0" >>"$STEPS"
+fi
+
 # The report runs whatever time is left: the rows measured so far and the targets.
 log "targets: rows of $BENCH_TMP"
-timeout 60 "$PYTHON" -c "
+timeout 40 "$PYTHON" -c "
 import json, sys
 from pathlib import Path
 from bench.topn_create import check_targets
@@ -128,6 +184,11 @@ if rows:
     plot(rows, Path(sys.argv[2], 'bench.png'))
 " "$BENCH_TMP" "$OUT" 2>&1 | tee -a "$LOG"
 rm -rf "$BENCH_TMP"
+
+# Last, with what time is left: the C++ extension against the machine's own torch (pip -e,
+# --no-deps: the machine's torch may be older than pyproject's runtime pin).
+step build 120 "$PYTHON" -m pip install --no-build-isolation --no-deps -e . ||
+  log "build failed or skipped: the native extension is not checked here"
 
 if [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]; then
   summary 1 "tests passed; benchmark rows in bench.json, targets in targets"

@@ -124,7 +124,7 @@ def _bounds(name: str, lo: int, hi: int, low: int, high: int | None, high_name: 
 def values_in_range(value: Tensor, name: str, low: int, high: int | None, high_name: str) -> None:
     """Every entry of ``value`` in [low, high] (high None: no upper bound); eager mode only."""
     if _eager() and value.numel() > 0:
-        lo, hi = (int(v) for v in torch.aminmax(value))
+        lo, hi = torch.stack(torch.aminmax(value)).tolist()  # one host read
         _bounds(name, lo, hi, low, high, high_name)
 
 
@@ -148,7 +148,7 @@ def set_sizes(
         check = check_values and _eager()
         if batch == 0 or not (check or n_max is None):
             return sizes, 0 if n_max is None else n_max
-        lo, hi = (int(v) for v in torch.aminmax(sizes))  # one reduction for every bound
+        lo, hi = torch.stack(torch.aminmax(sizes)).tolist()  # one reduction, one host read
         if check or n_max is None:  # the values are read already: the checks cost nothing
             _bounds("n", lo, hi, 1, upper, upper_name)
         n_max = hi if n_max is None else n_max

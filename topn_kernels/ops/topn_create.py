@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -28,7 +30,10 @@ class TopNOutput(NamedTuple):
 
 
 def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, backend):
-    """Checks every argument; returns (sizes int64 (B,), n_max, the backend to run)."""
+    """Checks every argument; returns (sizes int64 (B,), n_max, the backend to run, n_fixed).
+
+    For the Triton kernels an int ``n`` is passed as the integer ``n_fixed`` (else -1), with
+    ``sizes`` empty: no (B,) tensor to fill, one launch less."""
     query = _checks.float_tensor(query, "query", "(B, a)")
     angles = _checks.float_tensor(angles, "angles", "(n0, a)")
     table = _checks.float_tensor(table, "table", "(n0, d)")
@@ -50,10 +55,32 @@ def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, ba
     _checks.choice(score_norm, "score_norm", ("selected", "all"))
     _checks.flag(sorted, "sorted")
     chosen = _dispatch.resolve("topn_create", backend, query.device)
+    if chosen == "triton" and not isinstance(n, Tensor):  # checked as for B = 0 sets
+        _, n_max = _checks.set_sizes(n, n_max, 0, n0, "n0", query.device)
+        return query.new_empty((0,), dtype=torch.int64), n_max, chosen, n
+    check_values = host_checks_sizes(chosen, query.device, n_max)
     sizes, n_max = _checks.set_sizes(
-        n, n_max, batch, n0, "n0", query.device, check_values=chosen != "native"
+        n, n_max, batch, n0, "n0", query.device, check_values=check_values
     )
-    return sizes, n_max, chosen
+    return sizes, n_max, chosen, -1
+
+
+CHECK_SIZES_VAR = "TOPN_KERNELS_CHECK_SIZES"
+
+
+def host_checks_sizes(chosen: str, device: torch.device, n_max: object) -> bool:
+    """Whether the values of a tensor ``n`` are checked on the host before the kernels run.
+
+    Not for the native kernel, which checks them itself. Not for the Triton kernels on CUDA
+    when ``n_max`` is given: reading ``n`` would cost a device-to-host synchronisation per
+    call, and the kernels clamp each n_b to [0, min(n0, n_max)] (without ``n_max`` the values
+    are read anyway, to find it). ``TOPN_KERNELS_CHECK_SIZES=1`` keeps the check there too
+    (debugging)."""
+    if chosen == "native":
+        return False
+    if chosen == "triton" and device.type == "cuda" and n_max is not None:
+        return os.environ.get(CHECK_SIZES_VAR, "0").strip().lower() in ("1", "true", "on", "yes")
+    return True
 
 
 def topn_create(
@@ -96,11 +123,11 @@ def topn_create(
         inputs (one dtype for all); computed in float32 (float64 for float64), returned in the
         input dtype. Gradients reach query, angles, table, bias and film.
     """
-    sizes, n_max, chosen = _validate(
+    sizes, n_max, chosen, n_fixed = _validate(
         query, angles, table, bias, n, film, n_max, score_norm, sorted, backend
     )
     if chosen == "reference":
         kwargs = {"n_max": n_max, "score_norm": score_norm, "sorted": sorted}
         return TopNOutput(*reference.topn_create(query, angles, table, bias, sizes, film, **kwargs))
-    args = (query, angles, table, bias, sizes, film, n_max, score_norm, sorted, chosen)
+    args = (query, angles, table, bias, sizes, film, n_max, score_norm, sorted, chosen, n_fixed)
     return TopNOutput(*topn_create_op(*args))

@@ -31,36 +31,57 @@ class Kernels(NamedTuple):
     ``forward(query, angles, table, bias, n, film, n_max, score_norm, sorted)`` returns
     ``(x, mask, index, weight)``; ``backward(grad_x, grad_weight, query, angles, table, bias,
     n, film, index, score_norm, output_mask, deterministic)`` returns the gradients of query,
-    angles, table, bias and film, None where ``output_mask`` is False.
+    angles, table, bias and film, None where ``output_mask`` is False. ``n`` is int64 (B,);
+    a backend with ``fixed_n`` also takes the keyword ``n_fixed`` (the size of every set, or
+    None) and then does not read ``n``, which may be empty.
     """
 
     forward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor | None, ...]]
+    fixed_n: bool = False
 
 
 def _kernels(backend: str) -> Kernels:
     """The kernels of ``backend``, imported at the first call (Triton only when used)."""
     if backend == "native":
         from ..native import topn_create as module
-    elif backend == "triton":
+
+        return Kernels(module.forward, module.backward)
+    if backend == "triton":
         from ..triton import topn_create_launch as module
-    else:
-        raise ValueError(f"{OP}: backend must be 'native' or 'triton', got {backend!r}")
-    return Kernels(module.forward, module.backward)
+
+        return Kernels(module.forward, module.backward, fixed_n=True)
+    raise ValueError(f"{OP}: backend must be 'native' or 'triton', got {backend!r}")
+
+
+def _call(kernel: Callable, kernels: Kernels, n: Tensor, n_fixed: int, batch: int, args, rest):
+    """``kernel(*args, n, *rest)`` with the set sizes as the backend takes them: ``n_fixed``
+    (>= 0: every set's size) passed on, or ``n`` made (B,) for a backend without it."""
+    if kernels.fixed_n:
+        return kernel(*args, n, *rest, n_fixed=None if n_fixed < 0 else n_fixed)
+    if n_fixed >= 0:
+        n = torch.full((batch,), n_fixed, dtype=torch.int64, device=args[0].device)
+    return kernel(*args, n, *rest)
 
 
 @torch.library.custom_op(
     OP,
     mutates_args=(),
     schema="(Tensor query, Tensor angles, Tensor table, Tensor bias, Tensor n, Tensor film, "
-    "SymInt n_max, str score_norm, bool sorted, str backend) "
+    "SymInt n_max, str score_norm, bool sorted, str backend, SymInt n_fixed=-1) "
     "-> (Tensor x, Tensor mask, Tensor index, Tensor weight)",
 )
-def topn_create(query, angles, table, bias, n, film, n_max, score_norm, sorted, backend):
+def topn_create(
+    query, angles, table, bias, n, film, n_max, score_norm, sorted, backend, n_fixed=-1
+):
     """``(x, mask, index, weight)``: x (B, n_max, d) and weight (B, n_max) in the input dtype,
-    mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding). n is int64 (B,); the public
+    mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding). n is int64 (B,), or, when
+    ``n_fixed`` >= 0 gives the size of every set, int64 (B,) or empty (0,); the public
     :func:`topn_kernels.topn_create` validates the values first."""
-    return _kernels(backend).forward(query, angles, table, bias, n, film, n_max, score_norm, sorted)
+    kernels = _kernels(backend)
+    args = (query, angles, table, bias)
+    rest = (film, n_max, score_norm, sorted)
+    return _call(kernels.forward, kernels, n, n_fixed, query.shape[0], args, rest)
 
 
 @torch.library.custom_op(
@@ -68,8 +89,8 @@ def topn_create(query, angles, table, bias, n, film, n_max, score_norm, sorted, 
     mutates_args=(),
     schema="(Tensor grad_x, Tensor grad_weight, Tensor query, Tensor angles, Tensor table, "
     "Tensor bias, Tensor n, Tensor film, Tensor index, str score_norm, bool[5] output_mask, "
-    "bool deterministic, str backend) -> (Tensor? grad_query, Tensor? grad_angles, "
-    "Tensor? grad_table, Tensor? grad_bias, Tensor? grad_film)",
+    "bool deterministic, str backend, SymInt n_fixed=-1) -> (Tensor? grad_query, "
+    "Tensor? grad_angles, Tensor? grad_table, Tensor? grad_bias, Tensor? grad_film)",
 )
 def topn_create_backward(
     grad_x,
@@ -85,24 +106,15 @@ def topn_create_backward(
     output_mask,
     deterministic,
     backend,
+    n_fixed=-1,
 ):
     """Gradients of query, angles, table, bias and film (None where ``output_mask`` is
     False) from those of x and weight; ``deterministic``: no atomics (a GPU concern: the
-    native backward is deterministic always)."""
-    return _kernels(backend).backward(
-        grad_x,
-        grad_weight,
-        query,
-        angles,
-        table,
-        bias,
-        n,
-        film,
-        index,
-        score_norm,
-        output_mask,
-        deterministic,
-    )
+    native backward is deterministic always); n and n_fixed as for the forward."""
+    kernels = _kernels(backend)
+    args = (grad_x, grad_weight, query, angles, table, bias)
+    rest = (film, index, score_norm, output_mask, deterministic)
+    return _call(kernels.backward, kernels, n, n_fixed, query.shape[0], args, rest)
 
 
 def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
@@ -116,7 +128,7 @@ def _check_dtype(name: str, t: Tensor, dtype: torch.dtype) -> None:
     )
 
 
-def _check_inputs(query, angles, table, bias, n, film) -> tuple[int, int, int, int]:
+def _check_inputs(query, angles, table, bias, n, film, n_fixed=-1) -> tuple[int, int, int, int]:
     """Shapes and dtypes the kernels rely on; returns (B, a, n0, d)."""
     torch._check(query.dim() == 2, lambda: f"query must be (B, a), got {tuple(query.shape)}")
     batch, a = query.shape
@@ -134,16 +146,19 @@ def _check_inputs(query, angles, table, bias, n, film) -> tuple[int, int, int, i
     _check_shape("film", film, (4, d))
     for name, t in zip(INPUTS, (query, angles, table, bias, film), strict=True):
         _check_dtype(name, t, query.dtype)
+    shape_ok = tuple(n.shape) == (batch,) or (tuple(n.shape) == (0,) and n_fixed >= 0)
     torch._check(
-        n.dtype == torch.int64 and tuple(n.shape) == (batch,),
-        lambda: f"n must be int64 ({batch},), got {n.dtype} {tuple(n.shape)}",
+        n.dtype == torch.int64 and shape_ok,
+        lambda: f"n must be int64 ({batch},) ((0,) with n_fixed), got {n.dtype} {tuple(n.shape)}",
     )
     return batch, a, n0, d
 
 
 @topn_create.register_fake
-def _topn_create_fake(query, angles, table, bias, n, film, n_max, score_norm, sorted, backend):
-    batch, _, _, d = _check_inputs(query, angles, table, bias, n, film)
+def _topn_create_fake(
+    query, angles, table, bias, n, film, n_max, score_norm, sorted, backend, n_fixed=-1
+):
+    batch, _, _, d = _check_inputs(query, angles, table, bias, n, film, n_fixed)
     torch._check(n_max >= 0, lambda: f"n_max must be >= 0, got {n_max}")
     return (
         query.new_empty((batch, n_max, d)),
@@ -168,8 +183,9 @@ def _topn_create_backward_fake(
     output_mask,
     deterministic,
     backend,
+    n_fixed=-1,
 ):
-    batch, _, _, d = _check_inputs(query, angles, table, bias, n, film)
+    batch, _, _, d = _check_inputs(query, angles, table, bias, n, film, n_fixed)
     torch._check(
         index.dim() == 2 and index.shape[0] == batch and index.dtype == torch.int64,
         lambda: f"index must be int64 ({batch}, n_max), got {index.dtype} {tuple(index.shape)}",
@@ -187,9 +203,10 @@ def _topn_create_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, angles, table, bias, n, film, _n_max, score_norm, _sorted, backend = inputs
+    query, angles, table, bias, n, film, _n_max, score_norm, _sorted, backend, *fixed = inputs
     ctx.save_for_backward(query, angles, table, bias, n, film, output[2])
     ctx.score_norm, ctx.backend = score_norm, backend
+    ctx.n_fixed = fixed[0] if fixed else -1
 
 
 def deterministic_backward() -> bool:
@@ -198,10 +215,10 @@ def deterministic_backward() -> bool:
 
 
 def _backward(ctx, grad_x, _grad_mask, _grad_index, grad_weight):
-    # inputs: query, angles, table, bias, n, film, n_max, score_norm, sorted, backend
+    # inputs: query, angles, table, bias, n, film, n_max, score_norm, sorted, backend, n_fixed
     wanted = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 5)]
     if not any(wanted):
-        return (None,) * 10
+        return (None,) * 11
     query, angles, table, bias, n, film, index = ctx.saved_tensors
     if grad_x is None:
         grad_x = query.new_zeros((*index.shape, table.shape[1]))
@@ -221,8 +238,9 @@ def _backward(ctx, grad_x, _grad_mask, _grad_index, grad_weight):
         wanted,
         deterministic_backward(),
         ctx.backend,
+        ctx.n_fixed,
     )
-    return g_query, g_angles, g_table, g_bias, None, g_film, None, None, None, None
+    return g_query, g_angles, g_table, g_bias, None, g_film, None, None, None, None, None
 
 
 topn_create.register_autograd(_backward, setup_context=_setup_context)

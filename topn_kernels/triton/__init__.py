@@ -7,9 +7,11 @@ to run the kernels on CPU tensors, set ``TRITON_INTERPRET=1`` before anything im
 ``triton``.
 
 - ``topn_create_forward.py``, ``topn_create_backward.py``: the kernels;
-- ``topn_create_launch.py``: launch configurations, the host forward and backward: the kernels
-  that the op ``topn_kernels::topn_create`` (``topn_kernels/ops/topn_create_op.py``, shared
-  with the native backend) runs for ``backend="triton"``;
+- ``topn_create_launch.py``: which path each call takes (selection method, writer,
+  backward; ``TOPN_KERNELS_TRITON_PATHS``), launch configurations, the host forward and
+  backward: the kernels that the op ``topn_kernels::topn_create``
+  (``topn_kernels/ops/topn_create_op.py``, shared with the native backend) runs for
+  ``backend="triton"``;
 - ``set2graph_forward.py``, ``set2graph_backward.py``: the pair kernels of set2graph_logits;
 - ``set2graph_launch.py``: their tile sizes, the host forward and backward: the kernels that
   the op ``topn_kernels::set2graph_logits`` (``topn_kernels/ops/set2graph_op.py``, shared with

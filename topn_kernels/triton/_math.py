@@ -1,5 +1,5 @@
-"""Triton helpers shared by the topn_create kernels: exactly rounded arithmetic, ranking keys,
-rounding to the output dtype, and the normalisation of the reference angles.
+"""Triton helpers shared by the topn_create kernels: set sizes, exactly rounded arithmetic,
+ranking keys, rounding to the output dtype, and the normalisation of the reference angles.
 
 Every helper takes ``IS_F64`` (constexpr): the compute dtype is float64 for float64 inputs and
 float32 otherwise (docs/operators.md, Dtypes and precision). Calls of one jit function from another
@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def set_size(sizes_ptr, n_fixed, b, n0, n_max):
+    """n_b: ``n_fixed`` when >= 0, else ``sizes[b]``; clamped to [0, min(n0, n_max)], so that
+    no kernel reads or writes out of bounds whatever the sizes."""
+    if n_fixed >= 0:
+        nb = tl.zeros([], tl.int64) + n_fixed
+    else:
+        nb = tl.load(sizes_ptr + b)
+    return tl.minimum(tl.maximum(nb, 0), tl.minimum(n0, n_max))
 
 
 @triton.jit
