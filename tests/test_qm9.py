@@ -1,0 +1,482 @@
+"""QM9 data, the graph VAE, its matching loss, generation, the RDKit metrics and the training
+program (docs/graph_vae.md). Uses the committed sample tests/data/qm9_sample.csv, never qm9pack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from topn_kernels.data import (
+    MAX_ATOMS,
+    PAD_ATOM,
+    QM9Graphs,
+    iterate_graph_batches,
+    load_qm9,
+    parse_smiles,
+    smiles_to_graph,
+    split_qm9,
+)
+from topn_kernels.metrics_graph import (
+    canonical_smiles,
+    graph_to_mol,
+    graphs_to_smiles,
+    molecule_metrics,
+    valid_smiles,
+)
+from topn_kernels.models import (
+    GRAPH_CREATIONS,
+    GraphLossConfig,
+    GraphVAE,
+    GraphVAEConfig,
+    graph_vae_loss,
+)
+from topn_kernels.models.graphvae import (
+    GraphDecoding,
+    GraphVAEOutput,
+    match_graphs,
+    matching_score,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "qm9_sample.csv"
+C, N, O, F = 0, 1, 2, 3
+SMALL = {  # a small model keeps the tests fast; the structure is the default one's
+    "latent_dim": 16,
+    "encoder_final_hidden": 32,
+    "decoder_initial_hidden": 32,
+    "decoder_hidden": 16,
+    "feedforward": 32,
+    "spatial_dim": 16,
+    "last_hidden": 32,
+    "edge_hidden": 16,
+    "creation_mlp_hidden": 32,
+    "dropout": 0.0,
+}
+
+
+def padded(atoms: list[int], bonds: list[tuple[int, int, int]], width: int = MAX_ATOMS):
+    a = torch.full((width,), PAD_ATOM, dtype=torch.int64)
+    a[: len(atoms)] = torch.tensor(atoms)
+    b = torch.zeros(width, width, dtype=torch.int64)
+    for i, j, t in bonds:
+        b[i, j] = b[j, i] = t
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parse_known_smiles_exact_atoms_and_bonds():
+    atoms, bonds, canonical, charged = smiles_to_graph("OCC#N")
+    assert atoms == [O, C, C, N]
+    assert sorted(bonds) == [(0, 1, 1), (1, 2, 1), (2, 3, 3)]
+    assert canonical == "N#CCO" and not charged
+    # aromatic input is kekulized: benzene-like ring of alternating single / double bonds
+    atoms, bonds, _, _ = smiles_to_graph("c1ccncc1")
+    assert atoms == [C, C, C, N, C, C]
+    types = sorted(t for _, _, t in bonds)
+    assert types == [1, 1, 1, 2, 2, 2]
+    # explicit hydrogens are removed; fluorine and a double bond
+    atoms, bonds, _, _ = smiles_to_graph("[H]C([H])(F)C=O")
+    assert atoms == [C, F, C, O]
+    assert sorted(bonds) == [(0, 1, 1), (0, 2, 1), (2, 3, 2)]
+
+
+def test_parse_smiles_pads_and_counts_skipped():
+    smiles = ["CCO", "not a smiles", "CCS", "CCCCCCCCCC", "C1=CC=CC=C1", "C[NH3+]", "C[O-]"]
+    graphs, report = parse_smiles(smiles)
+    assert report.total == 7 and report.kept == 4 and report.num_skipped == 3
+    assert report.skipped == {"unparsable": 1, "element": 1, "too_many_atoms": 1}
+    assert report.charged == 2
+    assert graphs.smiles == ["CCO", "c1ccccc1", "C[NH3+]", "C[O-]"]
+    assert graphs.lengths.tolist() == [3, 6, 2, 2]
+    assert graphs.atoms[0].tolist() == [C, C, O] + [PAD_ATOM] * 6
+    expected = torch.zeros(MAX_ATOMS, MAX_ATOMS, dtype=torch.int64)
+    expected[0, 1] = expected[1, 0] = expected[1, 2] = expected[2, 1] = 1
+    assert torch.equal(graphs.bonds[0], expected)
+    assert torch.equal(graphs.bonds, graphs.bonds.transpose(1, 2))
+    assert int(graphs.bonds[1].sum()) == 2 * (3 * 1 + 3 * 2)  # kekulé benzene
+
+
+def test_sample_cache_round_trip_and_errors(tmp_path):
+    graphs, report = load_qm9(SAMPLE, cache_dir=tmp_path)
+    assert report.total == 400 and report.kept == len(graphs) > 390
+    files = list(tmp_path.glob("qm9_*.pt"))
+    assert len(files) == 1
+    again, report2 = load_qm9(SAMPLE, cache_dir=tmp_path)
+    assert report2.as_dict() == report.as_dict()
+    for name in ("atoms", "lengths", "bonds"):
+        assert torch.equal(getattr(again, name), getattr(graphs, name))
+    assert again.smiles == graphs.smiles
+    fresh, _ = load_qm9(SAMPLE, use_cache=False)
+    assert torch.equal(fresh.bonds, graphs.bonds)
+    # a cached file is what is read: tampering with it shows up
+    blob = torch.load(files[0], weights_only=True)
+    blob["lengths"] = blob["lengths"].clone()
+    blob["smiles"][0] = "tampered"
+    torch.save(blob, files[0])
+    assert load_qm9(SAMPLE, cache_dir=tmp_path)[0].smiles[0] == "tampered"
+    with pytest.raises(FileNotFoundError, match="csv_path"):
+        load_qm9(tmp_path / "missing.csv", cache_dir=tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,value\nx,1\n")
+    with pytest.raises(ValueError, match="no column 'smiles'"):
+        load_qm9(bad, cache_dir=tmp_path)
+
+
+def test_missing_sources_error_names_both_options(monkeypatch):
+    import topn_kernels.data.qm9 as qm9
+
+    monkeypatch.setattr(qm9, "qm9pack_csv_files", lambda: None)
+    with pytest.raises(FileNotFoundError) as err:
+        qm9.load_qm9(None, use_cache=False)
+    assert "csv_path" in str(err.value) and "qm9pack" in str(err.value)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    graphs, _ = load_qm9(SAMPLE, cache_dir=tmp_path)
+    a, b = split_qm9(graphs, seed=3), split_qm9(graphs, seed=3)
+    c = split_qm9(graphs, seed=4)
+    assert {k: len(v) for k, v in a.items()} == {
+        "train": round(0.8 * len(graphs)),
+        "val": round(0.1 * len(graphs)),
+        "test": len(graphs) - round(0.8 * len(graphs)) - round(0.1 * len(graphs)),
+    }
+    for k in a:
+        assert a[k].smiles == b[k].smiles and torch.equal(a[k].bonds, b[k].bonds)
+    assert a["train"].smiles != c["train"].smiles
+    index = {s: i for i, s in enumerate(graphs.smiles)}
+    seen = [index[s] for part in a.values() for s in part.smiles]
+    assert sorted(seen) == list(range(len(graphs)))
+    with pytest.raises(ValueError, match="fractions"):
+        split_qm9(graphs, fractions=(0.5, 0.1, 0.1))
+
+
+def test_batches_cover_every_molecule_cut_to_width():
+    graphs, _ = parse_smiles(["C", "CC", "CCO", "C#N", "OCC#N"])
+    seen = []
+    for atoms, lengths, bonds in iterate_graph_batches(graphs, 2, torch.Generator().manual_seed(0)):
+        assert atoms.shape[1] == int(lengths.max()) and bonds.shape[1:] == (atoms.shape[1],) * 2
+        seen += lengths.tolist()
+    assert sorted(seen) == [1, 2, 2, 3, 4]
+    with pytest.raises(ValueError, match="batch_size"):
+        next(iterate_graph_batches(graphs, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching and loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_matching_score_orders_atoms_by_type_then_edges_then_neighbours():
+    # N#C-C(-O)-C-F: atoms [C0, C1, C2, N3, O4, F5]
+    atoms, bonds = padded(
+        [C, C, C, N, O, F], [(0, 3, 3), (0, 1, 1), (1, 4, 1), (1, 2, 1), (2, 5, 1)], 7
+    )
+    mask = atoms >= 0
+    a = atoms.clamp(min=0).double() + 1
+    score = matching_score(a[None], (bonds > 0).double()[None], bonds.double()[None], mask[None])
+    s = score[0].tolist()
+    assert s[6] == float("inf")  # padding sorts last
+    # atom type dominates: every carbon < N < O < F
+    assert max(s[:3]) < s[3] < s[4] < s[5]
+    # among carbons: C1 (3 bonds) > C0 and C2 (2 bonds each)
+    assert s[1] > s[0] and s[1] > s[2]
+    # C0 (triple bond to N: 10^3 * 2, single to C: 10 * 1) vs C2 (singles to C and F: 10 + 40)
+    assert s[0] == pytest.approx(1e5 * 1 + 1e4 * 2 + 1000 * 2 + 10 * 1)
+    assert s[2] == pytest.approx(1e5 * 1 + 1e4 * 2 + 10 * 1 + 10 * 4)
+    lin = matching_score(
+        a[None], (bonds > 0).double()[None], bonds.double()[None], mask[None], "linear"
+    )
+    assert lin[0, 0].item() == pytest.approx(1e5 + 2e4 + 3 * 2 + 1 * 1)
+    with pytest.raises(ValueError, match="neighbor"):
+        matching_score(a[None], bonds.double()[None], bonds.double()[None], mask[None], "x")
+
+
+def perfect_decoding(atoms: torch.Tensor, bonds: torch.Tensor, mask: torch.Tensor, margin=40.0):
+    """Logits that put probability ~1 on the given graph."""
+    atom_logits = margin * torch.nn.functional.one_hot(atoms.clamp(min=0), 4).double()
+    cls = torch.where(bonds > 0, bonds - 1, torch.full_like(bonds, 3))
+    edge_logits = margin * torch.nn.functional.one_hot(cls, 4).double()
+    pair = (mask[:, :, None] & mask[:, None, :])[..., None]
+    return GraphDecoding(atom_logits * mask[..., None], edge_logits * pair, mask)
+
+
+def test_loss_is_zero_on_a_permuted_perfect_prediction_and_positive_otherwise():
+    # atoms of equal score must be interchangeable (the methyls of neopentane are); the atoms
+    # of a benzene ring are not, and tie: the matching cannot align a permuted ring
+    graphs, _ = parse_smiles(["OCC#N", "CC(=O)NF", "C", "CC(C)(C)C"])
+    atoms, lengths, bonds = graphs.atoms[:, :6], graphs.lengths, graphs.bonds[:, :6, :6]
+    mask = atoms >= 0
+    # the prediction lists each molecule's atoms in another order: matching must undo it
+    gen = torch.Generator().manual_seed(0)
+    p_atoms, p_bonds = atoms.clone(), bonds.clone()
+    for i, n in enumerate(lengths.tolist()):
+        perm = torch.randperm(n, generator=gen)
+        p_atoms[i, :n] = atoms[i, perm]
+        p_bonds[i, :n, :n] = bonds[i][perm][:, perm]
+    zeros = torch.zeros(4, 8, dtype=torch.float64)
+    out = GraphVAEOutput(perfect_decoding(p_atoms, p_bonds, mask), zeros, zeros)
+    terms = graph_vae_loss(out, atoms, lengths, bonds)
+    for k, v in terms.items():
+        assert abs(v.item()) < 1e-8, (k, v.item())
+    # without the matching, the same prediction costs a lot
+    unmatched = graph_vae_loss(out, atoms, lengths, bonds, GraphLossConfig(matching=False))
+    assert unmatched["total"].item() > 1.0
+    # a wrong atom type or a missing bond is penalised
+    wrong = p_atoms.clone()
+    wrong[0, 0] = F if int(wrong[0, 0]) != F else C
+    bad = graph_vae_loss(
+        GraphVAEOutput(perfect_decoding(wrong, p_bonds, mask), zeros, zeros), atoms, lengths, bonds
+    )
+    # one atom of 4 wrong with log-probability -40: 10 * 40 / 4; formula off by one in two types
+    assert bad["atoms"].item() == pytest.approx(100.0)
+    assert bad["formula"].item() == pytest.approx(2 / 4)
+    cut = p_bonds.clone()
+    i, j = torch.nonzero(cut[1] > 0)[0].tolist()
+    cut[1, i, j] = cut[1, j, i] = 0
+    bad = graph_vae_loss(
+        GraphVAEOutput(perfect_decoding(p_atoms, cut, mask), zeros, zeros), atoms, lengths, bonds
+    )
+    assert (
+        bad["edges"].item() > 1 and bad["num_edges"].item() > 0.01 and bad["valency"].item() > 0.01
+    )
+    # KL: zero at the prior, positive away from it, weighted 0.001
+    kl = graph_vae_loss(
+        GraphVAEOutput(out.decoding, torch.ones(4, 8, dtype=torch.float64), zeros),
+        atoms,
+        lengths,
+        bonds,
+    )["kl"]
+    assert kl.item() == pytest.approx(0.001 * 0.5 * 32)
+
+
+def test_match_graphs_reorders_targets_by_score():
+    atoms, bonds = padded([F, C, O], [(0, 1, 1), (1, 2, 2)], 4)
+    atoms, bonds = atoms[None], bonds[None]
+    mask = atoms >= 0
+    dec = perfect_decoding(atoms, bonds, mask)
+    matched, t_atoms, t_bonds = match_graphs(dec, atoms, bonds, mask)
+    assert t_atoms[0].tolist() == [C, O, F, PAD_ATOM]
+    assert t_bonds[0, 0, 1].item() == 2 and t_bonds[0, 0, 2].item() == 1
+    assert matched.atom_logits.argmax(-1)[0, :3].tolist() == [C, O, F]
+
+
+@pytest.mark.parametrize("creation", GRAPH_CREATIONS)
+def test_gradients_reach_every_parameter(creation):
+    torch.manual_seed(0)
+    model = GraphVAE(GraphVAEConfig(creation=creation, **SMALL))
+    graphs, _ = parse_smiles(["OCC#N", "CC(=O)NF", "C", "C1=CC=CC=C1", "CC"])
+    w = int(graphs.lengths.max())
+    atoms, lengths, bonds = graphs.atoms[:, :w], graphs.lengths, graphs.bonds[:, :w, :w]
+    out = model(atoms, lengths, bonds)
+    assert out.decoding.atom_logits.shape == (5, w, 4)
+    assert out.decoding.edge_logits.shape == (5, w, w, 4)
+    terms = graph_vae_loss(out, atoms, lengths, bonds)
+    assert all(torch.isfinite(v) for v in terms.values())
+    terms["total"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # a few steps on one batch reduce the loss
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = terms["total"].item()
+    for _ in range(25):
+        noise = torch.zeros(5, model.cfg.latent_dim)
+        loss = graph_vae_loss(model(atoms, lengths, bonds, noise=noise), atoms, lengths, bonds)
+        opt.zero_grad()
+        loss["total"].backward()
+        opt.step()
+    assert loss["total"].item() < 0.7 * first
+
+
+def test_dense_nnconv_matches_a_per_edge_loop():
+    """out_i = W_root h_i + b + mean over bonded j of h_j Theta(e_ij), Theta = Linear(3, c c)."""
+    from topn_kernels.models.graphvae import DenseNNConv
+
+    torch.manual_seed(0)
+    conv = DenseNNConv(5, 4, 3).double()
+    h = torch.randn(2, 4, 5, dtype=torch.float64)
+    bonds = torch.tensor(
+        [
+            [[0, 1, 0, 0], [1, 0, 3, 0], [0, 3, 0, 0], [0, 0, 0, 0]],
+            [[0, 2, 1, 1], [2, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]],
+        ]
+    )
+    edges = torch.nn.functional.one_hot(bonds, 4)[..., 1:].double()
+    out = conv(h, edges)
+    for b in range(2):
+        for i in range(4):
+            expected = conv.root(h[b, i])
+            nbrs = [j for j in range(4) if bonds[b, i, j] > 0]
+            if nbrs:
+                msgs = [h[b, j] @ conv.edge_net(edges[b, i, j]).view(5, 4) for j in nbrs]
+                expected = expected + torch.stack(msgs).mean(0)
+            torch.testing.assert_close(out[b, i], expected)
+
+
+def test_model_rejects_bad_input():
+    model = GraphVAE(GraphVAEConfig(**SMALL))
+    atoms, bonds = padded([C, O], [(0, 1, 1)], 3)
+    atoms, bonds, lengths = atoms[None], bonds[None], torch.tensor([2])
+    with pytest.raises(TypeError, match="atoms"):
+        model(atoms.float(), lengths, bonds)
+    with pytest.raises(ValueError, match="lengths"):
+        model(atoms, torch.tensor([4]), bonds)
+    with pytest.raises(ValueError, match="bonds"):
+        model(atoms, lengths, bonds[:, :2])
+    with pytest.raises(ValueError, match="bonds"):
+        model(atoms, lengths, bonds + 4)
+    with pytest.raises(ValueError, match="atoms"):
+        model(torch.tensor([[C, 7, PAD_ATOM]]), lengths, bonds)
+    with pytest.raises(ValueError, match="creation"):
+        GraphVAEConfig(creation="topk")
+    with pytest.raises(ValueError, match="n_ref"):
+        GraphVAEConfig(n_ref=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("creation", ["topn", "iid"])
+def test_generation_shapes_and_sizes(creation):
+    torch.manual_seed(1)
+    model = GraphVAE(GraphVAEConfig(creation=creation, **SMALL)).eval()
+    model.set_size_distribution(torch.tensor([3, 5, 5, 9]))
+    atoms, lengths, bonds = model.generate(64)
+    assert set(lengths.tolist()) <= {3, 5, 9}
+    w = int(lengths.max())
+    assert atoms.shape == (64, w) and bonds.shape == (64, w, w)
+    mask = torch.arange(w)[None] < lengths[:, None]
+    assert (atoms[~mask] == PAD_ATOM).all() and ((atoms[mask] >= 0) & (atoms[mask] < 4)).all()
+    assert torch.equal(bonds, bonds.transpose(1, 2))
+    assert (torch.diagonal(bonds, dim1=1, dim2=2) == 0).all()
+    assert (bonds[~(mask[:, :, None] & mask[:, None, :])] == 0).all()
+    assert int(bonds.max()) <= 3
+    clipped = model.sample_sizes(200, authors_clip=True)
+    assert set(clipped.tolist()) <= {3, 5, 8}
+    sizes = torch.tensor([2, 2, 4])
+    atoms, lengths, bonds = model.generate(3, sizes)
+    assert torch.equal(lengths, sizes) and atoms.shape == (3, 4)
+    with pytest.raises(ValueError, match="sizes"):
+        model.generate(1, torch.tensor([10]))
+    smiles = graphs_to_smiles(*model.generate(20)[::2])
+    assert len(smiles) == 20
+
+
+def test_validity_of_hand_made_smiles():
+    assert canonical_smiles("CCO") == "CCO"
+    assert canonical_smiles("OCC") == "CCO"
+    assert canonical_smiles("C(C)(C)(C)(C)C") is None  # pentavalent carbon
+    assert canonical_smiles("C.C") is None  # two fragments
+    assert canonical_smiles("O=O=O") is None
+    assert canonical_smiles("C1=CC=CC=C1") == "c1ccccc1"
+    generated = ["CCO", "OCC", "C(C)(C)(C)(C)C", "C.C", "C#N", "CC"]
+    gen = [canonical_smiles(s) for s in generated]
+    m = molecule_metrics(gen, training_smiles={"CC"})
+    assert m["validity"] == pytest.approx(4 / 6)
+    assert m["unique_and_valid"] == pytest.approx(3 / 6)
+    assert m["uniqueness"] == pytest.approx(3 / 4)
+    assert m["novelty"] == pytest.approx(2 / 3)
+    assert (m["num_generated"], m["num_valid"], m["num_unique"]) == (6, 4, 3)
+    none = molecule_metrics([None, "INVALID"])
+    assert none["validity"] == 0 and none["uniqueness"] == 0
+    with pytest.raises(ValueError, match="generated"):
+        molecule_metrics([])
+    with pytest.raises(TypeError, match="generated"):
+        molecule_metrics("CCO")
+
+
+def test_graphs_to_molecules():
+    atoms, bonds = padded([C, C, O], [(0, 1, 1), (1, 2, 1)], 4)
+    assert valid_smiles(graph_to_mol(atoms, bonds)) == "CCO"
+    five, five_bonds = padded([C, C, C, C, C, C], [(0, k, 1) for k in range(1, 6)])
+    assert valid_smiles(graph_to_mol(five, five_bonds)) is None
+    apart, apart_bonds = padded([C, C, O], [(0, 1, 1)])
+    assert valid_smiles(graph_to_mol(apart, apart_bonds)) is None
+    # kekulé benzene built from a graph is valid and aromatic once sanitized
+    ring, ring_bonds = padded([C] * 6, [(i, (i + 1) % 6, 1 + i % 2) for i in range(6)])
+    assert valid_smiles(graph_to_mol(ring, ring_bonds)) == "c1ccccc1"
+    batch = graphs_to_smiles(
+        torch.stack([atoms[:3], apart[:3]]), torch.stack([bonds[:3, :3], apart_bonds[:3, :3]])
+    )
+    assert batch == ["CCO", None]
+    with pytest.raises(ValueError, match="atoms"):
+        graph_to_mol([C, 9], torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bonds"):
+        graph_to_mol([C, C], torch.tensor([[0, 5], [5, 0]]))
+
+
+def test_dataset_round_trips_through_the_metrics(tmp_path):
+    """Every neutral molecule of the sample, rebuilt from its graph, is valid with its SMILES."""
+    graphs, _ = load_qm9(SAMPLE, cache_dir=tmp_path)
+    smiles = graphs_to_smiles(graphs.atoms, graphs.bonds)
+    neutral = [i for i, s in enumerate(graphs.smiles) if "+" not in s and "-" not in s]
+    assert len(neutral) >= 390
+    assert all(smiles[i] == graphs.smiles[i] for i in neutral)
+    assert isinstance(graphs, QM9Graphs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training program
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_program_smoke_then_resume(tmp_path):
+    """One epoch on 200 molecules of the committed sample: every output, then --resume."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "python/train_graphvae.py",
+        "--creation",
+        "topn",
+        "--subset",
+        "200",
+        "--seed",
+        "1",
+        "--csv",
+        str(SAMPLE),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*cmd, "--epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "epoch 1/1" in run.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("validity", "unique_and_valid", "uniqueness", "novelty", "train_losses"):
+        assert key in metrics
+    assert 0 <= metrics["unique_and_valid"] <= metrics["validity"] <= 1
+    assert metrics["data"]["split_sizes"]["train"] == 200
+    assert set(metrics["train_losses"]) >= {"atoms", "edges", "kl", "total"}
+    lines = (out / "generated.smi").read_text().splitlines()
+    assert len(lines) >= 1000
+    valid = [s for s in lines if s != "INVALID"]
+    assert len(valid) == metrics["num_valid"]
+    assert all(canonical_smiles(s) == s for s in valid[:50])
+    for name in ("curves.png", "molecules.png", "checkpoint.pt", "history.json"):
+        assert (out / name).stat().st_size > 0
+    run = subprocess.run(
+        [*cmd, "--epochs", "2", "--resume", "--no-plots"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]

@@ -1,0 +1,142 @@
+"""Molecule metrics of generated graphs, measured with RDKit (docs/graph_vae.md, Metrics).
+
+- A generated graph is *valid* when RDKit builds and sanitizes the molecule (valences and
+  kekulé structure), its canonical SMILES parses again, and that SMILES is one connected
+  molecule (no '.').
+- ``validity``: valid molecules / generated molecules.
+- ``unique_and_valid``: distinct canonical SMILES among the valid molecules / generated.
+- ``uniqueness``: distinct canonical SMILES among the valid molecules / valid molecules.
+- ``novelty``: distinct valid SMILES absent from the training SMILES / distinct valid SMILES.
+
+Atom types index ``topn_kernels.data.qm9.ATOM_SYMBOLS`` (C, N, O, F); bond types are 0 (none),
+1 (single), 2 (double) and 3 (triple).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .data.qm9 import ATOM_SYMBOLS, BOND_NAMES, PAD_ATOM
+
+__all__ = [
+    "INVALID",
+    "canonical_smiles",
+    "graph_to_mol",
+    "graphs_to_smiles",
+    "molecule_metrics",
+    "valid_smiles",
+]
+
+INVALID = "INVALID"
+
+
+def _chem():
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    return Chem
+
+
+def graph_to_mol(atoms: Sequence[int] | Tensor, bonds: Tensor):
+    """An unsanitized RDKit ``RWMol`` from atom types (n,) (entries equal to -1 are padding and
+    must come last) and a symmetric bond-type matrix (>= n, >= n), read on its upper triangle
+    over the real atoms."""
+    chem = _chem()
+    atoms = torch.as_tensor(atoms).tolist()
+    if PAD_ATOM in atoms:
+        atoms = atoms[: atoms.index(PAD_ATOM)]
+    bonds = torch.as_tensor(bonds)
+    if bonds.dim() != 2 or min(bonds.shape) < len(atoms):
+        raise ValueError(
+            f"bonds must be a matrix of at least {len(atoms)} x {len(atoms)}, got "
+            f"{tuple(bonds.shape)}"
+        )
+    mol = chem.RWMol()
+    for a in atoms:
+        if not 0 <= a < len(ATOM_SYMBOLS):
+            raise ValueError(f"atoms must be in [0, {len(ATOM_SYMBOLS)}) or -1, got {a}")
+        mol.AddAtom(chem.Atom(ATOM_SYMBOLS[a]))
+    n = len(atoms)
+    sub = bonds[:n, :n]
+    for i, j in torch.nonzero(torch.triu(sub, diagonal=1)).tolist():
+        t = int(sub[i, j])
+        if not 1 <= t <= len(BOND_NAMES):
+            raise ValueError(f"bonds must be in [0, {len(BOND_NAMES)}], got {t}")
+        mol.AddBond(i, j, getattr(chem.BondType, BOND_NAMES[t - 1]))
+    return mol
+
+
+def valid_smiles(mol) -> str | None:
+    """The canonical SMILES of an RDKit molecule when it is valid (sanitizes, its SMILES parses
+    again, one fragment), else None. ``mol`` is not modified."""
+    chem = _chem()
+    if mol is None:
+        return None
+    mol = chem.Mol(mol)
+    try:
+        chem.SanitizeMol(mol)
+    except Exception:
+        return None
+    smiles = chem.MolToSmiles(mol)
+    again = chem.MolFromSmiles(smiles)
+    if again is None or again.GetNumAtoms() == 0:
+        return None
+    canonical = chem.MolToSmiles(again)
+    return None if "." in canonical else canonical
+
+
+def canonical_smiles(smiles: str) -> str | None:
+    """``valid_smiles`` of a SMILES string parsed without sanitization (None if it does not
+    parse): the validity test applied to a SMILES string."""
+    if not isinstance(smiles, str):
+        raise TypeError(f"smiles must be a str, got {type(smiles).__name__}")
+    chem = _chem()
+    return valid_smiles(chem.MolFromSmiles(smiles, sanitize=False))
+
+
+def graphs_to_smiles(atoms: Tensor, bonds: Tensor) -> list[str | None]:
+    """Canonical SMILES (None when invalid) of each graph of a batch: atoms (B, n) int with -1
+    past each molecule's atoms, bonds (B, n, n) int symmetric."""
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2:
+        raise TypeError("atoms must be an integer tensor (B, n)")
+    if not isinstance(bonds, Tensor) or bonds.shape != (*atoms.shape, atoms.shape[1]):
+        raise ValueError(
+            f"bonds must be a tensor {(*atoms.shape, atoms.shape[1])}, got "
+            f"{tuple(bonds.shape) if isinstance(bonds, Tensor) else type(bonds).__name__}"
+        )
+    atoms, bonds = atoms.cpu(), bonds.cpu()
+    return [valid_smiles(graph_to_mol(atoms[b], bonds[b])) for b in range(atoms.shape[0])]
+
+
+def molecule_metrics(
+    generated: Sequence[str | None], training_smiles: Iterable[str] | None = None
+) -> dict[str, float | int]:
+    """Validity metrics of a list of generated molecules, each its canonical SMILES or None
+    (or ``INVALID``) when invalid (as :func:`graphs_to_smiles` returns them).
+
+    ``training_smiles``: canonical SMILES of the training set, for ``novelty`` (NaN without
+    them, or without any valid molecule). Returns ``validity``, ``unique_and_valid``,
+    ``uniqueness`` (0 without any valid molecule), ``novelty``, ``num_generated``,
+    ``num_valid`` and ``num_unique``.
+    """
+    if isinstance(generated, str) or not isinstance(generated, Sequence):
+        raise TypeError("generated must be a sequence of SMILES strings or None")
+    if len(generated) == 0:
+        raise ValueError("generated must hold at least one molecule")
+    valid = [s for s in generated if s is not None and s != INVALID]
+    unique = set(valid)
+    novelty = float("nan")
+    if training_smiles is not None and unique:
+        novelty = len(unique - set(training_smiles)) / len(unique)
+    return {
+        "validity": len(valid) / len(generated),
+        "unique_and_valid": len(unique) / len(generated),
+        "uniqueness": len(unique) / len(valid) if valid else 0.0,
+        "novelty": novelty,
+        "num_generated": len(generated),
+        "num_valid": len(valid),
+        "num_unique": len(unique),
+    }
