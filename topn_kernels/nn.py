@@ -18,7 +18,14 @@ from .ops import _checks
 from .ops.set2graph import set2graph_logits
 from .ops.topn_create import topn_create
 
-__all__ = ["FirstNCreation", "IIDCreation", "MLPCreation", "Set2GraphHead", "TopNCreation"]
+__all__ = [
+    "FirstNCreation",
+    "IIDCreation",
+    "MLPCreation",
+    "Set2GraphHead",
+    "TopNCreation",
+    "make_creation",
+]
 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -158,3 +165,38 @@ class Set2GraphHead(nn.Module):
         return set2graph_logits(
             x, self.weight1, self.bias1, self.weight2, self.bias2, lengths, backend=self.backend
         )
+
+
+def make_creation(
+    kind: str,
+    latent_dim: int,
+    set_dim: int,
+    n_max: int,
+    *,
+    n_ref: int,
+    angle_dim: int = 3,
+    angle_hidden: int = 32,
+    score_norm: str = "selected",
+    mlp_hidden: int = 512,
+    backend: str = "auto",
+) -> nn.Module:
+    """The creation layer ``kind`` ("topn", "firstn", "iid" or "mlp") making sets of
+    ``set_dim`` channels from a latent of ``latent_dim``: Top-n with ``n_ref`` reference points,
+    First-n and MLP with ``n_max`` points, i.i.d. with any number."""
+    if kind == "topn":
+        return TopNCreation(
+            latent_dim,
+            set_dim,
+            n_ref,
+            angle_dim=angle_dim,
+            hidden=angle_hidden,
+            score_norm=score_norm,
+            backend=backend,
+        )
+    if kind == "firstn":
+        return FirstNCreation(latent_dim, set_dim, n_max)
+    if kind == "iid":
+        return IIDCreation(latent_dim, set_dim)
+    if kind == "mlp":
+        return MLPCreation(latent_dim, set_dim, n_max, hidden=mlp_hidden)
+    raise ValueError(f"kind must be 'topn', 'firstn', 'iid' or 'mlp', got {kind!r}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._ragged import lengths_mask
-from ..nn import FirstNCreation, IIDCreation, MLPCreation, Set2GraphHead, TopNCreation, mlp
+from ..nn import Set2GraphHead, make_creation, mlp
 
 __all__ = [
     "GRAPH_CREATIONS",
@@ -245,23 +245,18 @@ class GraphEncoder(nn.Module):
         return mu, log_var
 
 
-def _creation(cfg: GraphVAEConfig) -> nn.Module:
-    if cfg.creation == "topn":
-        return TopNCreation(
-            cfg.latent_dim,
-            cfg.set_channels,
-            cfg.n_ref,
-            angle_dim=cfg.angle_dim,
-            hidden=cfg.angle_hidden,
-            score_norm=cfg.score_norm,
-            backend=cfg.backend,
-        )
-    if cfg.creation == "firstn":
-        return FirstNCreation(cfg.latent_dim, cfg.set_channels, cfg.max_atoms)
-    if cfg.creation == "iid":
-        return IIDCreation(cfg.latent_dim, cfg.set_channels)
-    return MLPCreation(
-        cfg.latent_dim, cfg.set_channels, cfg.max_atoms, hidden=cfg.creation_mlp_hidden
+def _creation(cfg) -> nn.Module:
+    return make_creation(
+        cfg.creation,
+        cfg.latent_dim,
+        cfg.set_channels,
+        cfg.max_atoms,
+        n_ref=cfg.n_ref,
+        angle_dim=cfg.angle_dim,
+        angle_hidden=cfg.angle_hidden,
+        score_norm=cfg.score_norm,
+        mlp_hidden=cfg.creation_mlp_hidden,
+        backend=cfg.backend,
     )
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._ragged import lengths_mask
 from ..metrics import valency_counts
-from ..nn import FirstNCreation, IIDCreation, MLPCreation, TopNCreation, mlp
+from ..nn import make_creation, mlp
 from .backends import OpBackends
 from .layers import MaskedBatchNorm, PNAPooling, SetBlock
 
@@ -85,22 +85,19 @@ class VAEOutput(NamedTuple):
     log_var: Tensor
 
 
-def _creation(cfg: SetVAEConfig) -> nn.Module:
-    if cfg.creation == "topn":
-        return TopNCreation(
-            cfg.latent_dim,
-            cfg.set_channels,
-            cfg.n_ref,
-            angle_dim=cfg.angle_dim,
-            hidden=cfg.angle_hidden,
-            score_norm=cfg.score_norm,
-            backend=cfg.topn_backend,
-        )
-    if cfg.creation == "firstn":
-        return FirstNCreation(cfg.latent_dim, cfg.set_channels, cfg.n_max)
-    if cfg.creation == "iid":
-        return IIDCreation(cfg.latent_dim, cfg.set_channels)
-    return MLPCreation(cfg.latent_dim, cfg.set_channels, cfg.n_max, hidden=cfg.creation_mlp_hidden)
+def _creation(cfg) -> nn.Module:
+    return make_creation(
+        cfg.creation,
+        cfg.latent_dim,
+        cfg.set_channels,
+        cfg.n_max,
+        n_ref=cfg.n_ref,
+        angle_dim=cfg.angle_dim,
+        angle_hidden=cfg.angle_hidden,
+        score_norm=cfg.score_norm,
+        mlp_hidden=cfg.creation_mlp_hidden,
+        backend=cfg.topn_backend,
+    )
 
 
 class SetEncoder(nn.Module):
