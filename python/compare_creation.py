@@ -1,13 +1,18 @@
-"""Train the set VAE with each creation method (same budget, same seeds), evaluate, and write
-the results beside the paper's Table 4.
+"""Train the set VAE (the default ``--task set``) or the QM9 graph VAE (``--task qm9``) with each
+creation method (same budget, same seeds), evaluate, and write the results beside the paper's
+Table 4 or Table 5.
 
     python python/compare_creation.py --epochs 150 --seeds 0 --out runs/compare
     python python/compare_creation.py --epochs 150 --seeds 0 1 2 --nproc 2 --out runs/compare
     python python/compare_creation.py --preset authors --creations topn firstn \
         --out runs/authors -- --max-minutes 60      # again, later: unfinished runs resume
+    python python/compare_creation.py --task qm9 --epochs 30 --jobs 2 --out runs/qm9 \
+        -- --max-minutes 60
 
-Each run is ``python/train_setvae.py`` in its own process (under torchrun when ``--nproc`` > 1),
-writing into ``OUT/<creation>/seed<k>/``; arguments after ``--`` go to every run unchanged.
+Each run is ``python/train_setvae.py`` (``python/train_graphvae.py`` for qm9) in its own process
+(under torchrun when ``--nproc`` > 1), writing into ``OUT/<creation>/seed<k>/``; arguments after
+``--`` go to every run unchanged. ``--jobs J`` runs J of them at a time, each with
+``cpu_count / J`` threads (unless OMP_NUM_THREADS is set).
 ``--reuse`` keeps runs whose ``metrics.json`` exists; a run with a checkpoint but no
 ``metrics.json`` (stopped by ``--max-minutes``) is resumed. Writes ``OUT/table.md`` (the table,
 the paper's values, and whether the paper's ordering holds), ``OUT/results.json`` and
@@ -15,7 +20,9 @@ the paper's values, and whether the paper's ordering holds), ``OUT/results.json`
 
 ``--preset authors`` trains the authors' released model and recipe (docs/set_vae.md); its table
 shows the matched distances as the authors' code prints them, the quantity of the paper's "W2"
-columns.
+columns. ``--task qm9`` (docs/graph_vae.md) tabulates validity and unique-and-valid (the paper's
+columns), uniqueness and novelty, and ``OUT/rows.json`` holds one row per finished run:
+creation, seed, epochs, validity, unique_and_valid.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -71,6 +80,20 @@ PAPER = {
     "firstn": (0.43, 0.50, 0.84, 24.6, 5.1, 0.81, 22.5, 4.6),
     "topn": (0.58, 0.44, 0.37, 13.9, 4.8, 0.80, 17.0, 4.5),
 }
+# Table 5, Set2GraphVAE rows: valid %, unique and valid % (mean ± std over runs)
+PAPER_QM9 = {
+    "mlp": ((60.5, 2.2), (55.4, 2.3)),
+    "iid": ((34.9, 15.2), (29.9, 10.0)),
+    "firstn": ((59.9, 2.7), (56.2, 2.7)),
+    "topn": ((59.9, 1.4), (56.2, 1.1)),
+}
+QM9_COLUMNS = (
+    ("validity", "Valid %"),
+    ("unique_and_valid", "Unique and valid %"),
+    ("uniqueness", "Unique among valid %"),
+    ("novelty", "Novel among unique %"),
+)
+QM9_ROW_KEYS = ("creation", "seed", "epochs", "validity", "unique_and_valid", "uniqueness")
 # two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -78,8 +101,9 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset", choices=("ours", "authors"), default="ours")
-    p.add_argument("--epochs", type=int, help="default: 150 (ours), 10000 (authors)")
+    p.add_argument("--task", choices=("set", "qm9"), default="set", help="Table 4 or Table 5")
+    p.add_argument("--preset", choices=("ours", "authors"), default="ours", help="set task only")
+    p.add_argument("--epochs", type=int, help="default: 150 (ours), 10000 (authors), 30 (qm9)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--creations", nargs="+", choices=CREATIONS, default=list(CREATIONS))
     p.add_argument(
@@ -91,6 +115,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--backend", default="auto")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--nproc", type=int, default=1, help="DDP processes per run (torchrun)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--reuse", action="store_true", help="keep runs that have a metrics.json")
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -98,21 +123,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     args = p.parse_args(argv)
+    if args.task == "qm9":
+        if args.preset != "ours" or args.nproc != 1 or args.backend != "auto":
+            p.error("--task qm9 takes no --preset, --nproc or --backend")
+        if args.epochs is None:
+            args.epochs = 30
     for name, value in PRESET_DEFAULTS[args.preset].items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and args.task == "set":
             setattr(args, name, value)
-    if args.epochs < 1 or args.nproc < 1:
-        p.error("--epochs and --nproc must be >= 1")
+    if args.epochs < 1 or args.nproc < 1 or args.jobs < 1:
+        p.error("--epochs, --nproc and --jobs must be >= 1")
     return args, extra
 
 
-def run_one(args, extra: list[str], creation: str, seed: int) -> dict | None:
-    """The run's metrics.json, or None when it stopped before the end (--max-minutes)."""
-    out = args.out / creation / f"seed{seed}"
-    metrics_path = out / "metrics.json"
-    if args.reuse and metrics_path.exists():
-        return _flat(json.loads(metrics_path.read_text()))
-    resume = not metrics_path.exists() and (out / "checkpoint.pt").exists()
+def _command(args, creation: str, seed: int, out: Path) -> list[str]:
+    """The training program's command line for one run."""
+    if args.task == "qm9":
+        options = {"--creation": creation, "--epochs": args.epochs, "--seed": seed, "--out": out}
+        if args.lr is not None:
+            options["--lr"] = args.lr
+        if args.batch_size is not None:
+            options["--batch-size"] = args.batch_size
+        flags = [str(v) for option in options.items() for v in option]
+        return [sys.executable, str(HERE / "train_graphvae.py"), *flags]
     launcher = [sys.executable]
     if args.nproc > 1:
         distributed = ["torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
@@ -129,10 +162,23 @@ def run_one(args, extra: list[str], creation: str, seed: int) -> dict | None:
         "--out": out,
     }
     flags = [str(v) for option in options.items() for v in option]
-    cmd = [*launcher, str(HERE / "train_setvae.py"), *flags, *(["--resume"] * resume), *extra]
+    return [*launcher, str(HERE / "train_setvae.py"), *flags]
+
+
+def run_one(args, extra: list[str], creation: str, seed: int) -> dict | None:
+    """The run's metrics.json, or None when it stopped before the end (--max-minutes)."""
+    out = args.out / creation / f"seed{seed}"
+    metrics_path = out / "metrics.json"
+    if args.reuse and metrics_path.exists():
+        return _flat(json.loads(metrics_path.read_text()))
+    resume = not metrics_path.exists() and (out / "checkpoint.pt").exists()
+    cmd = [*_command(args, creation, seed, out), *(["--resume"] * resume), *extra]
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     print(f"== {creation} seed {seed}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     print(f"== {creation} seed {seed} done in {time.perf_counter() - t0:.0f}s", flush=True)
     if not metrics_path.exists():
         print(f"== {creation} seed {seed} is not finished: run again to resume it", flush=True)
@@ -178,6 +224,72 @@ def ordering(results: dict[str, dict[str, float]], train_key: str = "train_w2") 
         verdict = "holds" if winner == claimed else f"does not hold: {NAMES[winner]} is"
         lines.append(f"- {NAMES[claimed]} {what}: {verdict}")
     return lines
+
+
+def write_qm9_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
+    """Table 5 beside the paper's; OUT/table.md, results.json and rows.json."""
+    done = {c: runs[c] for c in CREATIONS if runs.get(c)}  # the paper's row order
+    means: dict[str, dict[str, float]] = {}
+    head = "| Generator | " + " | ".join(title for _, title in QM9_COLUMNS) + " |"
+    rows = [head, "|" + " --- |" * (len(QM9_COLUMNS) + 1)]
+    for creation, finished in done.items():
+        cells, means[creation] = [], {}
+        for i, (key, _) in enumerate(QM9_COLUMNS):
+            values = [100 * m[key] for m in finished if m.get(key) is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean, half = summarize(values)
+            means[creation][key] = mean
+            cell = f"{mean:.1f}" if half is None else f"{mean:.1f} ± {half:.1f}"
+            if i < 2:
+                paper_mean, paper_std = PAPER_QM9[creation][i]
+                cell += f" ({paper_mean} ± {paper_std})"
+            cells.append(cell)
+        rows.append(f"| {NAMES[creation]} (runs: {len(finished)}) | " + " | ".join(cells) + " |")
+    epochs = sorted({m["epochs"] for finished in done.values() for m in finished})
+    missing = [NAMES[c] for c in args.creations if len(runs[c]) < len(args.seeds)]
+    first = next(iter(done.values()))[0] if done else None
+    data = first["data"]["split_sizes"]["train"] if first else "-"
+    lr = first["args"]["lr"] if first else args.lr
+    batch = first["args"]["batch_size"] if first else args.batch_size
+    n = len(args.seeds)
+    checks = []
+    if "topn" in means and "validity" in means["topn"]:
+        top = means["topn"]
+        checks.append(f"- Top-n validity {top['validity']:.1f}% (target >= 50%)")
+        checks.append(f"- Top-n unique and valid {top['unique_and_valid']:.1f}% (target >= 45%)")
+    if "iid" in means and len(means) > 1:
+        lowest = min(means, key=lambda c: means[c].get("validity", math.inf))
+        verdict = "holds" if lowest == "iid" else f"does not hold: {NAMES[lowest]} is lowest"
+        checks.append(f"- i.i.d. has the lowest validity: {verdict}")
+    text = "\n".join(
+        [
+            "# Set creation methods in the QM9 graph VAE",
+            "",
+            f"{args.epochs} epochs (runs took {', '.join(map(str, epochs)) or '-'}), lr {lr} "
+            f"halved on plateaus, batch {batch}, {data} training molecules, seeds {args.seeds} "
+            f"({'one run' if n == 1 else 'mean ± 95% CI over the runs'}); in parentheses the "
+            "paper's Table 5 (mean ± std over runs of 800 epochs at most; docs/graph_vae.md).",
+            f"Each run generated {first['num_generated'] if first else '-'} molecules; valid "
+            "means that RDKit sanitizes it as one connected molecule.",
+            "Uniqueness and novelty are for information (the paper does not report them).",
+            f"Wall time of this invocation {seconds / 60:.1f} min.",
+            *(["Not finished yet (rerun to resume): " + ", ".join(missing) + "."] * bool(missing)),
+            "",
+            *rows,
+            "",
+            *checks,
+            "",
+        ]
+    )
+    (args.out / "table.md").write_text(text)
+    (args.out / "results.json").write_text(
+        json.dumps({"means": means, "runs": runs, "paper": PAPER_QM9, "seconds": seconds}, indent=2)
+    )
+    flat = [{k: m[k] for k in QM9_ROW_KEYS} for finished in done.values() for m in finished]
+    (args.out / "rows.json").write_text(json.dumps(flat, indent=2) + "\n")
+    return text
 
 
 def write_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
@@ -261,12 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {c: [] for c in args.creations}
-    for seed in args.seeds:
-        for creation in args.creations:
-            result = run_one(args, extra, creation, seed)
-            if result is not None:
-                runs[creation].append(result)
-    print(write_table(args, runs, time.perf_counter() - t0))
+    todo = [(creation, seed) for seed in args.seeds for creation in args.creations]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_one(args, extra, *job), todo))
+    for (creation, _), result in zip(todo, results, strict=True):
+        if result is not None:
+            runs[creation].append(result)
+    write = write_qm9_table if args.task == "qm9" else write_table
+    print(write(args, runs, time.perf_counter() - t0))
     print(f"wrote {args.out}/table.md and results.json")
 
 

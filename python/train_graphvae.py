@@ -80,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--n-generated", type=int, default=1000, help="molecules generated (1000)")
     p.add_argument(
+        "--eval-every",
+        type=int,
+        default=5,
+        help="every this many epochs, generate --eval-size molecules and record their validity "
+        "in history.json and curves.png (5; 0: never)",
+    )
+    p.add_argument("--eval-size", type=int, default=500, help="molecules per periodic check (500)")
+    p.add_argument(
         "--authors-sizes",
         action="store_true",
         help="generate with the authors' size rounding (sizes 1 -> 2 and 9 -> 8)",
@@ -92,13 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-plots", action="store_true", help="skip curves.png and molecules.png")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "n_generated"):
+    for name in ("epochs", "batch_size", "n_generated", "eval_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.subset is not None and args.subset < 1:
         p.error("--subset must be >= 1")
-    if args.lr <= 0 or args.patience < 0:
-        p.error("--lr must be > 0 and --patience >= 0")
+    if args.lr <= 0 or args.patience < 0 or args.eval_every < 0:
+        p.error("--lr must be > 0, --patience and --eval-every >= 0")
     return args
 
 
@@ -216,7 +224,9 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    checks = [h for h in history if "validity" in h]
+    fig, axes = plt.subplots(1, 3 if checks else 2, figsize=(16 if checks else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
     epochs = [h["epoch"] for h in history]
     for k in GRAPH_LOSS_TERMS:
         values = [max(h[k], 1e-12) for h in history]
@@ -229,6 +239,14 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2.set_yscale("log")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("learning rate")
+    if checks:
+        ax3 = axes[2]
+        for key in ("validity", "unique_and_valid"):
+            ax3.plot([h["epoch"] for h in checks], [100 * h[key] for h in checks], marker="o")
+        ax3.legend(["validity", "unique and valid"])
+        ax3.set_ylim(0, 100)
+        ax3.set_xlabel("epoch")
+        ax3.set_ylabel(f"% of {checks[-1]['eval_size']} generated molecules")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -306,6 +324,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         scheduler.step(terms["total"])
         record = {"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[0]["lr"]}
         record["seconds"] = seconds
+        if args.eval_every and (epoch + 1) % args.eval_every == 0:
+            smiles = generate(model, args.eval_size, args.seed + 1000 + epoch, args.authors_sizes)
+            check = molecule_metrics(smiles, set())
+            record.update(
+                validity=check["validity"],
+                unique_and_valid=check["unique_and_valid"],
+                eval_size=args.eval_size,
+            )
+            print(
+                f"epoch {epoch + 1}: validity {check['validity']:.1%}, unique and valid "
+                f"{check['unique_and_valid']:.1%} of {args.eval_size} generated",
+                flush=True,
+            )
         history.append(record)
         progress.update(steps, {"total": terms["total"]}, final=True)
         save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, history, batch_gen, args)

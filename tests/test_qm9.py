@@ -470,7 +470,7 @@ def test_training_program_smoke_then_resume(tmp_path):
     for name in ("curves.png", "molecules.png", "checkpoint.pt", "history.json"):
         assert (out / name).stat().st_size > 0
     run = subprocess.run(
-        [*cmd, "--epochs", "2", "--resume", "--no-plots"],
+        [*cmd, "--epochs", "2", "--resume", "--no-plots", "--eval-every", "2", "--eval-size", "30"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -480,3 +480,48 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+    assert "validity" not in history[0]  # the default checks every 5 epochs
+    assert 0 <= history[1]["unique_and_valid"] <= history[1]["validity"] <= 1
+    assert history[1]["eval_size"] == 30
+
+
+def test_compare_creation_writes_table5(tmp_path):
+    """compare_creation --task qm9: two creations side by side, the table beside the paper's
+    Table 5 and one row per run with the metrics of that run's metrics.json."""
+    out = tmp_path / "cmp"
+    cmd = [
+        sys.executable,
+        "python/compare_creation.py",
+        "--task",
+        "qm9",
+        "--epochs",
+        "1",
+        "--creations",
+        "iid",
+        "topn",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--",
+        "--csv",
+        str(SAMPLE),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--subset",
+        "100",
+        "--n-generated",
+        "50",
+        "--no-plots",
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((out / "rows.json").read_text())
+    assert [r["creation"] for r in rows] == ["iid", "topn"]  # the paper's row order
+    for row in rows:
+        metrics = json.loads((out / row["creation"] / "seed0" / "metrics.json").read_text())
+        assert row == {k: metrics[k] for k in row}
+        assert row["epochs"] == 1 and row["seed"] == 0
+    table = (out / "table.md").read_text()
+    assert "| Top-n (runs: 1) |" in table and "(59.9 ± 1.4)" in table
+    assert "| i.i.d. (runs: 1) |" in table and "(34.9 ± 15.2)" in table
