@@ -326,3 +326,11 @@ LOSS_VALIDATION_CASES = [
         ("backend-triton", {"backend": "triton"}, ValueError, "backend"),
     ]
 ]
+
+
+def needs_native() -> None:
+    """Skips the calling test when the native extension is not built."""
+    from topn_kernels import native
+
+    if not native.AVAILABLE:
+        pytest.skip("the native extension is not built")

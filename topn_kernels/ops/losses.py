@@ -10,15 +10,18 @@ KeOps on the others (see ``_SMALL_PAIRS``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import native, reference
-from .._ragged import lengths_mask
+from .._ragged import lengths_mask, reduce_batch
 from ..keops import chamfer as keops_chamfer
 from ..keops import penalties as keops_penalties
 from ..keops import sinkhorn as keops_sinkhorn
 from . import _checks, _dispatch
+from .set_loss_op import set_loss
 
 __all__ = ["chamfer_loss", "repulsion_penalty", "sinkhorn_loss", "valency_penalty"]
 
@@ -332,6 +335,12 @@ def sinkhorn_loss(
     chosen = _dispatch.resolve(
         "sinkhorn_loss", backend, x.device, small=_small(x, y), unsupported=unsupported
     )
+    if torch.compiler.is_compiling() and (chosen != "reference" or backend == "auto"):
+        # the reference's schedule reads tensor values: a traced graph takes KeOps instead
+        kind = "sinkhorn_native" if chosen == "native" else "sinkhorn_keops"
+        params = [p, blur, scaling, math.nan if diameter is None else diameter, float(debias)]
+        values = set_loss(kind, x, y, x_lengths, y_lengths, params, a, b)
+        return reduce_batch(values, "sum" if unbatched else batch_reduction)
     if chosen == "native":  # native.sinkhorn exists only when the extension loaded
         impl = native.sinkhorn.sinkhorn_loss
     else:
@@ -369,6 +378,8 @@ def repulsion_penalty(
     lengths = _lengths(lengths, "lengths", x, 0)
     min_dist = _checks.positive_number(min_dist, "min_dist")
     chosen = _dispatch.resolve("repulsion_penalty", backend, x.device, small=_small(x, x))
+    if chosen == "keops" and torch.compiler.is_compiling():
+        return set_loss("repulsion_keops", x, None, lengths, None, [min_dist])
     impl = keops_penalties.repulsion_penalty if chosen == "keops" else reference.repulsion_penalty
     return impl(x, lengths, min_dist=min_dist)
 
@@ -393,5 +404,8 @@ def valency_penalty(
     neighbor_dist = _checks.positive_number(neighbor_dist, "neighbor_dist")
     _checks.integer(max_valency, "max_valency", minimum=0)
     chosen = _dispatch.resolve("valency_penalty", backend, x.device, small=_small(x, x))
+    if chosen == "keops" and torch.compiler.is_compiling():
+        params = [neighbor_dist, float(max_valency)]
+        return set_loss("valency_keops", x, None, lengths, None, params)
     impl = keops_penalties.valency_penalty if chosen == "keops" else reference.valency_penalty
     return impl(x, lengths, neighbor_dist=neighbor_dist, max_valency=max_valency)

@@ -1,0 +1,168 @@
+"""Every loss under ``torch.compile(fullgraph=True)`` with tensor lengths (docs/operators.md,
+"torch.compile"): one graph, no break, and the same values and gradients as the eager call.
+
+``fullgraph=True`` turns any graph break into an error. The ``aot_eager`` backend traces the
+forward and the backward through the fake kernels and the registered autograd of the custom ops
+without generating code; one test also runs inductor, the default backend, on the paper's
+batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import topn_kernels as tk
+
+from .helpers import needs_native
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+LOSSES = {
+    "chamfer_loss": lambda x, y, xl, yl, **kw: tk.chamfer_loss(x, y, xl, yl, **kw),
+    "sinkhorn_loss": lambda x, y, xl, yl, **kw: tk.sinkhorn_loss(x, y, xl, yl, **kw),
+    "repulsion_penalty": lambda x, y, xl, yl, **kw: tk.repulsion_penalty(x, xl, **kw).sum(),
+    "valency_penalty": lambda x, y, xl, yl, **kw: tk.valency_penalty(x, xl, **kw).sum(),
+}
+BACKENDS = {
+    "chamfer_loss": ("auto", "reference", "keops"),
+    "sinkhorn_loss": ("auto", "keops", "native"),
+    "repulsion_penalty": ("auto", "reference", "keops"),
+    "valency_penalty": ("auto", "reference", "keops"),
+}
+CASES = [(op, backend) for op, backends in BACKENDS.items() for backend in backends]
+
+
+def _batch(batch=5, n=7, m=6, seed=0, min_length=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(batch, m, 3, generator=g, dtype=torch.float64)
+    xl = torch.randint(min_length, n + 1, (batch,), generator=g)
+    yl = torch.randint(min_length, m + 1, (batch,), generator=g)
+    xl[0], yl[-1] = n, m  # a full set on each side
+    return x, y, xl, yl
+
+
+def _value_and_grads(fn, x, y, xl, yl):
+    x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    value = fn(x, y, xl, yl)
+    value.backward()
+    return value.detach(), x.grad, y.grad
+
+
+@pytest.mark.parametrize(("op", "backend"), CASES)
+def test_loss_traces_whole_and_matches_eager(op, backend):
+    if backend == "native":
+        needs_native()
+    torch._dynamo.reset()
+    fn = functools.partial(LOSSES[op], backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x, y, xl, yl = _batch(min_length=0 if op == "chamfer_loss" else 1)
+    want = _value_and_grads(fn, x, y, xl, yl)
+    got = _value_and_grads(compiled, x, y, xl, yl)
+    for w, g, what in zip(want, got, ("value", "grad x", "grad y"), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=what)
+    assert float(want[1].abs().sum()) > 0  # the gradient is not trivially zero
+    # other lengths, same shapes: the same graph, new values
+    x2, y2, xl2, yl2 = _batch(seed=1, min_length=1)
+    want = _value_and_grads(fn, x2, y2, xl2, yl2)
+    got = _value_and_grads(compiled, x2, y2, xl2, yl2)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_chamfer_options_match_eager():
+    """The KeOps Chamfer's options through the traced graph: normals, weights, per-point
+    terms, indices."""
+    torch._dynamo.reset()
+    x, y, xl, yl = _batch(min_length=0)
+    g = torch.Generator().manual_seed(5)
+    xn, yn = torch.randn(x.shape, generator=g, dtype=x.dtype), torch.randn(y.shape, dtype=x.dtype)
+    w = torch.rand(x.shape[0], generator=g, dtype=x.dtype)
+
+    def fn(x, y):
+        loss, normals, xi, yi = tk.chamfer_loss(
+            x, y, xl, yl, xn, yn, w, norm=1, return_index=True, backend="keops"
+        )
+        per_x, per_y = tk.chamfer_loss(
+            x, y, xl, yl, point_reduction=None, batch_reduction=None, backend="keops"
+        )
+        return loss + normals + per_x.sum() + per_y.sum(), xi, yi
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for f in (fn, compiled):
+        xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+        value, xi, yi = f(xx, yy)
+        value.backward()
+        if f is fn:
+            want = (value.detach(), xi, yi, xx.grad, yy.grad)
+        else:
+            for a, b in zip((value.detach(), xi, yi, xx.grad, yy.grad), want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_sinkhorn_weights_and_options_match_eager():
+    """Sinkhorn through the op with per-point weights (gradients for them too), p=1, a given
+    diameter, and without debiasing."""
+    torch._dynamo.reset()
+    x, y, xl, yl = _batch()
+    g = torch.Generator().manual_seed(6)
+    a = torch.rand(x.shape[:2], generator=g, dtype=x.dtype) + 0.1
+    b = torch.rand(y.shape[:2], generator=g, dtype=x.dtype) + 0.1
+
+    def fn(x, y, a, b):
+        first = tk.sinkhorn_loss(x, y, xl, yl, a=a, b=b, backend="auto")
+        second = tk.sinkhorn_loss(
+            x, y, xl, yl, p=1, diameter=8.0, debias=False, batch_reduction="sum"
+        )
+        return first + second
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, y, a, b)]
+        value = f(*leaves)
+        value.backward()
+        results.append([value.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_losses_compile_with_inductor_at_the_paper_scale():
+    """The default backend (inductor), B=64 sets of 2..35 points in float32, every loss with
+    backend "auto" in one compiled training-step loss."""
+    needs_native()
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 35, 3, generator=g)
+    y = torch.randn(64, 35, 3, generator=g)
+    xl, yl = torch.randint(2, 36, (64,), generator=g), torch.randint(2, 36, (64,), generator=g)
+
+    def fn(x, y, xl, yl):
+        return sum(f(x, y, xl, yl) for f in LOSSES.values())
+
+    compiled = torch.compile(fn, fullgraph=True)
+    want = _value_and_grads(fn, x, y, xl, yl)
+    got = _value_and_grads(compiled, x, y, xl, yl)
+    for w, gg in zip(want, got, strict=True):
+        torch.testing.assert_close(gg, w, rtol=1e-4, atol=1e-5)
+
+
+def test_the_loss_custom_ops_pass_opcheck():
+    """Schema, fake kernel and autograd registration of the two ops the losses trace through."""
+    x, y, xl, yl = _batch(min_length=0)
+    ops = torch.ops.topn_kernels
+    torch.library.opcheck(ops.keops_chamfer_nearest.default, (x, y, xl, yl, 2))
+    x, y, xl, yl = _batch()
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    params = [2, 0.05, 0.5, float("nan"), 1.0]
+    for args in (
+        (xg, yg, xl, yl, None, None, "sinkhorn_keops", params, True),
+        (x, y, xl, yl, None, None, "sinkhorn_keops", params, False),
+        (xg, None, xl, None, None, None, "repulsion_keops", [1.0], True),
+        (xg, None, xl, None, None, None, "valency_keops", [2.0, 4.0], True),
+    ):
+        torch.library.opcheck(ops.set_loss.default, args)
