@@ -7,6 +7,10 @@ Providers: ``eager`` (the dense reference), ``compile`` (torch.compile of it, pa
 (dense ``torch.cdist`` + min, the usual Chamfer), ``geomloss_online`` /
 ``geomloss_tensorized`` (the peer library's Sinkhorn). Dense providers run only where their
 (B, N, M) matrices fit comfortably.
+
+Directions: ``fwd`` under no_grad, ``fwd+bwd`` (the forward and ``torch.autograd.grad``) and,
+at the paper's scale, ``step``: a training step, the forward, ``loss.backward()``, then the
+grads set to None. :func:`cpu_targets` reads the paper-scale rows.
 """
 
 from __future__ import annotations
@@ -139,7 +143,15 @@ def _timed(fn: Callable, args: tuple, direction: str) -> Callable[[], object]:
 
         return forward_only
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    return lambda: torch.autograd.grad(forward(), inputs)
+    if direction == "fwd+bwd":
+        return lambda: torch.autograd.grad(forward(), inputs)
+
+    def step():
+        forward().backward()
+        for t in inputs:
+            t.grad = None
+
+    return step
 
 
 def cases(device: torch.device) -> Iterator[Case]:
@@ -147,7 +159,8 @@ def cases(device: torch.device) -> Iterator[Case]:
         pairwise = op in PENALTIES
         for shape in _shapes(op, device):
             params = {"B": shape.batch, "N": shape.n, "D": shape.dim, **_kwargs(op)}
-            for direction in DIRECTIONS:
+            directions = (*DIRECTIONS, "step") if shape.name == "paper" else DIRECTIONS
+            for direction in directions:
                 for name, fn in _providers(op, shape, device).items():
 
                     def build(fn=fn, shape=shape, direction=direction, pairwise=pairwise):
@@ -160,3 +173,21 @@ def cases(device: torch.device) -> Iterator[Case]:
                     # dense cdist past the dense shapes takes seconds: one call
                     heavy = shape.heavy or (name == "cdist" and not shape.dense)
                     yield Case(op, shape.name, direction, name, params, None, build, heavy=heavy)
+
+
+def cpu_targets(rows: list[dict]) -> list[dict]:
+    """The CPU targets of the losses at the paper's scale (B=64, sets of 2..35 points), from
+    the rows of one run: with ``auto``, the training step >= 2x torch.compile of the reference
+    and the forward >= 1x (never slower). Sinkhorn has no compiled baseline: torch.compile of
+    the reference recompiles at every new schedule (its eps values are Python floats read from
+    the data). Each entry: target, shape, measured (None if a row is missing), met."""
+    ms = {(r["op"], r["direction"], r["provider"]): r["ms"] for r in rows if r["shape"] == "paper"}
+    out = []
+    for op in ("chamfer_loss", "repulsion_penalty", "valency_penalty"):
+        for direction, bound in (("step", 2.0), ("fwd", 1.0)):
+            base, ours = ms.get((op, direction, "compile")), ms.get((op, direction, "auto"))
+            x = None if base is None or ours is None else base / ours
+            text = f"{op} {direction}: auto >= {bound:g}x torch.compile(reference)"
+            met = x is not None and x >= bound
+            out.append({"target": text, "shape": "paper", "measured": x, "met": met})
+    return out

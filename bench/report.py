@@ -13,23 +13,37 @@ import math
 from pathlib import Path
 
 BASELINES = ("eager", "compile")
+# what a user would write instead of this library: the fastest of them is "best baseline"
+USER_BASELINES = (
+    "eager",
+    "compile",
+    "compile_plain",
+    "compile_ro",
+    "cdist",
+    "geomloss_online",
+    "geomloss_tensorized",
+)
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("op", "shape", "direction", "provider", "ms", "p20-p80", "GB/s", "%peak", "peak MB")
-RATIOS = (*BASELINES, "fastest")  # the speed-up columns: "vs eager", ...
+RATIOS = (*BASELINES, "best baseline", "fastest")  # the speed-up columns: "vs eager", ...
 
 
 def _speedups(rows: list[dict]) -> list[dict[str, float]]:
-    """Per row, ms of each baseline (and of the fastest provider) of the same (op, shape,
-    direction) / the row's ms."""
+    """Per row, ms of each baseline (of the fastest user baseline, and of the fastest provider)
+    of the same (op, shape, direction) / the row's ms."""
     ms = {(r["op"], r["shape"], r["direction"], r["provider"]): r["ms"] for r in rows}
     fastest: dict[tuple, float] = {}
+    best: dict[tuple, float] = {}
     for r in rows:
         key = (r["op"], r["shape"], r["direction"])
         fastest[key] = min(fastest.get(key, math.inf), r["ms"])
+        if r["provider"] in USER_BASELINES:
+            best[key] = min(best.get(key, math.inf), r["ms"])
     out = []
     for r in rows:
         key = (r["op"], r["shape"], r["direction"])
         ratios = {b: ms.get((*key, b), math.nan) / r["ms"] for b in BASELINES}
+        ratios["best baseline"] = best.get(key, math.nan) / r["ms"]
         ratios["fastest"] = fastest[key] / r["ms"]
         out.append(ratios)
     return out

@@ -8,7 +8,10 @@ ms_p80, gbps, pct_peak, peak_bytes, params, device, versions, commit, date) and 
 ``python -m bench.report`` prints and redraws the newest (bench.report.latest). GB/s is a
 forward's bytes over its median time; %peak compares it with a memory copy measured in the same
 run. "vs eager" and "vs compile" are speed-ups against the reference and torch.compile of the
-reference, measured in the same run.
+reference, "vs best baseline" against the fastest of what a user would write instead
+(report.USER_BASELINES: those two, torch.compile of the plain formulation, dense cdist,
+geomloss), all measured in the same run. On CPU the run ends with the CPU targets
+(topn_create.cpu_targets, losses.cpu_targets): met or not, and by how much.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import memory, report, timing
+from . import losses, memory, report, timing, topn_create
 from .registry import OPS, all_cases
 
 
@@ -109,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({**labels, **measured, "params": case.params, **common})
 
     print(report.table(rows))
+    if device.type == "cpu":
+        targets = topn_create.cpu_targets(rows) + losses.cpu_targets(rows)
+        targets = [t for t in targets if t["measured"] is not None]
+        if targets:
+            print("CPU targets:")
+            print(topn_create.format_targets(targets))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{common['date'][:10]}_{common['commit']}"
     report.write_json(rows, stem.with_suffix(".json"))

@@ -2,10 +2,21 @@
 "topn_create"; the oracle is topn_kernels/reference.py), and the GPU targets of the Triton
 kernels, checked against the rows of a run by ``check_targets``.
 
-Providers: ``eager`` (the reference), ``compile`` (torch.compile of it) and, on a GPU,
+Providers: ``eager`` (the reference), ``compile`` (torch.compile of it), ``compile_plain``
+(torch.compile of :func:`plain_topn_create`, what a user with one set size writes; where n is
+uniform), on CPU ``native_op`` (the custom op called directly, without the public function's
+validation and dispatch: the kernel's own time) and, on a GPU,
 ``compile_ro`` (torch.compile(mode="reduce-overhead"): CUDA graphs, a second baseline);
 ``native`` on CPU; on a GPU ``triton`` (the paths "auto" picks) and one provider per forced
 Triton path (``TRITON_PATHS``: radix or sort selection, split, fused or single-launch writer).
+Directions: ``fwd`` under no_grad; ``fwd+bwd``, the forward and ``torch.autograd.grad`` from
+fixed upstream gradients; ``step``, a training step: the forward, ``loss.backward()`` of
+a loss with those upstream gradients, then the inputs' grads set to None; ``accum4``, four
+forwards and backwards accumulating into the grads, then set to None (the gradient
+accumulation pattern; ``native_nocache`` shows the output pool's part). The ``tiny`` shape
+(B=1) times the fixed cost of a call: ``native`` minus ``native_op`` is the validation and
+dispatch overhead (:func:`cpu_targets`).
+
 A Triton provider's case first runs once and compares its index with the eager reference's:
 the rows' params get ``index_mismatch_sets`` (sets whose index differs: 0, or a few sets with
 scores closer than the ranking tolerance, docs/operators.md "Ranking"). The environment
@@ -22,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 
 import torch
+import torch.nn.functional as F
 
 import topn_kernels as tk
 from topn_kernels import reference
@@ -41,9 +53,12 @@ class Shape:
 
 SHAPES = [
     Shape("paper", 512, 70, (2, 35), 3, 64),
+    Shape("paper_n35", 512, 70, 35, 3, 64),
     Shape("point_cloud", 32, 4096, 2048, 8, 128),
     Shape("large_batch", 2048, 128, 64, 8, 256),
 ]
+TINY = Shape("tiny", 1, 8, 2, 3, 4)  # the fixed cost of a call (CPU, forward)
+TRAINING = ("step", "accum4")
 # GPU only, forward only: the shape of the bandwidth target, in float32 and bfloat16
 TARGET = Shape("target", 4096, 1024, 256, 8, 256)
 GPU_SHAPES = [(TARGET, torch.float32), (Shape("target_bf16", *astuple(TARGET)[1:]), torch.bfloat16)]
@@ -51,6 +66,32 @@ GPU_SHAPES = [(TARGET, torch.float32), (Shape("target_bf16", *astuple(TARGET)[1:
 
 def _native(*args, **kwargs):
     return tk.topn_create(*args, backend="native", **kwargs)
+
+
+def plain_topn_create(query, angles, table, bias, n: int, film, *, n_max: int):
+    """Top-n creation as a user with one set size ``n`` writes it in plain PyTorch: cosine
+    scores, ``topk``, softmax of the selected scores, gather, bias and FiLM. Returns (x, None,
+    index, weight) like ``topn_create`` (no mask: every slot is real)."""
+    scores = F.normalize(query, dim=-1) @ F.normalize(angles, dim=-1).T
+    top = scores.topk(n, dim=1)
+    weight = top.values.softmax(dim=-1)
+    h = table[top.indices] + bias[:, None, :]
+    m = weight[..., None]
+    x = h * (m * film[0] + film[1]) + (m * film[2] + film[3])
+    return x, None, top.indices, weight
+
+
+def _native_op(query, angles, table, bias, n, film, *, n_max):
+    """The native custom op alone, its arguments prepared outside the public function (the
+    sizes tensor of an int ``n`` is made once, at the first call)."""
+    sizes = _native_op_sizes(n, query.shape[0])
+    op = torch.ops.topn_kernels.topn_create.default
+    return op(query, angles, table, bias, sizes, film, n_max, "selected", True, "native", -1)
+
+
+@functools.cache
+def _native_op_sizes(n: int, batch: int) -> torch.Tensor:
+    return torch.full((batch,), n, dtype=torch.int64)
 
 
 def _triton(*args, **kwargs):
@@ -89,18 +130,23 @@ def _wanted(name: str) -> bool:
     return not wanted or any(name == w or name.startswith(w) for w in wanted)
 
 
-def providers(device: torch.device) -> dict[str, tuple[Callable, Callable]]:
+def providers(device: torch.device, shape: Shape) -> dict[str, tuple[Callable, Callable]]:
     """name -> (topn_create-like callable, context to time it in)."""
     out = {
         "eager": (reference.topn_create, contextlib.nullcontext),
         "compile": (torch.compile(reference.topn_create, dynamic=False), contextlib.nullcontext),
     }
+    if isinstance(shape.n, int):
+        plain = torch.compile(plain_topn_create, dynamic=False)
+        out["compile_plain"] = (plain, contextlib.nullcontext)
     if device.type == "cuda":
         ro = torch.compile(reference.topn_create, dynamic=False, mode="reduce-overhead")
         out["compile_ro"] = (ro, contextlib.nullcontext)
     if device.type == "cpu" and tk.native.AVAILABLE:
         out["native"] = (_native, contextlib.nullcontext)
         out["native_nocache"] = (_native, _no_output_cache)
+        if isinstance(shape.n, int):
+            out["native_op"] = (_native_op, contextlib.nullcontext)
     if device.type == "cuda" and tk.triton.unavailable(device) is None:
         out["triton"] = (_triton, contextlib.nullcontext)
         for name, choice in TRITON_PATHS.items():
@@ -157,7 +203,8 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype = torch.f
 
 
 def timed_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[[], object]:
-    """Forward under no_grad, or forward + backward from fixed upstream gradients."""
+    """The timed closure of a direction (module docstring): forward under no_grad; forward
+    and ``autograd.grad``; a training step; four accumulated steps."""
     query, angles, table, bias, film = inputs
 
     def forward():
@@ -179,19 +226,38 @@ def timed_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[
         x, _, _, weight = forward()
         return torch.autograd.grad((x, weight), inputs, (grad_x, grad_w))
 
-    return forward_backward
+    def backward():
+        x, _, _, weight = forward()
+        ((x * grad_x).sum() + (weight * grad_w).sum()).backward()
+
+    def step():
+        backward()
+        for t in inputs:
+            t.grad = None
+
+    def accumulate():
+        for _ in range(4):
+            backward()
+        for t in inputs:
+            t.grad = None
+
+    return {"fwd+bwd": forward_backward, "step": step, "accum4": accumulate}[direction]
 
 
 def cases(device: torch.device) -> Iterator[Case]:
-    runs = [(shape, torch.float32, DIRECTIONS) for shape in SHAPES]
+    runs = [(shape, torch.float32, (*DIRECTIONS, *TRAINING)) for shape in SHAPES]
     if device.type == "cuda":
         runs += [(shape, dtype, ("fwd",)) for shape, dtype in GPU_SHAPES]
+    else:
+        runs.append((TINY, torch.float32, ("fwd",)))
     for shape, dtype, directions in runs:
         params = {"B": shape.batch, "n0": shape.n0, "n": shape.n, "a": shape.a, "d": shape.d}
         params["dtype"] = str(dtype).removeprefix("torch.")
         for direction in directions:
             nbytes = forward_bytes(shape, dtype.itemsize) if direction == "fwd" else None
-            for name, (fn, context) in providers(device).items():
+            for name, (fn, context) in providers(device, shape).items():
+                if name == "native_nocache" and direction not in ("fwd", "accum4"):
+                    continue  # the pool matters where outputs are made and kept
                 case_params = dict(params)  # a Triton case adds its index check
 
                 def build(
@@ -250,3 +316,64 @@ def check_targets(rows: list[dict]) -> list[dict]:
     x = speedup("paper", "fwd+bwd", "compile_ro")
     out.append(target(f"fwd+bwd >= 2x {ro}", "paper", x, 2))
     return out
+
+
+BASELINE_PROVIDERS = ("eager", "compile", "compile_plain")
+
+
+def cpu_targets(rows: list[dict]) -> list[dict]:
+    """The CPU targets of the native op, from the rows of one run: against the fastest
+    baseline of ``BASELINE_PROVIDERS`` at each shape with one set size (paper_n35,
+    point_cloud, large_batch), the forward >= 3x and the training step >= 2x; gradient
+    accumulation (accum4) with the output pool never slower than without it (>= 1x); the
+    validation and dispatch overhead (tiny shape: ``native`` - ``native_op``) <= 10 us.
+    Each entry: target, shape, measured (None if a row is missing), met."""
+    by_key = {
+        (r["shape"], r["direction"], r["provider"]): r["ms"]
+        for r in rows
+        if r["op"] == "topn_create"
+    }
+
+    def best_baseline(shape, direction):
+        found = [
+            by_key[(shape, direction, b)]
+            for b in BASELINE_PROVIDERS
+            if (shape, direction, b) in by_key
+        ]
+        return min(found) if found else None
+
+    def entry(text, shape, measured, met):
+        return {"target": text, "shape": shape, "measured": measured, "met": met}
+
+    out = []
+    for shape in (s.name for s in SHAPES if isinstance(s.n, int)):
+        for direction, bound in (("fwd", 3.0), ("step", 2.0)):
+            base, ours = best_baseline(shape, direction), by_key.get((shape, direction, "native"))
+            x = None if base is None or ours is None else base / ours
+            text = f"{direction}: native >= {bound:g}x the fastest baseline"
+            out.append(entry(text, shape, x, x is not None and x >= bound))
+        pool = by_key.get((shape, "accum4", "native"))
+        fresh = by_key.get((shape, "accum4", "native_nocache"))
+        x = None if pool is None or fresh is None else fresh / pool
+        out.append(entry("accum4: with the pool >= 1x without", shape, x, x is not None and x >= 1))
+    call, kernel = (
+        by_key.get((TINY.name, "fwd", "native")),
+        by_key.get((TINY.name, "fwd", "native_op")),
+    )
+    us = None if call is None or kernel is None else 1e3 * (call - kernel)
+    out.append(
+        entry("validation + dispatch overhead <= 10 us", TINY.name, us, us is not None and us <= 10)
+    )
+    return out
+
+
+def format_targets(targets: list[dict]) -> str:
+    """One line per target: met or not, the measured value."""
+    lines = []
+    for t in targets:
+        value = "missing" if t["measured"] is None else f"{t['measured']:.2f}"
+        unit = " us" if "us" in t["target"] else ("x" if t["measured"] is not None else "")
+        lines.append(
+            f"[{'met' if t['met'] else 'NOT met'}] {t['shape']}: {t['target']}: {value}{unit}"
+        )
+    return "\n".join(lines)

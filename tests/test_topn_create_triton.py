@@ -502,7 +502,8 @@ def test_check_targets_reads_benchmark_rows():
     assert got[(f"fwd+bwd >= 2x {compiled}", "large_batch")] == (None, False)
     assert got[(f"fwd >= 3x {ro}", "paper")] == (2.0, False)
     assert got[(f"fwd+bwd >= 2x {ro}", "paper")] == (None, False)
-    assert len(got) == 8
+    assert got[(f"fwd+bwd >= 2x {compiled}", "paper_n35")] == (None, False)
+    assert len(got) == 9
 
 
 def test_bandwidth_counts_what_must_reach_memory():

@@ -1,0 +1,80 @@
+"""The benchmark's baselines compute what they claim, its timed closures do what their
+direction says, and its CPU targets read the rows right (bench/topn_create.py,
+bench/losses.py). Timing itself is never tested."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import losses as bench_losses
+from bench import topn_create as bench_topn
+from topn_kernels import reference
+
+
+def test_plain_formulation_is_topn_create_at_one_set_size():
+    """compile_plain's function equals the reference (score_norm "selected", sorted) for an
+    int n, on scores without ties."""
+    g = torch.Generator().manual_seed(0)
+    query, angles = torch.randn(6, 3, generator=g), torch.randn(20, 3, generator=g)
+    table, bias, film = (torch.randn(s, generator=g) for s in ((20, 5), (6, 5), (4, 5)))
+    x, _, index, weight = bench_topn.plain_topn_create(query, angles, table, bias, 7, film, n_max=7)
+    want = reference.topn_create(query, angles, table, bias, 7, film)
+    torch.testing.assert_close(x, want[0])
+    assert torch.equal(index, want[2])
+    torch.testing.assert_close(weight, want[3])
+
+
+@pytest.mark.parametrize("direction", ["step", "accum4"])
+def test_training_directions_run_backward_and_clear_grads(direction):
+    """A step (or four accumulated ones) reaches every input's gradient, then sets it to None."""
+    shape = bench_topn.Shape("t", 3, 10, 4, 3, 5)
+    inputs, n, n_max = bench_topn.make_inputs(shape, torch.device("cpu"))
+    seen = []
+    for t in inputs:
+        t.register_hook(lambda grad, seen=seen: seen.append(grad) or grad)
+    call = bench_topn.timed_call(reference.topn_create, inputs, n, n_max, direction)
+    call()
+    assert len(seen) == len(inputs) * (4 if direction == "accum4" else 1)
+    assert all(t.grad is None for t in inputs)
+
+
+def _row(op, shape, direction, provider, ms):
+    return {"op": op, "shape": shape, "direction": direction, "provider": provider, "ms": ms}
+
+
+def test_cpu_targets_compare_native_with_the_fastest_baseline():
+    rows = [
+        _row("topn_create", "paper_n35", "fwd", "compile", 4.0),
+        _row("topn_create", "paper_n35", "fwd", "compile_plain", 3.0),
+        _row("topn_create", "paper_n35", "fwd", "native", 1.0),
+        _row("topn_create", "paper_n35", "step", "eager", 5.0),
+        _row("topn_create", "paper_n35", "step", "native", 4.0),
+        _row("topn_create", "paper_n35", "accum4", "native", 2.0),
+        _row("topn_create", "paper_n35", "accum4", "native_nocache", 3.0),
+        _row("topn_create", "tiny", "fwd", "native", 0.030),
+        _row("topn_create", "tiny", "fwd", "native_op", 0.025),
+    ]
+    got = {
+        (t["shape"], t["target"]): (t["measured"], t["met"]) for t in bench_topn.cpu_targets(rows)
+    }
+    assert got[("paper_n35", "fwd: native >= 3x the fastest baseline")] == (3.0, True)
+    assert got[("paper_n35", "step: native >= 2x the fastest baseline")] == (1.25, False)
+    assert got[("paper_n35", "accum4: with the pool >= 1x without")] == (1.5, True)
+    assert got[("point_cloud", "fwd: native >= 3x the fastest baseline")] == (None, False)
+    measured, met = got[("tiny", "validation + dispatch overhead <= 10 us")]
+    assert measured == pytest.approx(5.0) and met
+
+
+def test_loss_cpu_targets_read_the_paper_rows():
+    rows = [
+        _row("chamfer_loss", "paper", "step", "compile", 3.0),
+        _row("chamfer_loss", "paper", "step", "auto", 1.0),
+        _row("chamfer_loss", "paper", "fwd", "compile", 1.0),
+        _row("chamfer_loss", "paper", "fwd", "auto", 2.0),
+        _row("chamfer_loss", "n1024", "step", "auto", 0.1),
+    ]
+    got = {t["target"]: (t["measured"], t["met"]) for t in bench_losses.cpu_targets(rows)}
+    assert got["chamfer_loss step: auto >= 2x torch.compile(reference)"] == (3.0, True)
+    assert got["chamfer_loss fwd: auto >= 1x torch.compile(reference)"] == (0.5, False)
+    assert got["valency_penalty step: auto >= 2x torch.compile(reference)"] == (None, False)
