@@ -92,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="generate with the authors' size rounding (sizes 1 -> 2 and 9 -> 8)",
     )
+    p.add_argument(
+        "--loss-weight",
+        action="append",
+        default=[],
+        metavar="TERM=W",
+        help="override the weight of a loss term (repeatable), e.g. edges=640000; the terms "
+        "and their defaults (the authors') are GraphLossConfig's (docs/graph_vae.md, Loss)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument(
         "--max-minutes",
@@ -105,6 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.subset is not None and args.subset < 1:
         p.error("--subset must be >= 1")
+    weights = {}
+    for item in args.loss_weight:
+        term, _, value = item.partition("=")
+        if term not in GRAPH_LOSS_TERMS or term == "total":
+            terms = list(GRAPH_LOSS_TERMS[:-1])
+            p.error(f"--loss-weight {item!r}: the term must be one of {terms}")
+        try:
+            weights[term] = float(value)
+        except ValueError:
+            p.error(f"--loss-weight {item!r}: the weight must be a number")
+        if not weights[term] >= 0:
+            p.error(f"--loss-weight {item!r}: the weight must be >= 0")
+    args.loss_weights = weights
     if args.lr <= 0 or args.patience < 0 or args.eval_every < 0:
         p.error("--lr must be > 0, --patience and --eval-every >= 0")
     return args
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     model = GraphVAE(GraphVAEConfig(creation=args.creation))
     model.set_size_distribution(train.lengths)
-    loss_cfg = GraphLossConfig()
+    loss_cfg = GraphLossConfig(**args.loss_weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=args.patience, min_lr=MIN_LR
@@ -302,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["args"]["creation"] != args.creation:
             raise SystemExit(f"{ckpt_path} is a --creation {ckpt['args']['creation']} run")
+        if ckpt["args"].get("loss_weights", {}) != args.loss_weights:
+            raise SystemExit(
+                f"{ckpt_path} was trained with --loss-weight {ckpt['args'].get('loss_weights')}; "
+                f"resume with the same weights, not {args.loss_weights}"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -525,3 +525,24 @@ def test_compare_creation_writes_table5(tmp_path):
     table = (out / "table.md").read_text()
     assert "| Top-n (runs: 1) |" in table and "(59.9 ± 1.4)" in table
     assert "| i.i.d. (runs: 1) |" in table and "(34.9 ± 15.2)" in table
+
+
+def test_training_program_loss_weights(capsys):
+    """--loss-weight TERM=W overrides one weight of GraphLossConfig; anything else is refused
+    with a message naming the flag."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_graphvae", ROOT / "python/train_graphvae.py"
+    )
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    args = program.parse_args(
+        ["--out", "x", "--loss-weight", "edges=640000", "--loss-weight", "kl=0.01"]
+    )
+    assert args.loss_weights == {"edges": 640000.0, "kl": 0.01}
+    assert GraphLossConfig(**args.loss_weights).edges == 640000.0
+    for bad in ("total=1", "bonds=1", "edges=x", "edges=-1"):
+        with pytest.raises(SystemExit):
+            program.parse_args(["--out", "x", "--loss-weight", bad])
+        assert "--loss-weight" in capsys.readouterr().err
