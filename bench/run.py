@@ -1,6 +1,6 @@
 """The benchmark runner: every case of every operator, then a table, JSON rows and a plot.
 
-    python -m bench [--quick] [--op topn_create] [--shape paper] [--out bench/results]
+    python -m bench [--quick] [--op topn_create ...] [--shape paper ...] [--out bench/results]
 
 Writes <out>/<date>_<commit>.json (a list of rows: op, provider, shape, direction, ms, ms_p20,
 ms_p80, gbps, pct_peak, peak_bytes, params, device, versions, commit, date) and its plot,
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--op", choices=OPS, help="one operator only")
-    parser.add_argument("--shape", help="one named shape only")
+    parser.add_argument("--op", choices=OPS, nargs="+", help="these operators only")
+    parser.add_argument("--shape", nargs="+", help="these named shapes only")
     parser.add_argument("--quick", action="store_true", help="a short timing budget: smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = 0.1 if args.quick else 1.0
     device = torch.device(args.device)
 
-    wanted = [c for c in all_cases(device) if args.op in (None, c.op)]
-    cases = [c for c in wanted if args.shape in (None, c.shape)]
+    wanted = [c for c in all_cases(device) if args.op is None or c.op in args.op]
+    cases = [c for c in wanted if args.shape is None or c.shape in args.shape]
     if not cases:
         parser.error(f"no case matches --op {args.op} --shape {args.shape}")
     copy_gbps = timing.copy_bandwidth_gbps(device, budget)

@@ -10,8 +10,10 @@ validation and dispatch: the kernel's own time) and, on a GPU,
 ``native`` on CPU; on a GPU ``triton`` (the paths "auto" picks) and one provider per forced
 Triton path (``TRITON_PATHS``: radix or sort selection, split, fused or single-launch writer).
 Directions: ``fwd`` under no_grad; ``fwd+bwd``, the forward and ``torch.autograd.grad`` from
-fixed upstream gradients; ``step``, a training step: the forward, ``loss.backward()`` of
-a loss with those upstream gradients, then the inputs' grads set to None; ``accum4``, four
+fixed upstream gradients; ``step``, a training step: the forward, the backward from those
+upstream gradients accumulating into the inputs' ``.grad`` (``loss.backward()`` of a loss
+whose gradient at the outputs they are, without the loss's own cost), then the grads set to
+None; ``accum4``, four
 forwards and backwards accumulating into the grads, then set to None (the gradient
 accumulation pattern; ``native_nocache`` shows the output pool's part). The ``tiny`` shape
 (B=1) times the fixed cost of a call: ``native`` minus ``native_op`` is the validation and
@@ -226,9 +228,9 @@ def timed_call(fn: Callable, inputs, n, n_max: int, direction: str) -> Callable[
         x, _, _, weight = forward()
         return torch.autograd.grad((x, weight), inputs, (grad_x, grad_w))
 
-    def backward():
+    def backward():  # loss.backward() of a loss whose gradients at (x, weight) are fixed
         x, _, _, weight = forward()
-        ((x * grad_x).sum() + (weight * grad_w).sum()).backward()
+        torch.autograd.backward((x, weight), (grad_x, grad_w))
 
     def step():
         backward()
