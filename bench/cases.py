@@ -27,3 +27,14 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.op}-{self.shape}-{self.direction}-{self.provider}"
+
+
+def fresh_compile(provider: str) -> None:
+    """Before a torch.compile provider's case: clears dynamo's caches. torch.compile keeps at
+    most ``recompile_limit`` (8) compiled versions of a function, shared by every wrapper of
+    it, and past that silently runs it eagerly; one case per fresh cache keeps every
+    ``compile*`` row compiled."""
+    if provider.startswith("compile"):
+        import torch._dynamo
+
+        torch._dynamo.reset()

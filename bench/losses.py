@@ -25,7 +25,7 @@ import torch
 import topn_kernels as tk
 from topn_kernels import reference
 
-from .cases import DIRECTIONS, Case
+from .cases import DIRECTIONS, Case, fresh_compile
 
 SINKHORN = {"blur": 0.05, "scaling": 0.5}
 PENALTIES = {
@@ -163,7 +163,10 @@ def cases(device: torch.device) -> Iterator[Case]:
             for direction in directions:
                 for name, fn in _providers(op, shape, device).items():
 
-                    def build(fn=fn, shape=shape, direction=direction, pairwise=pairwise):
+                    def build(
+                        fn=fn, shape=shape, direction=direction, pairwise=pairwise, name=name
+                    ):
+                        fresh_compile(name)
                         x, xl = _sets(shape, device, seed=0)
                         if pairwise:
                             return _timed(fn, (x, xl), direction)

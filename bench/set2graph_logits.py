@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import topn_kernels as tk
 from topn_kernels import reference
 
-from .cases import DIRECTIONS, Case
+from .cases import DIRECTIONS, Case, fresh_compile
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ def cases(device: torch.device) -> Iterator[Case]:
             for name, (make, heavy) in _providers(shape, device).items():
 
                 def build(make=make, shape=shape, direction=direction, name=name):
+                    fresh_compile(name)
                     mlp, x, lengths = make_inputs(shape, device)
                     call = timed_call(make(mlp), mlp, x, lengths, direction)
                     if name in ("compile", "triton"):

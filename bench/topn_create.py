@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import topn_kernels as tk
 from topn_kernels import reference
 
-from .cases import DIRECTIONS, Case
+from .cases import DIRECTIONS, Case, fresh_compile
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ def cases(device: torch.device) -> Iterator[Case]:
                     name=name,
                     case_params=case_params,
                 ):
+                    fresh_compile(name)
                     inputs, n, n_max = make_inputs(shape, device, dtype)
                     if name.startswith("triton"):
                         mismatch = index_mismatch_sets(fn, context, inputs, n, n_max)

@@ -26,16 +26,23 @@ def test_plain_formulation_is_topn_create_at_one_set_size():
 
 
 @pytest.mark.parametrize("direction", ["step", "accum4"])
-def test_training_directions_run_backward_and_clear_grads(direction):
-    """A step (or four accumulated ones) reaches every input's gradient, then sets it to None."""
+def test_training_directions_accumulate_into_grad_then_clear(direction):
+    """A step (or four accumulated ones) accumulates every input's gradient into ``.grad``
+    (not ``autograd.grad``: that leaves ``.grad`` alone), then sets it to None."""
     shape = bench_topn.Shape("t", 3, 10, 4, 3, 5)
     inputs, n, n_max = bench_topn.make_inputs(shape, torch.device("cpu"))
-    seen = []
+    accumulated = []
     for t in inputs:
-        t.register_hook(lambda grad, seen=seen: seen.append(grad) or grad)
+        t.register_post_accumulate_grad_hook(lambda t: accumulated.append(t.grad.clone()))
     call = bench_topn.timed_call(reference.topn_create, inputs, n, n_max, direction)
     call()
-    assert len(seen) == len(inputs) * (4 if direction == "accum4" else 1)
+    steps = 4 if direction == "accum4" else 1
+    assert len(accumulated) == len(inputs) * steps
+    if steps == 4:  # the fourth accumulation holds four times the first's gradient
+        for first, last in zip(
+            accumulated[: len(inputs)], accumulated[-len(inputs) :], strict=True
+        ):
+            torch.testing.assert_close(last, 4 * first)
     assert all(t.grad is None for t in inputs)
 
 

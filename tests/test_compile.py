@@ -166,3 +166,56 @@ def test_the_loss_custom_ops_pass_opcheck():
         (xg, None, xl, None, None, None, "valency_keops", [2.0, 4.0], True),
     ):
         torch.library.opcheck(ops.set_loss.default, args)
+
+
+PER_SET = {
+    "chamfer_loss": lambda x, y, xl, yl, b: tk.chamfer_loss(
+        x, y, xl, yl, batch_reduction=None, backend=b
+    ),
+    "sinkhorn_native": lambda x, y, xl, yl, b: tk.sinkhorn_loss(
+        x, y, xl, yl, batch_reduction="none", backend="native"
+    ),
+    "sinkhorn_keops": lambda x, y, xl, yl, b: tk.sinkhorn_loss(
+        x, y, xl, yl, batch_reduction="none", backend="keops"
+    ),
+    "repulsion_penalty": lambda x, y, xl, yl, b: tk.repulsion_penalty(x, xl, backend=b),
+    "valency_penalty": lambda x, y, xl, yl, b: tk.valency_penalty(x, xl, backend=b),
+}
+
+
+PER_SET_CASES = [
+    (loss, wrt)
+    for loss in PER_SET
+    for wrt in (("x",) if loss.endswith("penalty") else ("x", "y", "both"))
+]
+
+
+@pytest.mark.parametrize(("loss", "wrt"), PER_SET_CASES)
+def test_compiled_per_set_values_take_per_set_upstream_gradients(loss, wrt):
+    """Per-set values (B,) weighted by signed per-set weights: the backward through the
+    custom ops must scale each set's gradient by its own upstream gradient; also with only one
+    of x and y requiring grad."""
+    if loss == "sinkhorn_native":
+        needs_native()
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    x, y, xl, yl = _batch(min_length=1)
+    signs = torch.randn(x.shape[0], generator=g, dtype=x.dtype)
+
+    def fn(x, y):
+        return (PER_SET[loss](x, y, xl, yl, "keops") * signs).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled):
+        xx = x.clone().requires_grad_(wrt in ("x", "both"))
+        yy = y.clone().requires_grad_(wrt in ("y", "both"))
+        value = f(xx, yy)
+        value.backward()
+        results.append([value.detach(), xx.grad, yy.grad])
+    for got, want in zip(results[1], results[0], strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert any(r is not None and float(r.abs().sum()) > 0 for r in results[0][1:])

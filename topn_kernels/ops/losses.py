@@ -332,11 +332,14 @@ def sinkhorn_loss(
     _checks.choice(batch_reduction, "batch_reduction", _REDUCTIONS)
     weighted = a is not None or b is not None
     unsupported = {"native": _NATIVE_NO_WEIGHTS} if weighted else None
+    compiling = torch.compiler.is_compiling()
+    # traced, "auto" prefers KeOps to the reference, whose schedule reads tensor values (the
+    # batch's diameter) unless it is given
+    small = _small(x, y) and not (compiling and diameter is None)
     chosen = _dispatch.resolve(
-        "sinkhorn_loss", backend, x.device, small=_small(x, y), unsupported=unsupported
+        "sinkhorn_loss", backend, x.device, small=small, unsupported=unsupported
     )
-    if torch.compiler.is_compiling() and (chosen != "reference" or backend == "auto"):
-        # the reference's schedule reads tensor values: a traced graph takes KeOps instead
+    if compiling and chosen in ("native", "keops"):
         kind = "sinkhorn_native" if chosen == "native" else "sinkhorn_keops"
         params = [p, blur, scaling, math.nan if diameter is None else diameter, float(debias)]
         values = set_loss(kind, x, y, x_lengths, y_lengths, params, a, b)

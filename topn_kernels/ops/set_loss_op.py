@@ -125,7 +125,7 @@ def _set_loss(
         if t is None:
             out.append(x.new_empty((0,)))
         else:
-            out.append(torch.zeros_like(t) if g is None else g)
+            out.append(t.new_zeros(t.shape) if g is None else g)
     return value.detach(), *out
 
 
