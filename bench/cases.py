@@ -38,3 +38,16 @@ def fresh_compile(provider: str) -> None:
         import torch._dynamo
 
         torch._dynamo.reset()
+
+
+def format_targets(targets: list[dict]) -> str:
+    """One line per target of ``cpu_targets`` / ``check_targets`` rows: met or not, the
+    measured value."""
+    lines = []
+    for t in targets:
+        value = "missing" if t["measured"] is None else f"{t['measured']:.2f}"
+        unit = " us" if "us" in t["target"] else ("x" if t["measured"] is not None else "")
+        lines.append(
+            f"[{'met' if t['met'] else 'NOT met'}] {t['shape']}: {t['target']}: {value}{unit}"
+        )
+    return "\n".join(lines)

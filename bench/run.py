@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import cases as cases_module
 from . import losses, memory, report, timing, topn_create
 from .registry import OPS, all_cases
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         targets = [t for t in targets if t["measured"] is not None]
         if targets:
             print("CPU targets:")
-            print(topn_create.format_targets(targets))
+            print(cases_module.format_targets(targets))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{common['date'][:10]}_{common['commit']}"
     report.write_json(rows, stem.with_suffix(".json"))

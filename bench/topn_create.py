@@ -368,15 +368,3 @@ def cpu_targets(rows: list[dict]) -> list[dict]:
         entry("validation + dispatch overhead <= 10 us", TINY.name, us, us is not None and us <= 10)
     )
     return out
-
-
-def format_targets(targets: list[dict]) -> str:
-    """One line per target: met or not, the measured value."""
-    lines = []
-    for t in targets:
-        value = "missing" if t["measured"] is None else f"{t['measured']:.2f}"
-        unit = " us" if "us" in t["target"] else ("x" if t["measured"] is not None else "")
-        lines.append(
-            f"[{'met' if t['met'] else 'NOT met'}] {t['shape']}: {t['target']}: {value}{unit}"
-        )
-    return "\n".join(lines)

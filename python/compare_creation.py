@@ -226,6 +226,13 @@ def ordering(results: dict[str, dict[str, float]], train_key: str = "train_w2") 
     return lines
 
 
+def _write_outputs(out: Path, text: str, summary: dict, rows: list[dict], seconds: float) -> None:
+    """OUT/table.md, OUT/results.json (``summary`` and the wall time) and OUT/rows.json."""
+    (out / "table.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
+    (out / "rows.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def write_qm9_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
     """Table 5 beside the paper's; OUT/table.md, results.json and rows.json."""
     done = {c: runs[c] for c in CREATIONS if runs.get(c)}  # the paper's row order
@@ -283,12 +290,9 @@ def write_qm9_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
             "",
         ]
     )
-    (args.out / "table.md").write_text(text)
-    (args.out / "results.json").write_text(
-        json.dumps({"means": means, "runs": runs, "paper": PAPER_QM9, "seconds": seconds}, indent=2)
-    )
     flat = [{k: m[k] for k in QM9_ROW_KEYS} for finished in done.values() for m in finished]
-    (args.out / "rows.json").write_text(json.dumps(flat, indent=2) + "\n")
+    summary = {"means": means, "runs": runs, "paper": PAPER_QM9}
+    _write_outputs(args.out, text, summary, flat, seconds)
     return text
 
 
@@ -355,16 +359,12 @@ def write_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
             "",
         ]
     )
-    (args.out / "table.md").write_text(text)
-    (args.out / "results.json").write_text(
-        json.dumps({"means": means, "runs": runs, "paper": PAPER, "seconds": seconds}, indent=2)
-    )
     flat = [
         {key: m.get(key, m["args"]["seed"] if key == "seed" else None) for key in ROW_KEYS}
         for finished in done.values()
         for m in finished
     ]
-    (args.out / "rows.json").write_text(json.dumps(flat, indent=2) + "\n")
+    _write_outputs(args.out, text, {"means": means, "runs": runs, "paper": PAPER}, flat, seconds)
     return text
 
 

@@ -120,12 +120,9 @@ def _set_loss(
         wanted = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(value.sum(), wanted, allow_unused=True))
     out = []
-    for t in leaves:
+    for t in leaves:  # grads holds one entry per given input, None where it is unused
         g = None if t is None else next(grads)
-        if t is None:
-            out.append(x.new_empty((0,)))
-        else:
-            out.append(t.new_zeros(t.shape) if g is None else g)
+        out.append(x.new_empty((0,)) if t is None else t.new_zeros(t.shape) if g is None else g)
     return value.detach(), *out
 
 
