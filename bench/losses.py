@@ -3,7 +3,7 @@ sections "chamfer_loss", "sinkhorn_loss", "repulsion_penalty" and "valency_penal
 batches at the paper's scale and on large sets, against dense PyTorch and geomloss.
 
 Providers: ``eager`` (the dense reference), ``compile`` (torch.compile of it, paper scale),
-``keops``, ``native`` (Sinkhorn on CPU), ``auto`` (what the public function picks), ``cdist``
+``keops``, ``native`` (C++, CPU), ``auto`` (what the public function picks), ``cdist``
 (dense ``torch.cdist`` + min, the usual Chamfer), ``geomloss_online`` /
 ``geomloss_tensorized`` (the peer library's Sinkhorn). Dense providers run only where their
 (B, N, M) matrices fit comfortably.
@@ -116,7 +116,7 @@ def _providers(op: str, shape: Shape, device: torch.device) -> dict[str, Callabl
         if shape.name == "paper" and op != "sinkhorn_loss":  # the Sinkhorn loop reads floats
             out["compile"] = torch.compile(ref, dynamic=False)
     out["keops"] = functools.partial(public, backend="keops", **kwargs)
-    if op == "sinkhorn_loss" and device.type == "cpu" and tk.native.AVAILABLE:
+    if device.type == "cpu" and tk.native.AVAILABLE:
         out["native"] = functools.partial(public, backend="native", **kwargs)
     if not shape.heavy:
         out["auto"] = functools.partial(public, backend="auto", **kwargs)

@@ -1,5 +1,5 @@
 // Schemas of the native (C++) operators. Implementations register per device (csrc/cpu/*.cpp);
-// fake kernels and autograd are registered from Python (topn_kernels/native/sinkhorn.py).
+// fake kernels and autograd are registered from Python (topn_kernels/native/*.py).
 // topn_kernels::topn_create itself is defined in Python, for every backend; this library
 // gives only its CPU kernels. A fragment, so that it and the Python op share the namespace.
 #include <torch/library.h>
@@ -28,6 +28,19 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "sinkhorn(Tensor x, Tensor y, Tensor x_offsets, Tensor y_offsets, float[] eps_list, "
       "int p, bool debias, bool with_grad) -> (Tensor value, Tensor grad_x, Tensor grad_y)");
+  // Losses of padded batches of small sets (csrc/cpu/set_losses.cpp): x (B, N, D), y (B, M, D),
+  // optional int64 lengths (B,); the value of every set (B,) and, with_grad, the gradient of
+  // each set's value with respect to its points, (B, N, D) and (B, M, D), 0 on padding.
+  m.def(
+      "chamfer_sets(Tensor x, Tensor y, Tensor? x_lengths, Tensor? y_lengths, int norm, "
+      "bool mean, bool single_directional, bool with_grad) "
+      "-> (Tensor value, Tensor grad_x, Tensor grad_y)");
+  m.def(
+      "repulsion_sets(Tensor x, Tensor? lengths, float min_dist, bool with_grad) "
+      "-> (Tensor value, Tensor grad_x)");
+  m.def(
+      "valency_sets(Tensor x, Tensor? lengths, float neighbor_dist, int max_valency, "
+      "bool with_grad) -> (Tensor value, Tensor grad_x)");
   // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
   m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
   m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);

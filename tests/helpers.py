@@ -334,3 +334,19 @@ def needs_native() -> None:
 
     if not native.AVAILABLE:
         pytest.skip("the native extension is not built")
+
+
+def assert_same_bits_on_one_thread(fn, inputs: list[Tensor]) -> None:
+    """``fn(*inputs)`` (per-set values) and its gradients with the default thread count and
+    with one thread are the same bits (the sums of the native kernels have a fixed order)."""
+    results = []
+    threads = torch.get_num_threads()
+    for count in (threads, 1):
+        torch.set_num_threads(count)
+        try:
+            value = fn(*inputs)
+            results.append([value, *torch.autograd.grad(value.sum(), inputs)])
+        finally:
+            torch.set_num_threads(threads)
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)

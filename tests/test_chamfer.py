@@ -21,7 +21,6 @@ import torch
 
 import topn_kernels as tk
 from topn_kernels import reference
-from topn_kernels.keops import chamfer as keops_chamfer
 
 from .helpers import (
     LOSS_VALIDATION_CASES,
@@ -30,6 +29,8 @@ from .helpers import (
     assert_close_scaled,
     assert_loss_matches_reference,
     assert_rows_match_alone,
+    assert_same_bits_on_one_thread,
+    needs_native,
     padded_sets,
     ragged_pair,
     small_loss_inputs,
@@ -123,22 +124,26 @@ def test_keops_float32_and_full_sets():
     assert_loss_matches_reference(fn, [x, y], 1e-5, "keops")
 
 
-def test_auto_runs_the_reference_on_small_problems_and_keops_on_large(monkeypatch):
-    calls = []
-    real = keops_chamfer.chamfer_loss
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(keops_chamfer, "chamfer_loss", spy)
-    small, large = torch.randn(4, 20, 3), torch.randn(2, 400, 3)
-    tk.chamfer_loss(small, small)
-    assert calls == []
-    tk.chamfer_loss(large, large)
-    assert calls == [1]
-    tk.chamfer_loss(small.requires_grad_(), small)  # a backward follows: KeOps is faster
-    assert calls == [1, 1]
+def test_auto_runs_native_unless_few_large_sets_or_options_it_lacks(monkeypatch):
+    """On CPU: the native backend, except for a large problem with fewer sets than threads
+    (KeOps) and for options the native Chamfer lacks (the reference when small, else KeOps;
+    with a backward to follow KeOps even when small)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    small, large = torch.randn(4, 20, 3), torch.randn(3, 400, 3)
+    trained, many_large = torch.randn(4, 20, 3, requires_grad=True), torch.randn(4, 400, 3)
+    normals = {"x_normals": small, "y_normals": small}
+    with tk.record_backends() as calls:
+        tk.chamfer_loss(small, small)
+        tk.chamfer_loss(trained, small)
+        tk.chamfer_loss(many_large, many_large)
+    assert calls["chamfer_loss"] == {"native": 3}
+    with tk.record_backends() as calls:
+        tk.chamfer_loss(large, large)
+        tk.chamfer_loss(small, small, **normals)
+        tk.chamfer_loss(small, small, point_reduction="max")
+        tk.chamfer_loss(large, large, x_normals=large, y_normals=large)
+        tk.chamfer_loss(trained, small, return_index=True)
+    assert calls["chamfer_loss"] == {"keops": 3, "reference": 2}
 
 
 @pytest.mark.slow  # two KeOps compilations from a cold cache
@@ -164,6 +169,112 @@ def test_keops_is_quiet_on_first_use(tmp_path):
     assert quiet.stdout == "" and "KeOps" not in quiet.stderr
     loud = run({**env, "KEOPS_VERBOSE": "1"})
     assert loud.returncode == 0 and "KeOps" in loud.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the native backend against the reference
+# ---------------------------------------------------------------------------------------------
+
+NATIVE_OPTIONS = [
+    {"point_reduction": pr, "norm": norm, "single_directional": single}
+    for pr in ("mean", "sum")
+    for norm in (1, 2)
+    for single in (False, True)
+]
+
+
+@pytest.mark.parametrize("batch_reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kwargs", NATIVE_OPTIONS, ids=lambda k: "-".join(map(str, k.values())))
+def test_native_matches_reference(kwargs, batch_reduction):
+    """Ragged sets with clouds of no point on either side, poisoned padding, per-set weights
+    (one 0), and two coincident points of y that are the nearest of some x: the gradient goes
+    to the first, as the reference's argmin."""
+    needs_native()
+    x = padded_sets(5, 9, 3, X_LEN0, seed=11).requires_grad_()
+    y = padded_sets(5, 9, 3, Y_LEN0, seed=12)
+    y[0, 1] = y[0, 0]
+    y.requires_grad_()
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 3.0], dtype=x.dtype, requires_grad=True)
+    options = {**kwargs, "batch_reduction": batch_reduction}
+
+    def fn(backend, x, y, w):
+        return tk.chamfer_loss(x, y, X_LEN0, Y_LEN0, weights=w, backend=backend, **options)
+
+    assert_loss_matches_reference(fn, [x, y, weights], 1e-12, "native")
+
+    def unweighted(backend, x, y):
+        return tk.chamfer_loss(x, y, X_LEN0, Y_LEN0, backend=backend, **options)
+
+    assert_loss_matches_reference(unweighted, [x, y], 1e-12, "native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_low_precision_and_full_sets(dtype):
+    """Full sets larger than a vector of the distance loop; float16 and bfloat16 run in
+    float32 and come back in their own dtype."""
+    needs_native()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 3, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(3, 53, 3, generator=g).to(dtype).requires_grad_()
+
+    def fn(backend, x, y):
+        return tk.chamfer_loss(x, y, batch_reduction="none", backend=backend)
+
+    assert_loss_matches_reference(fn, [x, y], 1e-5 if dtype == torch.float32 else 1e-2, "native")
+
+
+def test_native_nan_point_gives_its_set_nan():
+    """A NaN coordinate of a real point is the nearest of everything (torch.min propagates
+    NaN): its set's value is NaN, the others' are not."""
+    needs_native()
+    x, y = ragged_pair()
+    x = x.detach().clone()
+    x[2, 4, 1] = float("nan")
+    for backend in ("native", "reference"):
+        values = tk.chamfer_loss(x, y, X_LEN, Y_LEN, batch_reduction="none", backend=backend)
+        assert values.isnan().tolist() == [False, False, True, False], backend
+
+
+def test_native_values_do_not_depend_on_the_thread_count():
+    """The batch splits across threads at the paper's scale; values and gradients are the
+    same bits on one thread."""
+    needs_native()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 35, 3, generator=g).requires_grad_()
+    y = torch.randn(64, 35, 3, generator=g).requires_grad_()
+    lengths = torch.randint(2, 36, (64,), generator=g)
+
+    def fn(x, y):
+        return tk.chamfer_loss(x, y, lengths, lengths, batch_reduction="none", backend="native")
+
+    assert_same_bits_on_one_thread(fn, [x, y])
+
+
+def test_native_refuses_options_it_lacks():
+    needs_native()
+    x, y = ragged_pair()
+    for kwargs in (
+        {"point_reduction": "max"},
+        {"point_reduction": None, "batch_reduction": None},
+        {"return_index": True},
+        {"x_normals": x, "y_normals": y},
+    ):
+        with pytest.raises(ValueError, match="native Chamfer computes point reductions"):
+            tk.chamfer_loss(x, y, X_LEN, Y_LEN, backend="native", **kwargs)
+
+
+def test_native_op_checks_its_inputs():
+    """The C++ op itself (reachable as torch.ops.topn_kernels.chamfer_sets) refuses lengths
+    out of range before reading any point."""
+    needs_native()
+    x = torch.randn(2, 4, 3)
+    op = torch.ops.topn_kernels.chamfer_sets
+    with pytest.raises(ValueError, match=r"x_lengths\[1\] = 5 is outside \[0, 4\]"):
+        op(x, x, torch.tensor([1, 5]), None, 2, True, False, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        op(x, x, torch.tensor([1, 2], dtype=torch.int32), None, 2, True, False, False)
+    with pytest.raises(RuntimeError, match="norm must be 1 or 2"):
+        op(x, x, None, None, 3, True, False, False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ LOSSES = {
     "valency_penalty": lambda x, y, xl, yl, **kw: tk.valency_penalty(x, xl, **kw).sum(),
 }
 BACKENDS = {
-    "chamfer_loss": ("auto", "reference", "keops"),
+    "chamfer_loss": ("auto", "reference", "keops", "native"),
     "sinkhorn_loss": ("auto", "keops", "native"),
-    "repulsion_penalty": ("auto", "reference", "keops"),
-    "valency_penalty": ("auto", "reference", "keops"),
+    "repulsion_penalty": ("auto", "reference", "keops", "native"),
+    "valency_penalty": ("auto", "reference", "keops", "native"),
 }
 CASES = [(op, backend) for op, backends in BACKENDS.items() for backend in backends]
 
@@ -168,25 +168,56 @@ def test_the_loss_custom_ops_pass_opcheck():
         torch.library.opcheck(ops.set_loss.default, args)
 
 
+def test_the_native_loss_ops_pass_opcheck():
+    """Schema, fake kernel and autograd registration of the native losses' C++ ops, with and
+    without gradients, with and without lengths."""
+    needs_native()
+    x, y, xl, yl = _batch(min_length=0)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ops = torch.ops.topn_kernels
+    for with_grad, (a, b) in ((True, (xg, yg)), (False, (x, y))):
+        for lengths in ((xl, yl), (None, None)):
+            torch.library.opcheck(
+                ops.chamfer_sets.default, (a, b, *lengths, 2, True, False, with_grad)
+            )
+            torch.library.opcheck(
+                ops.chamfer_sets.default, (a, b, *lengths, 1, False, True, with_grad)
+            )
+            torch.library.opcheck(ops.repulsion_sets.default, (a, lengths[0], 1.0, with_grad))
+            torch.library.opcheck(ops.valency_sets.default, (a, lengths[0], 1.5, 2, with_grad))
+
+
 PER_SET = {
-    "chamfer_loss": lambda x, y, xl, yl, b: tk.chamfer_loss(
-        x, y, xl, yl, batch_reduction=None, backend=b
-    ),
-    "sinkhorn_native": lambda x, y, xl, yl, b: tk.sinkhorn_loss(
-        x, y, xl, yl, batch_reduction="none", backend="native"
-    ),
-    "sinkhorn_keops": lambda x, y, xl, yl, b: tk.sinkhorn_loss(
-        x, y, xl, yl, batch_reduction="none", backend="keops"
-    ),
-    "repulsion_penalty": lambda x, y, xl, yl, b: tk.repulsion_penalty(x, xl, backend=b),
-    "valency_penalty": lambda x, y, xl, yl, b: tk.valency_penalty(x, xl, backend=b),
+    **{
+        f"chamfer_{b}": functools.partial(
+            lambda x, y, xl, yl, b: tk.chamfer_loss(x, y, xl, yl, batch_reduction=None, backend=b),
+            b=b,
+        )
+        for b in ("keops", "native")
+    },
+    **{
+        f"sinkhorn_{b}": functools.partial(
+            lambda x, y, xl, yl, b: tk.sinkhorn_loss(
+                x, y, xl, yl, batch_reduction="none", backend=b
+            ),
+            b=b,
+        )
+        for b in ("keops", "native")
+    },
+    **{
+        f"{name}_{b}": functools.partial(
+            lambda x, y, xl, yl, b, op: op(x, xl, backend=b), b=b, op=op
+        )
+        for name, op in (("repulsion", tk.repulsion_penalty), ("valency", tk.valency_penalty))
+        for b in ("keops", "native")
+    },
 }
 
 
 PER_SET_CASES = [
     (loss, wrt)
     for loss in PER_SET
-    for wrt in (("x",) if loss.endswith("penalty") else ("x", "y", "both"))
+    for wrt in (("x",) if loss.startswith(("repulsion", "valency")) else ("x", "y", "both"))
 ]
 
 
@@ -195,7 +226,7 @@ def test_compiled_per_set_values_take_per_set_upstream_gradients(loss, wrt):
     """Per-set values (B,) weighted by signed per-set weights: the backward through the
     custom ops must scale each set's gradient by its own upstream gradient; also with only one
     of x and y requiring grad."""
-    if loss == "sinkhorn_native":
+    if loss.endswith("native"):
         needs_native()
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(8)
@@ -203,7 +234,7 @@ def test_compiled_per_set_values_take_per_set_upstream_gradients(loss, wrt):
     signs = torch.randn(x.shape[0], generator=g, dtype=x.dtype)
 
     def fn(x, y):
-        return (PER_SET[loss](x, y, xl, yl, "keops") * signs).sum()
+        return (PER_SET[loss](x, y, xl, yl) * signs).sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     results = []

@@ -21,10 +21,22 @@ def _fresh_warnings(monkeypatch):
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
 
 
+LOSSES = ("chamfer_loss", "sinkhorn_loss", "repulsion_penalty", "valency_penalty")
+
+
 def test_auto_picks_native_on_cpu():
     assert _dispatch.resolve("topn_create", "auto", CPU) == "native"
-    assert _dispatch.resolve("sinkhorn_loss", "auto", CPU, small=True) == "native"
-    assert _dispatch.resolve("sinkhorn_loss", "auto", CUDA) == "keops"
+    for op in LOSSES:
+        assert _dispatch.resolve(op, "auto", CPU) == "native"
+        assert _dispatch.resolve(op, "auto", CPU, small=True) == "native"
+        assert _dispatch.resolve(op, "auto", CUDA) == "keops"
+
+
+def test_auto_passes_over_a_slow_native_backend_to_keops():
+    """``slow``: auto prefers KeOps (or, KeOps unavailable, still the native backend); an
+    explicit request runs the native backend."""
+    assert _dispatch.resolve("chamfer_loss", "auto", CPU, slow=("native",)) == "keops"
+    assert _dispatch.resolve("chamfer_loss", "native", CPU, slow=("native",)) == "native"
 
 
 def test_auto_on_cuda_falls_back_to_reference_when_triton_cannot_run(monkeypatch):
@@ -35,11 +47,18 @@ def test_auto_on_cuda_falls_back_to_reference_when_triton_cannot_run(monkeypatch
         assert _dispatch.resolve("topn_create", "auto", CUDA) == "reference"
 
 
+NO_NATIVE = {"native": "an option the native backend lacks"}
+
+
 def test_auto_picks_keops_for_losses_and_the_reference_for_small_ones():
-    assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "keops"
+    """Where the native backend cannot run the call (an option it lacks)."""
+    assert _dispatch.resolve("chamfer_loss", "auto", CPU, unsupported=NO_NATIVE) == "keops"
     with warnings_as_errors():  # a deliberate choice, not a fallback: no warning
-        assert _dispatch.resolve("chamfer_loss", "auto", CPU, small=True) == "reference"
+        small = _dispatch.resolve("chamfer_loss", "auto", CPU, small=True, unsupported=NO_NATIVE)
+        assert small == "reference"
     assert _dispatch.resolve("chamfer_loss", "keops", CPU, small=True) == "keops"
+    with pytest.raises(ValueError, match="an option the native backend lacks"):
+        _dispatch.resolve("chamfer_loss", "native", CPU, unsupported=NO_NATIVE)
 
 
 def test_auto_falls_back_to_reference_once_with_a_warning(monkeypatch):
@@ -47,9 +66,11 @@ def test_auto_falls_back_to_reference_once_with_a_warning(monkeypatch):
         _dispatch.keops_backend, "unavailable", lambda device: (RuntimeError, "no pykeops")
     )
     with pytest.warns(RuntimeWarning, match="'keops' unavailable \\(no pykeops\\)"):
-        assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "reference"
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU, unsupported=NO_NATIVE) == "reference"
     with warnings_as_errors():  # the same reason is not repeated
-        assert _dispatch.resolve("chamfer_loss", "auto", CPU) == "reference"
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU, unsupported=NO_NATIVE) == "reference"
+        # a slow native backend still beats the reference
+        assert _dispatch.resolve("chamfer_loss", "auto", CPU, slow=("native",)) == "native"
     with pytest.raises(RuntimeError, match="no pykeops"):
         _dispatch.resolve("chamfer_loss", "keops", CPU)
 
@@ -122,10 +143,10 @@ def test_record_backends_counts_what_ran():
 
     x = torch.randn(2, 5, 3)
     with tk.record_backends() as calls:
-        tk.chamfer_loss(x, x)  # small: the reference
+        tk.chamfer_loss(x, x)  # on CPU: native
         tk.chamfer_loss(x, x, backend="keops")
         shapes = [(2, 3), (6, 3), (6, 4), (2, 4)]  # query, angles, table, bias
         tk.topn_create(*[torch.randn(s) for s in shapes], 2, torch.randn(4, 4))
-    assert calls == {"chamfer_loss": {"reference": 1, "keops": 1}, "topn_create": {"native": 1}}
+    assert calls == {"chamfer_loss": {"native": 1, "keops": 1}, "topn_create": {"native": 1}}
     tk.chamfer_loss(x, x)  # no longer recorded
     assert sum(calls["chamfer_loss"].values()) == 2

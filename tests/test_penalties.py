@@ -22,6 +22,8 @@ from .helpers import (
     assert_close_scaled,
     assert_loss_matches_reference,
     assert_rows_match_alone,
+    assert_same_bits_on_one_thread,
+    needs_native,
     padded_sets,
     small_loss_inputs,
 )
@@ -133,6 +135,73 @@ def test_keops_float32():
 
 
 # ---------------------------------------------------------------------------------------------
+# the native backend against the reference
+# ---------------------------------------------------------------------------------------------
+
+PENALTY_CASES = [
+    ("repulsion_penalty", {"min_dist": 1.3}),
+    ("valency_penalty", {"neighbor_dist": 1.5, "max_valency": 2}),
+    ("valency_penalty", {"neighbor_dist": 1.5, "max_valency": 0}),
+    ("valency_penalty", {"neighbor_dist": 1.5, "max_valency": 6}),
+    ("valency_penalty", {"neighbor_dist": 0.3, "max_valency": 1}),
+    ("valency_penalty", {"neighbor_dist": 1.5, "max_valency": 2**40}),
+]
+PENALTY_IDS = ["repulsion", "valency2", "valency0", "valency6", "valency-far", "valency-huge"]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), PENALTY_CASES, ids=PENALTY_IDS)
+def test_native_matches_reference(name, kwargs):
+    """Sets of 9, 1, 0, 2 and 5 points, poisoned padding, two coincident points (a zero
+    distance, whose gradient is 0), points without a neighbour and with too many."""
+    needs_native()
+    x = (padded_sets(5, 9, 3, KEOPS_LEN, seed=6) * 0.8).requires_grad_()
+    with torch.no_grad():
+        x[0, 4] = x[0, 3]
+    op = getattr(tk, name)
+
+    def fn(backend, x):
+        return op(x, KEOPS_LEN, backend=backend, **kwargs)
+
+    assert_loss_matches_reference(fn, [x], 1e-12, "native")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_low_precision_and_full_sets(dtype):
+    """Full sets of 40 points (many neighbours within reach); float16 and bfloat16 run in
+    float32 and come back in their own dtype."""
+    needs_native()
+    x = (torch.randn(3, 40, 3, generator=torch.Generator().manual_seed(9)) * 1.5).to(dtype)
+    x.requires_grad_()
+    for op in (tk.repulsion_penalty, tk.valency_penalty):
+
+        def fn(backend, x, op=op):
+            return op(x, backend=backend)
+
+        assert_loss_matches_reference(fn, [x], 1e-5 if dtype == torch.float32 else 1e-2, "native")
+
+
+@pytest.mark.parametrize("penalty", [tk.repulsion_penalty, tk.valency_penalty])
+def test_native_values_do_not_depend_on_the_thread_count(penalty):
+    needs_native()
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 35, 3, generator=g) * 1.5).requires_grad_()
+    lengths = torch.randint(2, 36, (64,), generator=g)
+    assert_same_bits_on_one_thread(lambda x: penalty(x, lengths, backend="native"), [x])
+
+
+def test_native_ops_check_their_inputs():
+    needs_native()
+    x = torch.randn(2, 4, 3)
+    ops = torch.ops.topn_kernels
+    with pytest.raises(ValueError, match=r"lengths\[0\] = -1 is outside \[0, 4\]"):
+        ops.repulsion_sets(x, torch.tensor([-1, 2]), 1.0, False)
+    with pytest.raises(RuntimeError, match="max_valency must be >= 0"):
+        ops.valency_sets(x, None, 1.0, -1, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.valency_sets(x.half(), None, 1.0, 2, False)
+
+
+# ---------------------------------------------------------------------------------------------
 # input validation (docs/operators.md, Errors)
 # ---------------------------------------------------------------------------------------------
 
@@ -158,8 +227,12 @@ def test_validation_names_the_bad_argument(penalty, kwargs, error, names):
 @pytest.mark.parametrize(
     "penalty", [tk.repulsion_penalty, tk.valency_penalty], ids=["repulsion", "valency"]
 )
-def test_validation_nan_points_give_nan(penalty):
-    """NaN is not an error: the set it belongs to gets NaN."""
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_validation_nan_points_give_nan(penalty, backend):
+    """NaN is not an error: the set it belongs to gets NaN, the others do not."""
+    if backend == "native":
+        needs_native()
     x = small_loss_inputs()[0]
     x[1, 2, 0] = float("nan")
-    assert penalty(x, backend="reference")[1].isnan()
+    values = penalty(x, backend=backend)
+    assert values.isnan().tolist() == [i == 1 for i in range(x.shape[0])]

@@ -92,3 +92,18 @@ def reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
     if batch_reduction == "sum":
         return values.sum()
     return values
+
+
+def reduce_weighted_batch(values: Tensor, weights: Tensor | None, batch_reduction: str) -> Tensor:
+    """PyTorch3D's batch reduction of per-set (or per-point) values already multiplied by
+    their set's weight: "none" keeps them, "sum" adds them, "mean" divides their sum by B
+    (at least 1) or, with weights (B,), by the sum of the weights (by 1 if that is 0)."""
+    if batch_reduction == "none":
+        return values
+    total = values.sum()
+    if batch_reduction == "sum":
+        return total
+    if weights is None:
+        return total / max(values.shape[0], 1)
+    weight_sum = weights.sum()
+    return total / torch.where(weight_sum > 0, weight_sum, 1.0)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._ragged import block_ranges, compute_dtype, lengths_mask, pack
+from .._ragged import block_ranges, compute_dtype, lengths_mask, pack, reduce_weighted_batch
 from ._pykeops import lazy_tensor
 
 
@@ -108,18 +108,6 @@ def _real(x: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(mask[..., None], x.to(dtype), 0.0)
 
 
-def _reduce_batch(values: Tensor, weights: Tensor | None, batch_reduction: str) -> Tensor:
-    if batch_reduction == "none":
-        return values
-    total = values.sum()
-    if batch_reduction == "sum":
-        return total
-    if weights is None:
-        return total / max(values.shape[0], 1)
-    weight_sum = weights.sum()
-    return total / torch.where(weight_sum > 0, weight_sum, 1.0)
-
-
 def chamfer_loss(
     x: Tensor,
     y: Tensor,
@@ -171,7 +159,7 @@ def chamfer_loss(
             values = [values[0] + values[1]]
         if scale is not None:
             values = [v * (scale if point_reduction else scale[:, None]) for v in values]
-        values = [_reduce_batch(v, w, batch_reduction).to(x.dtype) for v in values]
+        values = [reduce_weighted_batch(v, w, batch_reduction).to(x.dtype) for v in values]
         outputs.append(values[0] if len(values) == 1 else tuple(values))
     if return_index:
         outputs += [x_index, y_index]

@@ -58,6 +58,7 @@ UNAVAILABLE_REASON: str | None = _load()
 AVAILABLE: bool = UNAVAILABLE_REASON is None
 
 if AVAILABLE:  # register the fake kernels and autograd of the ops
+    from . import set_losses as _set_losses  # noqa: F401
     from . import sinkhorn as _sinkhorn  # noqa: F401
     from . import topn_create as _topn_create  # noqa: F401
 

@@ -1,10 +1,12 @@
 """Backend selection (docs/operators.md, Backends and dispatch).
 
 ``backend="auto"`` picks, per device, the fastest backend that exists: Triton on CUDA and the
-native extension on CPU for ``topn_create`` and ``set2graph_logits``; the
-native extension on CPU for ``sinkhorn_loss`` (without per-point weights, which it lacks);
-KeOps for the other losses (and Sinkhorn on CUDA), or the dense reference for problems small
-enough that KeOps' overheads dominate. When that backend is not
+native extension on CPU for ``topn_create`` and ``set2graph_logits``; the native extension
+on CPU for the losses too (``sinkhorn_loss`` without per-point weights, ``chamfer_loss``
+without normals, indices or the point reductions "max" and None), except on batches of
+fewer large sets than threads, where its one thread per set loses to KeOps (``slow``);
+otherwise KeOps (and on CUDA), or the dense reference for problems small enough that
+KeOps' overheads dominate. When that backend is not
 available the call runs the reference instead and warns once, naming the reason. The
 environment variable ``TOPN_KERNELS_BACKEND`` replaces ``"auto"`` (an explicit ``backend=``
 argument wins). An explicitly requested backend that cannot run is an error.
@@ -16,7 +18,7 @@ import contextlib
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 
@@ -30,22 +32,24 @@ ENV_VAR = "TOPN_KERNELS_BACKEND"
 # backends each operator accepts, besides "auto"
 BACKENDS = {
     "topn_create": ("reference", "native", "triton"),
-    "chamfer_loss": ("reference", "keops"),
+    "chamfer_loss": ("reference", "keops", "native"),
     "sinkhorn_loss": ("reference", "keops", "native"),
-    "repulsion_penalty": ("reference", "keops"),
-    "valency_penalty": ("reference", "keops"),
+    "repulsion_penalty": ("reference", "keops", "native"),
+    "valency_penalty": ("reference", "keops", "native"),
     "set2graph_logits": ("reference", "native", "triton"),
 }
 
 _warned: set[str] = set()
 
 
-def _preferred(op: str, device: torch.device) -> str:
+def _candidates(op: str, device: torch.device, small: bool) -> list[str]:
+    """The backends "auto" tries for ``op`` on ``device``, best first (the reference runs
+    when none of them can)."""
     if op in ("topn_create", "set2graph_logits"):
-        return "triton" if device.type == "cuda" else "native"
-    if op == "sinkhorn_loss" and device.type == "cpu":
-        return "native"
-    return "keops"
+        return ["triton" if device.type == "cuda" else "native"]
+    # KeOps' launch and set-up costs dominate small problems: the dense reference instead
+    after = ["reference" if small else "keops"]
+    return ["native", *after] if device.type == "cpu" else after
 
 
 def _unavailable(
@@ -92,6 +96,7 @@ def resolve(
     *,
     small: bool = False,
     unsupported: Mapping[str, str] | None = None,
+    slow: Collection[str] = (),
 ) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend``.
 
@@ -99,16 +104,22 @@ def resolve(
     set-up costs; ``"auto"`` then runs the reference instead of KeOps. ``unsupported``:
     backends that lack an option this call uses, with the reason; asking for one explicitly
     is a ValueError giving the reason, and ``"auto"`` passes over it to KeOps (or, small, the
-    reference).
+    reference). ``slow``: backends that can run the call but that ``"auto"`` passes over to
+    KeOps for this problem (unless KeOps is unavailable); an explicit request still runs them.
     """
-    chosen = _resolve(op, backend, device, small, unsupported or {})
+    chosen = _resolve(op, backend, device, small, unsupported or {}, slow)
     for counts in _recorders:
         counts.setdefault(op, Counter())[chosen] += 1
     return chosen
 
 
 def _resolve(
-    op: str, backend: object, device: torch.device, small: bool, unsupported: Mapping[str, str]
+    op: str,
+    backend: object,
+    device: torch.device,
+    small: bool,
+    unsupported: Mapping[str, str],
+    slow: Collection[str],
 ) -> str:
     allowed = BACKENDS[op]
     backend = _checks.choice(backend, "backend", ("auto", *allowed))
@@ -127,18 +138,24 @@ def _resolve(
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
         return backend
 
-    wanted = _preferred(op, device)
-    if wanted in unsupported:
-        wanted = "keops"
-    if small and wanted == "keops":
-        return "reference"
-    problem = _unavailable(wanted, device, op)
-    if problem is None:
-        return wanted
-    message = (
-        f"{op}: backend 'auto' falls back to 'reference': {wanted!r} unavailable ({problem[1]})"
-    )
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return "reference"
+    candidates = [c for c in _candidates(op, device, small) if c not in unsupported]
+    if any(c in slow for c in candidates):  # the others first, the slow ones kept as a fallback
+        candidates = [c for c in candidates if c not in slow] + [c for c in candidates if c in slow]
+    skipped = None
+    for candidate in candidates:
+        problem = _unavailable(candidate, device, op)
+        if problem is None:
+            chosen = candidate
+            break
+        skipped = skipped or (candidate, problem[1])
+    else:
+        chosen = "reference"
+    if skipped is not None and chosen == "reference":  # the dense path: say why
+        message = (
+            f"{op}: backend 'auto' falls back to {chosen!r}: {skipped[0]!r} unavailable "
+            f"({skipped[1]})"
+        )
+        if message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return chosen

@@ -2,10 +2,11 @@
 
 Sets come padded, x (B, N, D) and y (B, M, D), with optional integer lengths (B,); padding is
 ignored exactly. Backends: "reference" (dense PyTorch, memory quadratic in the set size),
-"keops" (memory linear) and, for Sinkhorn on CPU, "native" (the whole loop in C++, memory
-linear). "auto" runs Sinkhorn on CPU natively (unless per-point weights are given), and
-otherwise the reference on small problems, where KeOps' launch and set-up costs dominate, and
-KeOps on the others (see ``_SMALL_PAIRS``).
+"keops" (memory linear) and, on CPU, "native" (C++, every set of the batch in one call,
+memory linear). "auto" runs the native backend on CPU when it has the call's options (see
+``_dispatch``) and the batch has at least as many sets as threads or is small; otherwise
+the reference on small problems, where KeOps' launch and set-up costs dominate, and KeOps on
+the others (see ``_SMALL_PAIRS``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ __all__ = ["chamfer_loss", "repulsion_penalty", "sinkhorn_loss", "valency_penalt
 
 _REDUCTIONS = ("mean", "sum", "none")
 
-# "auto" runs the reference when the dense problem has at most this many point pairs
-# (B * N * M). Measured with `python -m bench` on a 2-core CPU (bench/results): at the paper's
-# scale (B=64, sets of 2..35 points, 78k pairs) the reference and KeOps are within 10% of each
-# other for Sinkhorn and the penalties, the reference is 1.4x faster for a Chamfer forward and
-# KeOps 1.2x faster for a Chamfer forward+backward; from B=16 sets of 1024 points KeOps is 4 to
-# 30x faster.
+# Where the native backend does not run, "auto" runs the reference when the dense problem has
+# at most this many point pairs (B * N * M). Measured with `python -m bench` on a 2-core CPU
+# (bench/results): at the paper's scale (B=64, sets of 2..35 points, 78k pairs) the
+# reference and KeOps are within 10% of each other for Sinkhorn and the penalties, the
+# reference is 1.4x faster for a Chamfer forward and KeOps 1.2x faster for a Chamfer
+# forward+backward; from B=16 sets of 1024 points KeOps is 4 to 30x faster.
 _SMALL_PAIRS = 1 << 17
 
 
@@ -42,6 +43,18 @@ def _small(x: Tensor, y: Tensor, *, grad_favours_keops: bool = False) -> bool:
     if grad_favours_keops and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return False
     return x.shape[0] * x.shape[1] * y.shape[1] <= _SMALL_PAIRS
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _few_large_sets(x: Tensor, y: Tensor) -> tuple[str, ...]:
+    """("native",) when the native losses, parallel over sets, would leave threads idle on
+    a problem too large for that not to matter: "auto" then prefers KeOps."""
+    pairs = x.shape[0] * x.shape[1] * y.shape[1]
+    return () if x.shape[0] >= _threads() or pairs <= _SMALL_PAIRS else ("native",)
 
 
 def _lengths(lengths: Tensor | None, name: str, x: Tensor, minimum: int) -> Tensor | None:
@@ -185,7 +198,29 @@ def chamfer_loss(
     _checks.flag(abs_cosine, "abs_cosine")
     _checks.flag(return_index, "return_index")
     small = _small(x, y, grad_favours_keops=True)
-    chosen = _dispatch.resolve("chamfer_loss", backend, x.device, small=small)
+    unsupported = None
+    if point_reduction not in ("mean", "sum") or normals or return_index:
+        unsupported = {"native": _NATIVE_CHAMFER_OPTIONS}
+    chosen = _dispatch.resolve(
+        "chamfer_loss",
+        backend,
+        x.device,
+        small=small,
+        unsupported=unsupported,
+        slow=_few_large_sets(x, y),
+    )
+    if chosen == "native":
+        return native.set_losses.chamfer_loss(
+            x,
+            y,
+            x_lengths,
+            y_lengths,
+            weights,
+            point_reduction=point_reduction,
+            batch_reduction=batch_reduction,
+            norm=norm,
+            single_directional=single_directional,
+        )
     impl = keops_chamfer.chamfer_loss if chosen == "keops" else reference.chamfer_loss
     return impl(
         x,
@@ -364,6 +399,11 @@ def sinkhorn_loss(
     )
 
 
+_NATIVE_CHAMFER_OPTIONS = (
+    "the native Chamfer computes point reductions 'mean' and 'sum', without normals or "
+    "indices (use backend='keops' or 'reference', or 'auto', which picks one of them)"
+)
+
 _NATIVE_NO_WEIGHTS = (
     "the native C++ loop has uniform weights built in and takes no per-point weights a, b "
     "(use backend='keops' or 'reference', or 'auto', which picks one of them)"
@@ -380,7 +420,11 @@ def repulsion_penalty(
     x = _checks.float_tensor(x, "x", "(B, N, D)")
     lengths = _lengths(lengths, "lengths", x, 0)
     min_dist = _checks.positive_number(min_dist, "min_dist")
-    chosen = _dispatch.resolve("repulsion_penalty", backend, x.device, small=_small(x, x))
+    chosen = _dispatch.resolve(
+        "repulsion_penalty", backend, x.device, small=_small(x, x), slow=_few_large_sets(x, x)
+    )
+    if chosen == "native":
+        return native.set_losses.repulsion_penalty(x, lengths, min_dist=min_dist)
     if chosen == "keops" and torch.compiler.is_compiling():
         return set_loss("repulsion_keops", x, None, lengths, None, [min_dist])
     impl = keops_penalties.repulsion_penalty if chosen == "keops" else reference.repulsion_penalty
@@ -406,7 +450,13 @@ def valency_penalty(
     lengths = _lengths(lengths, "lengths", x, 0)
     neighbor_dist = _checks.positive_number(neighbor_dist, "neighbor_dist")
     _checks.integer(max_valency, "max_valency", minimum=0)
-    chosen = _dispatch.resolve("valency_penalty", backend, x.device, small=_small(x, x))
+    chosen = _dispatch.resolve(
+        "valency_penalty", backend, x.device, small=_small(x, x), slow=_few_large_sets(x, x)
+    )
+    if chosen == "native":
+        return native.set_losses.valency_penalty(
+            x, lengths, neighbor_dist=neighbor_dist, max_valency=max_valency
+        )
     if chosen == "keops" and torch.compiler.is_compiling():
         params = [neighbor_dist, float(max_valency)]
         return set_loss("valency_keops", x, None, lengths, None, params)
