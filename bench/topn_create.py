@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import topn_kernels as tk
 from topn_kernels import reference
+from topn_kernels.ops.topn_create_op import topn_create as topn_create_op
 
 from .cases import DIRECTIONS, Case, fresh_compile
 
@@ -87,8 +88,8 @@ def _native_op(query, angles, table, bias, n, film, *, n_max):
     """The native custom op alone, its arguments prepared outside the public function (the
     sizes tensor of an int ``n`` is made once, at the first call)."""
     sizes = _native_op_sizes(n, query.shape[0])
-    op = torch.ops.topn_kernels.topn_create.default
-    return op(query, angles, table, bias, sizes, film, n_max, "selected", True, "native", -1)
+    args = (query, angles, table, bias, sizes, film, n_max, "selected", True, "native", -1)
+    return topn_create_op(*args)  # as the public function calls it
 
 
 @functools.cache

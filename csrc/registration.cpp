@@ -10,10 +10,11 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   // CPU kernels of the op topn_kernels::topn_create, which topn_kernels/ops/topn_create_op.py
   // defines with its fake kernel and autograd (docs/operators.md, topn_create): plain kernels,
   // called by that op only. n: (B,) int64 set sizes; x (B, n_max, d), mask (B, n_max) bool,
-  // index (B, n_max) int64 (-1 on padding), weight (B, n_max).
+  // index (B, n_max) int64 (-1 on padding), weight (B, n_max). n_fixed >= 0: every set has
+  // n_fixed points, and n (then possibly empty) is not read.
   m.def(
       "_topn_create_cpu(Tensor query, Tensor angles, Tensor table, Tensor bias, Tensor n, "
-      "Tensor film, SymInt n_max, str score_norm, bool sorted) "
+      "Tensor film, SymInt n_max, str score_norm, bool sorted, int n_fixed=-1) "
       "-> (Tensor x, Tensor mask, Tensor index, Tensor weight)");
   // Gradients of query, angles, table, bias, film (None where output_mask is False), given the
   // upstream gradients of x and weight and the index the forward produced.

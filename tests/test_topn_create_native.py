@@ -124,3 +124,25 @@ def test_deterministic_across_runs_and_thread_counts():
     for _, score_norm, tensors in results[2:]:
         for got, want in zip(tensors, first[score_norm], strict=True):
             assert torch.equal(got, want)
+
+
+def test_an_int_n_reaches_the_kernel_as_n_fixed():
+    """An int n goes to the C++ kernel as ``n_fixed`` with an empty sizes tensor: the same
+    bits as the (B,) sizes tensor, and the kernel checks the value itself."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(5, 3), (12, 3), (12, 8), (5, 8), (4, 8)]  # query, angles, table, bias, film
+    query, angles, table, bias, film = (torch.randn(s, generator=g) for s in shapes)
+    op = torch.ops.topn_kernels._topn_create_cpu
+    sizes = torch.full((5,), 7, dtype=torch.int64)
+    empty = torch.empty(0, dtype=torch.int64)
+    want = op(query, angles, table, bias, sizes, film, 9, "selected", True)
+    got = op(query, angles, table, bias, empty, film, 9, "selected", True, 7)
+    for g_, w in zip(got, want, strict=True):
+        assert torch.equal(g_, w)
+    public = tk.topn_create(query, angles, table, bias, 7, film, n_max=9, backend="native")
+    assert torch.equal(public.x, want[0]) and torch.equal(public.index, want[2])
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="n must be in"):
+            op(query, angles, table, bias, empty, film, 13, "selected", True, bad)
+    with pytest.raises(ValueError, match="n_max=9"):
+        op(query, angles, table, bias, empty, film, 9, "selected", True, 10)

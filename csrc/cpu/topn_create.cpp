@@ -275,7 +275,7 @@ bool stream_output(int64_t nbytes) {
 
 template <typename scalar_t>
 void forward_kernel(const Tensor& query, const Tensor& angles, const Tensor& table,
-                    const Tensor& bias, const Tensor& n, const Tensor& film, int64_t n_max,
+                    const Tensor& bias, const int64_t* nn, const Tensor& film, int64_t n_max,
                     bool score_all, bool sorted, Tensor& x, Tensor& mask, Tensor& index,
                     Tensor& weight) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -283,7 +283,6 @@ void forward_kernel(const Tensor& query, const Tensor& angles, const Tensor& tab
   const scalar_t* q = query.data_ptr<scalar_t>();
   const scalar_t* tab = table.data_ptr<scalar_t>();
   const scalar_t* bia = bias.data_ptr<scalar_t>();
-  const int64_t* nn = n.data_ptr<int64_t>();
   scalar_t* xo = x.data_ptr<scalar_t>();
   bool* mo = mask.data_ptr<bool>();
   int64_t* io = index.data_ptr<int64_t>();
@@ -331,17 +330,19 @@ void forward_kernel(const Tensor& query, const Tensor& angles, const Tensor& tab
 std::tuple<Tensor, Tensor, Tensor, Tensor> topn_create_cpu(
     const Tensor& query_, const Tensor& angles_, const Tensor& table_, const Tensor& bias_,
     const Tensor& n_, const Tensor& film_, int64_t n_max, c10::string_view score_norm,
-    bool sorted) {
+    bool sorted, int64_t n_fixed) {
   const bool score_all = is_score_norm_all(score_norm);
   const Tensor query = query_.contiguous(), angles = angles_.contiguous(),
                table = table_.contiguous(), bias = bias_.contiguous(), film = film_.contiguous();
   check_inputs(query, angles, table, bias, film);
   const int64_t B = query.size(0), n0 = angles.size(0), d = table.size(1);
-  TORCH_CHECK(n_.dim() == 1 && n_.size(0) == B && n_.scalar_type() == at::kLong,
+  TORCH_CHECK(n_fixed >= 0 || (n_.dim() == 1 && n_.size(0) == B && n_.scalar_type() == at::kLong),
               "topn_create: n must be an int64 tensor of shape (", B, ",)");
   TORCH_CHECK(n_max >= 0, "topn_create: n_max must be >= 0");
-  const Tensor n = n_.contiguous();
-  const int64_t* nn = n.data_ptr<int64_t>();
+  // n_fixed >= 0: every set has that size, and n is not read
+  const Tensor n = n_fixed >= 0 ? Tensor() : n_.contiguous();
+  const std::vector<int64_t> fixed(n_fixed >= 0 ? B : 0, n_fixed);
+  const int64_t* nn = n_fixed >= 0 ? fixed.data() : n.data_ptr<int64_t>();
   // The Python API leaves these value checks to the kernel (no extra pass, no sync): they
   // raise ValueError, with the messages of topn_kernels/ops/_checks.py.
   for (int64_t b = 0; b < B; ++b) {
@@ -355,7 +356,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topn_create_cpu(
   Tensor weight = at::empty({B, n_max}, query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "topn_create_cpu", [&] {
-                                    forward_kernel<scalar_t>(query, angles, table, bias, n, film,
+                                    forward_kernel<scalar_t>(query, angles, table, bias, nn, film,
                                                              n_max, score_all, sorted, x, mask,
                                                              index, weight);
                                   });

@@ -28,10 +28,22 @@ def forward(
     n_max: int,
     score_norm: str,
     sorted: bool,
+    *,
+    n_fixed: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(x, mask, index, weight)``; CPU tensors, n int64 (B,)."""
+    """``(x, mask, index, weight)``; CPU tensors, n int64 (B,), or ``n_fixed`` the size of
+    every set (n is then not read)."""
     return _OPS._topn_create_cpu.default(
-        query, angles, table, bias, n, film, n_max, score_norm, sorted
+        query,
+        angles,
+        table,
+        bias,
+        n,
+        film,
+        n_max,
+        score_norm,
+        sorted,
+        -1 if n_fixed is None else n_fixed,
     )
 
 
@@ -48,6 +60,8 @@ def backward(
     score_norm: str,
     output_mask: Sequence[bool],
     deterministic: bool,
+    *,
+    n_fixed: int | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients of query, angles, table, bias, film; None where ``output_mask`` is False."""
     return _OPS._topn_create_backward_cpu.default(

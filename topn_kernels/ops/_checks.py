@@ -9,6 +9,7 @@ kernels' own bounds checks are the safety net.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ def _eager() -> bool:
 
 def float_tensor(value: object, name: str, shape: str) -> Tensor:
     """A floating-point tensor whose number of dimensions matches ``shape`` (e.g. "(B, a)")."""
-    ndim = shape.count(",") + 1
+    ndim = _ndim(shape)
     if not isinstance(value, Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}"
@@ -34,6 +35,29 @@ def float_tensor(value: object, name: str, shape: str) -> Tensor:
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(value.shape)}")
     return value
+
+
+def float_tensors(values: Sequence[object], names: Sequence[str], shapes: Sequence[str]) -> None:
+    """:func:`float_tensor` of each value, then one dtype and one device for all (the first's):
+    the checks of several inputs in one pass (the per-call cost of small calls)."""
+    for value, name, shape in zip(values, names, shapes, strict=True):
+        if (
+            not isinstance(value, Tensor)
+            or value.dtype not in FLOAT_DTYPES
+            or value.dim() != _ndim(shape)
+        ):
+            float_tensor(value, name, shape)  # raises, with the message
+    dtype, device = values[0].dtype, values[0].device
+    for value in values[1:]:
+        if value.dtype != dtype or value.device != device:
+            tensors = dict(zip(names, values, strict=True))
+            same_dtype(tensors)
+            same_device(tensors)
+
+
+@functools.cache
+def _ndim(shape: str) -> int:
+    return shape.count(",") + 1
 
 
 def dim_equal(name: str, shape: tuple[int, ...], axis: int, expected: int, what: str) -> None:
@@ -155,11 +179,19 @@ def set_sizes(
         if check:
             _bounds("n", lo, hi, 1, n_max, "n_max")
         return sizes, n_max
+    n_max = fixed_size(n, n_max, upper, upper_name)
+    return torch.full((batch,), n, dtype=torch.int64, device=device), n_max
+
+
+def fixed_size(n: object, n_max: object, upper: int | None, upper_name: str) -> int:
+    """One size ``n`` (an int) for every set, in [1, upper], and the padded length ``n_max``
+    (default n; else >= n); returns n_max."""
     n = integer(n, "n")
-    if _eager():
+    eager = _eager()
+    if eager:
         _bounds("n", n, n, 1, upper, upper_name)
     if n_max is None:
-        n_max = n
-    elif _eager() and integer(n_max, "n_max") < n:
+        return n
+    if eager and integer(n_max, "n_max") < n:
         raise ValueError(f"n_max must be >= n = {n}, got {n_max}")
-    return torch.full((batch,), n, dtype=torch.int64, device=device), n_max
+    return n_max

@@ -15,6 +15,7 @@ argument wins). An explicitly requested backend that cannot run is an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections import Counter
@@ -39,17 +40,32 @@ BACKENDS = {
     "set2graph_logits": ("reference", "native", "triton"),
 }
 
+_CHOICES = {op: ("auto", *backends) for op, backends in BACKENDS.items()}
+
 _warned: set[str] = set()
 
 
-def _candidates(op: str, device: torch.device, small: bool) -> list[str]:
-    """The backends "auto" tries for ``op`` on ``device``, best first (the reference runs
-    when none of them can)."""
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _forced() -> str | None:
+    """The value of ``TOPN_KERNELS_BACKEND``. os.environ encodes the key at every lookup (a
+    microsecond a call): CPython's own dict of encoded keys answers "unset" first."""
+    data = getattr(os.environ, "_data", None)
+    if data is not None and _ENV_KEY not in data:
+        return None
+    return os.environ.get(ENV_VAR)
+
+
+@functools.cache
+def _candidates(op: str, device_type: str, small: bool) -> tuple[str, ...]:
+    """The backends "auto" tries for ``op`` on a device of ``device_type``, best first (the
+    reference runs when none of them can)."""
     if op in ("topn_create", "set2graph_logits"):
-        return ["triton" if device.type == "cuda" else "native"]
+        return ("triton" if device_type == "cuda" else "native",)
     # KeOps' launch and set-up costs dominate small problems: the dense reference instead
-    after = ["reference" if small else "keops"]
-    return ["native", *after] if device.type == "cpu" else after
+    after = ("reference" if small else "keops",)
+    return ("native", *after) if device_type == "cpu" else after
 
 
 def _unavailable(
@@ -121,12 +137,12 @@ def _resolve(
     unsupported: Mapping[str, str],
     slow: Collection[str],
 ) -> str:
-    allowed = BACKENDS[op]
-    backend = _checks.choice(backend, "backend", ("auto", *allowed))
+    choices = _CHOICES[op]
+    backend = _checks.choice(backend, "backend", choices)
     if backend == "auto":
-        forced = os.environ.get(ENV_VAR)
+        forced = _forced()
         if forced:
-            backend = _checks.choice(forced, ENV_VAR, ("auto", *allowed))
+            backend = _checks.choice(forced, ENV_VAR, choices)
     if backend != "auto":
         if backend in unsupported:
             raise ValueError(
@@ -138,8 +154,10 @@ def _resolve(
             raise error(f"{op}: backend={backend!r} is unavailable: {reason}")
         return backend
 
-    candidates = [c for c in _candidates(op, device, small) if c not in unsupported]
-    if any(c in slow for c in candidates):  # the others first, the slow ones kept as a fallback
+    candidates = _candidates(op, device.type, small)
+    if unsupported:
+        candidates = [c for c in candidates if c not in unsupported]
+    if slow:  # the others first, the slow ones kept as a fallback
         candidates = [c for c in candidates if c not in slow] + [c for c in candidates if c in slow]
     skipped = None
     for candidate in candidates:

@@ -29,40 +29,54 @@ class TopNOutput(NamedTuple):
     """(B, n_max), input dtype: the weights m, 0 on padding."""
 
 
+_NAMES = ("query", "angles", "table", "bias", "film")
+_SHAPES = ("(B, a)", "(n0, a)", "(n0, d)", "(B, d)", "(4, d)")
+
+
 def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, backend):
     """Checks every argument; returns (sizes int64 (B,), n_max, the backend to run, n_fixed).
 
-    For the Triton kernels an int ``n`` is passed as the integer ``n_fixed`` (else -1), with
-    ``sizes`` empty: no (B,) tensor to fill, one launch less."""
-    query = _checks.float_tensor(query, "query", "(B, a)")
-    angles = _checks.float_tensor(angles, "angles", "(n0, a)")
-    table = _checks.float_tensor(table, "table", "(n0, d)")
-    bias = _checks.float_tensor(bias, "bias", "(B, d)")
-    film = _checks.float_tensor(film, "film", "(4, d)")
-    floats = {"query": query, "angles": angles, "table": table, "bias": bias, "film": film}
-    _checks.same_dtype(floats)
-    _checks.same_device(floats)
+    For the native and Triton kernels an int ``n`` is passed as the integer ``n_fixed`` (else
+    -1), with ``sizes`` empty: no (B,) tensor to fill (on a GPU, one launch less)."""
+    _checks.float_tensors((query, angles, table, bias, film), _NAMES, _SHAPES)
     batch, a = query.shape
     n0, d = table.shape
     if a < 1:
         raise ValueError(f"query has shape {tuple(query.shape)}: the angle dim a must be >= 1")
-    _checks.dim_equal("angles", angles.shape, 1, a, "the angle dim a of query")
-    _checks.dim_equal("table", table.shape, 0, angles.shape[0], "the n0 of angles")
-    _checks.dim_equal("bias", bias.shape, 0, batch, "the batch size B of query")
-    _checks.dim_equal("bias", bias.shape, 1, d, "the feature dim d of table")
-    _checks.dim_equal("film", film.shape, 0, 4, "4 (gamma_w, gamma_b, beta_w, beta_b)")
-    _checks.dim_equal("film", film.shape, 1, d, "the feature dim d of table")
-    _checks.choice(score_norm, "score_norm", ("selected", "all"))
+    shapes = (angles.shape[1], angles.shape[0], bias.shape, film.shape)
+    if shapes != (a, n0, (batch, d), (4, d)):  # one comparison; the message from the checks
+        _checks.dim_equal("angles", angles.shape, 1, a, "the angle dim a of query")
+        _checks.dim_equal("table", table.shape, 0, angles.shape[0], "the n0 of angles")
+        _checks.dim_equal("bias", bias.shape, 0, batch, "the batch size B of query")
+        _checks.dim_equal("bias", bias.shape, 1, d, "the feature dim d of table")
+        _checks.dim_equal("film", film.shape, 0, 4, "4 (gamma_w, gamma_b, beta_w, beta_b)")
+        _checks.dim_equal("film", film.shape, 1, d, "the feature dim d of table")
+    if score_norm != "selected":
+        _checks.choice(score_norm, "score_norm", ("selected", "all"))
     _checks.flag(sorted, "sorted")
     chosen = _dispatch.resolve("topn_create", backend, query.device)
-    if chosen == "triton" and not isinstance(n, Tensor):  # checked as for B = 0 sets
-        _, n_max = _checks.set_sizes(n, n_max, 0, n0, "n0", query.device)
-        return query.new_empty((0,), dtype=torch.int64), n_max, chosen, n
+    if chosen != "reference" and not isinstance(n, Tensor):  # checked as for B = 0 sets
+        n_max = _checks.fixed_size(n, n_max, n0, "n0")
+        return _no_sizes(query.device), n_max, chosen, n
     check_values = host_checks_sizes(chosen, query.device, n_max)
     sizes, n_max = _checks.set_sizes(
         n, n_max, batch, n0, "n0", query.device, check_values=check_values
     )
     return sizes, n_max, chosen, -1
+
+
+_NO_SIZES: dict[torch.device, Tensor] = {}
+
+
+def _no_sizes(device: torch.device) -> Tensor:
+    """An empty int64 tensor on ``device`` (the sizes argument when an int n is passed as
+    n_fixed); made once per device, outside compilation: the op never writes it."""
+    if torch.compiler.is_compiling():
+        return torch.empty((0,), dtype=torch.int64, device=device)
+    sizes = _NO_SIZES.get(device)
+    if sizes is None:
+        sizes = _NO_SIZES[device] = torch.empty((0,), dtype=torch.int64, device=device)
+    return sizes
 
 
 CHECK_SIZES_VAR = "TOPN_KERNELS_CHECK_SIZES"

@@ -46,7 +46,7 @@ def _kernels(backend: str) -> Kernels:
     if backend == "native":
         from ..native import topn_create as module
 
-        return Kernels(module.forward, module.backward)
+        return Kernels(module.forward, module.backward, fixed_n=True)
     if backend == "triton":
         from ..triton import topn_create_launch as module
 
