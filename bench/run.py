@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import os
 import platform
 import subprocess
 import sys
@@ -68,17 +67,6 @@ def _commit() -> str:
         return "unknown"
 
 
-def _separate_inductor_cache() -> None:
-    """With ATEN_CPU_CAPABILITY set, torch.compile's kernels go to a cache of their own: the
-    inductor cache is not keyed by it, and a kernel compiled for another capability was seen
-    to crash (AVX-512 kernels loaded under avx2)."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -91,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
-    _separate_inductor_cache()
     budget = 0.1 if args.quick else 1.0
     device = torch.device(args.device)
 
