@@ -11,7 +11,7 @@ Providers:
 - ``eager``: the model in plain eager PyTorch, the losses on the reference backend, Adam in its
   default (per-tensor) implementation: what the program would be without this library's
   kernels and choices.
-- ``tuned``: the same model with the losses on ``auto`` (dense reference or KeOps by size) and
+- ``tuned``: the same model with the losses on ``auto`` (on CPU the native C++ losses) and
   Adam's fused CPU implementation.
 
 Each case runs one warm-up epoch when it is built, outside the timed region, then one timed
