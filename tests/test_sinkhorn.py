@@ -36,6 +36,7 @@ from .helpers import (
     assert_close_scaled,
     assert_loss_matches_reference,
     assert_rows_match_alone,
+    assert_same_bits_on_one_thread,
     ragged_pair,
     small_loss_inputs,
 )
@@ -236,17 +237,9 @@ def test_native_sinkhorn_large_sets_match_reference_and_do_not_depend_on_threads
         return tk.sinkhorn_loss(x, y, x_len, y_len, batch_reduction="none", backend=backend)
 
     assert_loss_matches_reference(fn, [x, y], 1e-4, "native")
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for num_threads in (threads, 1):
-            torch.set_num_threads(num_threads)
-            value = tk.sinkhorn_loss(x, y, x_len, y_len, backend="native")
-            results.append([value, *torch.autograd.grad(value, (x, y))])
-    finally:
-        torch.set_num_threads(threads)
-    for got, want in zip(*results, strict=True):
-        assert torch.equal(got, want)
+    assert_same_bits_on_one_thread(
+        lambda x, y: tk.sinkhorn_loss(x, y, x_len, y_len, backend="native"), [x, y]
+    )
 
 
 def test_native_sinkhorn_portable_build_matches_reference():

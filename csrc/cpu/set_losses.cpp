@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -260,56 +261,61 @@ std::tuple<Tensor, Tensor, Tensor> chamfer_sets_cpu(const Tensor& x_, const Tens
   return {value, grad_x, grad_y};
 }
 
-std::tuple<Tensor, Tensor> repulsion_sets_cpu(const Tensor& x_,
-                                              const c10::optional<Tensor>& lengths,
-                                              double min_dist, bool with_grad) {
-  const Tensor x = checked_points(x_, "repulsion_sets", "x");
+// Scratch of one thread for the penalties of its sets.
+template <typename T>
+struct PenaltyScratch {
+  std::vector<T> xt, d;
+  std::vector<std::pair<T, int64_t>> close;  // valency only
+};
+
+// The value (B,) and, with_grad, the gradient (B, N, D) of a penalty of every set of x:
+// penalty(points, n, dim, grad or nullptr, scratch) -> the set's value, for T float and double.
+template <typename Penalty>
+std::tuple<Tensor, Tensor> penalty_sets(const char* op, const Tensor& x_,
+                                        const c10::optional<Tensor>& lengths, bool with_grad,
+                                        const Penalty& penalty) {
+  const Tensor x = checked_points(x_, op, "x");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  const Tensor l = checked_lengths(lengths, B, N, "repulsion_sets", "lengths");
+  const Tensor l = checked_lengths(lengths, B, N, op, "lengths");
   Tensor value = at::empty({B}, x.options());
   Tensor grad_x = with_grad ? at::zeros_like(x) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "repulsion_sets_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "penalty_sets", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
     T* out = value.data_ptr<T>();
-    at::parallel_for(0, B, grain(N * N / 2), [&](int64_t begin, int64_t end) {
-      std::vector<T> xt, d;
+    at::parallel_for(0, B, grain(N * N), [&](int64_t begin, int64_t end) {
+      PenaltyScratch<T> scratch;
       for (int64_t b = begin; b < end; ++b) {
         T* gx = with_grad ? grad_x.data_ptr<T>() + b * N * D : nullptr;
-        out[b] = static_cast<T>(
-            repulsion_set<T>(xp + b * N * D, size_of(l, b, N), D, static_cast<T>(min_dist), gx, xt, d));
+        out[b] = static_cast<T>(penalty(xp + b * N * D, size_of(l, b, N), D, gx, scratch));
       }
     });
   });
   return {value, grad_x};
 }
 
-std::tuple<Tensor, Tensor> valency_sets_cpu(const Tensor& x_,
+std::tuple<Tensor, Tensor> repulsion_sets_cpu(const Tensor& x,
+                                              const c10::optional<Tensor>& lengths,
+                                              double min_dist, bool with_grad) {
+  return penalty_sets("repulsion_sets", x, lengths, with_grad,
+                      [&](const auto* points, int64_t n, int64_t dim, auto* gx, auto& s) {
+                        using T = std::remove_pointer_t<decltype(gx)>;
+                        return repulsion_set<T>(points, n, dim, static_cast<T>(min_dist), gx,
+                                                s.xt, s.d);
+                      });
+}
+
+std::tuple<Tensor, Tensor> valency_sets_cpu(const Tensor& x,
                                             const c10::optional<Tensor>& lengths,
                                             double neighbor_dist, int64_t max_valency,
                                             bool with_grad) {
-  const Tensor x = checked_points(x_, "valency_sets", "x");
   TORCH_CHECK(max_valency >= 0, "valency_sets: max_valency must be >= 0");
-  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  const Tensor l = checked_lengths(lengths, B, N, "valency_sets", "lengths");
-  Tensor value = at::empty({B}, x.options());
-  Tensor grad_x = with_grad ? at::zeros_like(x) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "valency_sets_cpu", [&] {
-    using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
-    T* out = value.data_ptr<T>();
-    at::parallel_for(0, B, grain(N * N), [&](int64_t begin, int64_t end) {
-      std::vector<T> xt, d;
-      std::vector<std::pair<T, int64_t>> close;
-      for (int64_t b = begin; b < end; ++b) {
-        T* gx = with_grad ? grad_x.data_ptr<T>() + b * N * D : nullptr;
-        out[b] = static_cast<T>(valency_set<T>(xp + b * N * D, size_of(l, b, N), D,
-                                               static_cast<T>(neighbor_dist), max_valency, gx, xt,
-                                               d, close));
-      }
-    });
-  });
-  return {value, grad_x};
+  return penalty_sets("valency_sets", x, lengths, with_grad,
+                      [&](const auto* points, int64_t n, int64_t dim, auto* gx, auto& s) {
+                        using T = std::remove_pointer_t<decltype(gx)>;
+                        return valency_set<T>(points, n, dim, static_cast<T>(neighbor_dist),
+                                              max_valency, gx, s.xt, s.d, s.close);
+                      });
 }
 
 }  // namespace

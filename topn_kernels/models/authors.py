@@ -184,9 +184,8 @@ class PNAPooling(nn.Module):
         # pass over x instead of three over a strided stack
         linear = torch.stack([x.sum(1), x.amax(1), x.mean(1)], dim=2)[..., None] * scales
         std = (x.var(dim=1)[..., None] * scales**2 + 1e-12).sqrt()  # (B, C, 3)
-        return torch.cat([linear, std[:, :, None, :]], dim=2).flatten(
-            1
-        )  # (B, C, 4, 3) -> (B, 12 C)
+        # (B, C, 4, 3) -> (B, 12 C)
+        return torch.cat([linear, std[:, :, None, :]], dim=2).flatten(1)
 
 
 class SetBlock(nn.Module):

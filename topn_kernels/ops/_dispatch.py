@@ -52,7 +52,7 @@ def _forced() -> str | None:
     """The value of ``TOPN_KERNELS_BACKEND``. os.environ encodes the key at every lookup (a
     microsecond a call): CPython's own dict of encoded keys answers "unset" first."""
     data = getattr(os.environ, "_data", None)
-    if data is not None and _ENV_KEY not in data:
+    if data is not None and _ENV_KEY is not None and _ENV_KEY not in data:
         return None
     return os.environ.get(ENV_VAR)
 

@@ -28,40 +28,27 @@ BACKWARD_OP = "topn_kernels::topn_create_backward"
 class Kernels(NamedTuple):
     """A backend's kernels, called with validated, consistent inputs.
 
-    ``forward(query, angles, table, bias, n, film, n_max, score_norm, sorted)`` returns
-    ``(x, mask, index, weight)``; ``backward(grad_x, grad_weight, query, angles, table, bias,
-    n, film, index, score_norm, output_mask, deterministic)`` returns the gradients of query,
-    angles, table, bias and film, None where ``output_mask`` is False. ``n`` is int64 (B,);
-    a backend with ``fixed_n`` also takes the keyword ``n_fixed`` (the size of every set, or
-    None) and then does not read ``n``, which may be empty.
+    ``forward(query, angles, table, bias, n, film, n_max, score_norm, sorted, *, n_fixed)``
+    returns ``(x, mask, index, weight)``; ``backward(grad_x, grad_weight, query, angles, table,
+    bias, n, film, index, score_norm, output_mask, deterministic, *, n_fixed)`` returns the
+    gradients of query, angles, table, bias and film, None where ``output_mask`` is False.
+    ``n`` is int64 (B,); ``n_fixed`` is the size of every set, or None: when it is given,
+    ``n`` is not read and may be empty.
     """
 
     forward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor | None, ...]]
-    fixed_n: bool = False
 
 
 def _kernels(backend: str) -> Kernels:
     """The kernels of ``backend``, imported at the first call (Triton only when used)."""
     if backend == "native":
         from ..native import topn_create as module
-
-        return Kernels(module.forward, module.backward, fixed_n=True)
-    if backend == "triton":
+    elif backend == "triton":
         from ..triton import topn_create_launch as module
-
-        return Kernels(module.forward, module.backward, fixed_n=True)
-    raise ValueError(f"{OP}: backend must be 'native' or 'triton', got {backend!r}")
-
-
-def _call(kernel: Callable, kernels: Kernels, n: Tensor, n_fixed: int, batch: int, args, rest):
-    """``kernel(*args, n, *rest)`` with the set sizes as the backend takes them: ``n_fixed``
-    (>= 0: every set's size) passed on, or ``n`` made (B,) for a backend without it."""
-    if kernels.fixed_n:
-        return kernel(*args, n, *rest, n_fixed=None if n_fixed < 0 else n_fixed)
-    if n_fixed >= 0:
-        n = torch.full((batch,), n_fixed, dtype=torch.int64, device=args[0].device)
-    return kernel(*args, n, *rest)
+    else:
+        raise ValueError(f"{OP}: backend must be 'native' or 'triton', got {backend!r}")
+    return Kernels(module.forward, module.backward)
 
 
 @torch.library.custom_op(
@@ -78,10 +65,8 @@ def topn_create(
     mask (B, n_max) bool, index (B, n_max) int64 (-1 on padding). n is int64 (B,), or, when
     ``n_fixed`` >= 0 gives the size of every set, int64 (B,) or empty (0,); the public
     :func:`topn_kernels.topn_create` validates the values first."""
-    kernels = _kernels(backend)
-    args = (query, angles, table, bias)
-    rest = (film, n_max, score_norm, sorted)
-    return _call(kernels.forward, kernels, n, n_fixed, query.shape[0], args, rest)
+    args = (query, angles, table, bias, n, film, n_max, score_norm, sorted)
+    return _kernels(backend).forward(*args, n_fixed=None if n_fixed < 0 else n_fixed)
 
 
 @torch.library.custom_op(
@@ -111,10 +96,9 @@ def topn_create_backward(
     """Gradients of query, angles, table, bias and film (None where ``output_mask`` is
     False) from those of x and weight; ``deterministic``: no atomics (a GPU concern: the
     native backward is deterministic always); n and n_fixed as for the forward."""
-    kernels = _kernels(backend)
-    args = (grad_x, grad_weight, query, angles, table, bias)
-    rest = (film, index, score_norm, output_mask, deterministic)
-    return _call(kernels.backward, kernels, n, n_fixed, query.shape[0], args, rest)
+    args = (grad_x, grad_weight, query, angles, table, bias, n, film, index, score_norm)
+    rest = (output_mask, deterministic)
+    return _kernels(backend).backward(*args, *rest, n_fixed=None if n_fixed < 0 else n_fixed)
 
 
 def _check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
