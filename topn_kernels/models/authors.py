@@ -178,8 +178,11 @@ class PNAPooling(nn.Module):
         n = x.shape[1]
         if n < 2:
             raise ValueError(f"PNA pooling needs sets of at least 2 points, got {n}")
-        amplify = math.log(n + 1.0) / self.log_average  # > 0
-        scales = torch.tensor([1.0, amplify, 1.0 / amplify], dtype=x.dtype, device=x.device)
+        # log(n + 1) of a tensor, not math.log of an int: a model compiled with dynamic shapes
+        # then makes one graph for every n, not one per n
+        log_n = torch.full((), n + 1.0, dtype=torch.float64, device=x.device).log()
+        amplify = log_n / self.log_average  # > 0
+        scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
         # the reductions of x * scale are the reductions of x, scaled (var by scale^2): one
         # pass over x instead of three over a strided stack
         linear = torch.stack([x.sum(1), x.amax(1), x.mean(1)], dim=2)[..., None] * scales
