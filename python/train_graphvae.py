@@ -18,11 +18,16 @@ improved for ``--patience`` epochs, gradients clipped to norm 4, batches of ``--
 the epoch that passes the limit (checkpoint written, no evaluation); ``--resume`` continues
 from ``--out/checkpoint.pt`` (model, optimizer, scheduler, random state and history).
 
+Matching: the loss sorts the target's atoms by the paper's score and orders the predicted
+atoms by ``--pred-order`` (score, the authors' way, by default; type and slot give each decoder
+slot a target that does not move between steps).
+
 Writes into ``--out``: ``metrics.json`` (``validity``, ``unique_and_valid``, ``uniqueness``,
-``novelty``, the final epoch's weighted loss terms ``train_losses``, time per epoch, the data
-report and the settings), ``history.json`` (per-epoch losses), ``generated.smi`` (one line per
-generated molecule in generation order: its canonical SMILES or INVALID), ``curves.png`` (loss
-curves), ``molecules.png`` (a grid of valid generated molecules drawn by RDKit) and
+``novelty``, ``authors_validity`` (RDKit sanitizes, fragments allowed), the final epoch's
+weighted loss terms ``train_losses``, time per epoch, the data report and the settings),
+``history.json`` (per-epoch losses), ``generated.smi`` (one line per generated molecule in
+generation order: its canonical SMILES or INVALID), ``curves.png`` (loss curves),
+``molecules.png`` (a grid of valid generated molecules drawn by RDKit) and
 ``checkpoint.pt``.
 """
 
@@ -44,7 +49,7 @@ from topn_kernels.data import (
     qm9pack_csv_files,
     split_qm9,
 )
-from topn_kernels.metrics_graph import INVALID, graphs_to_smiles, molecule_metrics
+from topn_kernels.metrics_graph import INVALID, graphs_sanitize, graphs_to_smiles, molecule_metrics
 from topn_kernels.models import (
     GRAPH_CREATIONS,
     GRAPH_LOSS_TERMS,
@@ -53,6 +58,7 @@ from topn_kernels.models import (
     GraphVAEConfig,
     graph_vae_loss,
 )
+from topn_kernels.models.graphvae import PRED_ORDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = ROOT / "tests" / "data" / "qm9_sample.csv"
@@ -99,6 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="TERM=W",
         help="override the weight of a loss term (repeatable), e.g. edges=640000; the terms "
         "and their defaults (the authors') are GraphLossConfig's (docs/graph_vae.md, Loss)",
+    )
+    p.add_argument(
+        "--pred-order",
+        choices=PRED_ORDERS,
+        default="score",
+        help="how the loss orders the predicted atoms before comparing them with the target's "
+        "sorted atoms: score (the authors' expected matching score, default), type (most likely "
+        "atom type, decoder order within a type) or slot (decoder order); docs/graph_vae.md",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument(
@@ -208,16 +222,21 @@ def train_epoch(
     return {k: v / len(train) for k, v in sums.items()}
 
 
-def generate(model, num: int, seed: int, authors_sizes: bool) -> list[str | None]:
-    """Canonical SMILES (None when invalid) of ``num`` generated molecules, in order."""
+def generate(
+    model, num: int, seed: int, authors_sizes: bool
+) -> tuple[list[str | None], list[bool]]:
+    """Canonical SMILES (None when invalid) of ``num`` generated molecules, in order, and
+    whether each sanitizes (the authors' validity)."""
     model.eval()
     out: list[str | None] = []
+    sanitized: list[bool] = []
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(seed)
         for start in range(0, num, 500):
             atoms, _, bonds = model.generate(min(500, num - start), authors_clip=authors_sizes)
             out += graphs_to_smiles(atoms, bonds)
-    return out
+            sanitized += graphs_sanitize(atoms, bonds)
+    return out, sanitized
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch, history, gen, args) -> None:
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     model = GraphVAE(GraphVAEConfig(creation=args.creation))
     model.set_size_distribution(train.lengths)
-    loss_cfg = GraphLossConfig(**args.loss_weights)
+    loss_cfg = GraphLossConfig(**args.loss_weights, pred_order=args.pred_order)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=args.patience, min_lr=MIN_LR
@@ -327,6 +346,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise SystemExit(
                 f"{ckpt_path} was trained with --loss-weight {ckpt['args'].get('loss_weights')}; "
                 f"resume with the same weights, not {args.loss_weights}"
+            )
+        if ckpt["args"].get("pred_order", "score") != args.pred_order:
+            raise SystemExit(
+                f"{ckpt_path} was trained with --pred-order {ckpt['args'].get('pred_order')}; "
+                f"resume with the same order, not {args.pred_order}"
             )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -351,10 +375,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         record = {"epoch": epoch + 1, **terms, "lr": optimizer.param_groups[0]["lr"]}
         record["seconds"] = seconds
         if args.eval_every and (epoch + 1) % args.eval_every == 0:
-            smiles = generate(model, args.eval_size, args.seed + 1000 + epoch, args.authors_sizes)
+            smiles, sanitized = generate(
+                model, args.eval_size, args.seed + 1000 + epoch, args.authors_sizes
+            )
             check = molecule_metrics(smiles, set())
             record.update(
                 validity=check["validity"],
+                authors_validity=sum(sanitized) / len(sanitized),
                 unique_and_valid=check["unique_and_valid"],
                 eval_size=args.eval_size,
             )
@@ -375,8 +402,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
 
     t0 = time.perf_counter()
-    smiles = generate(model, args.n_generated, args.seed, args.authors_sizes)
+    smiles, sanitized = generate(model, args.n_generated, args.seed, args.authors_sizes)
     values = molecule_metrics(smiles, set(train.smiles))
+    values["authors_validity"] = sum(sanitized) / len(sanitized)
     eval_seconds = time.perf_counter() - t0
     (args.out / "generated.smi").write_text(
         "".join(f"{s if s is not None else INVALID}\n" for s in smiles)
@@ -385,7 +413,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if math.isnan(values["novelty"]):
         values["novelty"] = None  # no valid molecule: JSON null
     result = {
-        **{k: values[k] for k in ("validity", "unique_and_valid", "uniqueness", "novelty")},
+        **{
+            k: values[k]
+            for k in ("validity", "unique_and_valid", "uniqueness", "novelty", "authors_validity")
+        },
         "num_generated": values["num_generated"],
         "num_valid": values["num_valid"],
         "num_unique": values["num_unique"],

@@ -25,6 +25,7 @@ from topn_kernels.data import (
 from topn_kernels.metrics_graph import (
     canonical_smiles,
     graph_to_mol,
+    graphs_sanitize,
     graphs_to_smiles,
     molecule_metrics,
     valid_smiles,
@@ -37,6 +38,7 @@ from topn_kernels.models import (
     graph_vae_loss,
 )
 from topn_kernels.models.graphvae import (
+    PRED_ORDERS,
     GraphDecoding,
     GraphVAEOutput,
     match_graphs,
@@ -270,6 +272,62 @@ def test_match_graphs_reorders_targets_by_score():
     assert matched.atom_logits.argmax(-1)[0, :3].tolist() == [C, O, F]
 
 
+def test_match_graphs_prediction_orders():
+    """ "score" sorts the prediction by its expected score; "type" by its most likely atom type
+    only, slots of one type in decoder order; "slot" leaves the prediction as it is. The target
+    is sorted by its score in every case."""
+    # target C-C-O; the prediction lists O, then two carbons, the second one bonded to the O
+    atoms, bonds = padded([C, C, O], [(0, 1, 1), (1, 2, 1)], 4)
+    p_atoms, p_bonds = padded([O, C, C], [(0, 2, 1), (1, 2, 1)], 4)
+    atoms, bonds, p_atoms, p_bonds = atoms[None], bonds[None], p_atoms[None], p_bonds[None]
+    mask = atoms >= 0
+    dec = _marked(perfect_decoding(p_atoms, p_bonds, mask))
+    for order, expected in [("score", [1, 2, 0]), ("type", [1, 2, 0]), ("slot", [0, 1, 2])]:
+        matched, t_atoms, t_bonds = match_graphs(dec, atoms, bonds, mask, pred_order=order)
+        assert t_atoms[0].tolist() == [C, C, O, PAD_ATOM]  # the terminal carbon first
+        assert torch.equal(t_bonds, bonds)  # already in score order
+        picked = _rows(dec.atom_logits[0], matched.atom_logits[0])
+        assert picked[:3] == expected, order
+        # pairs follow their atoms: bond logits of the new (0, 1) pair are the old pair's
+        a, b = expected[0], expected[1]
+        assert torch.equal(matched.edge_logits[0, 0, 1], dec.edge_logits[0, a, b])
+    # "score" puts the carbon with the O neighbour last; "type" keeps the decoder's order
+    s_atoms, s_bonds = padded([O, C, C], [(0, 1, 1), (1, 2, 1)], 4)
+    swapped = _marked(perfect_decoding(s_atoms[None], s_bonds[None], mask))
+    by_score = match_graphs(swapped, atoms, bonds, mask, pred_order="score")[0]
+    by_type = match_graphs(swapped, atoms, bonds, mask, pred_order="type")[0]
+    assert _rows(swapped.atom_logits[0], by_score.atom_logits[0])[:3] == [2, 1, 0]
+    assert _rows(swapped.atom_logits[0], by_type.atom_logits[0])[:3] == [1, 2, 0]
+    # the reordered logits stay differentiable: each slot's gradient lands on its own logits
+    for order in PRED_ORDERS:
+        logits = dec.atom_logits.clone().requires_grad_()
+        leaf = GraphDecoding(logits, dec.edge_logits, mask)
+        matched = match_graphs(leaf, atoms, bonds, mask, pred_order=order)[0]
+        (matched.atom_logits[0, :, 0] * torch.arange(1.0, 5.0, dtype=logits.dtype)).sum().backward()
+        assert logits.grad is not None, order
+        assert logits.grad[0, :, 0].tolist()[:3] != [0.0, 0.0, 0.0], order
+    with pytest.raises(ValueError, match="pred_order"):
+        match_graphs(dec, atoms, bonds, mask, pred_order="sorted")
+    with pytest.raises(ValueError, match="pred_order"):
+        GraphLossConfig(pred_order="sorted")
+
+
+def _marked(dec: GraphDecoding) -> GraphDecoding:
+    """The decoding with each slot's atom logits made distinct (a tiny, slot-dependent logit of
+    fluorine), so that a reordering can be read back."""
+    mark = torch.zeros_like(dec.atom_logits)
+    mark[..., F] = 1e-3 * torch.arange(dec.atom_logits.shape[1], dtype=mark.dtype)
+    return GraphDecoding(dec.atom_logits + mark, dec.edge_logits, dec.mask)
+
+
+def _rows(original: torch.Tensor, reordered: torch.Tensor) -> list[int]:
+    """The row of ``original`` that each row of ``reordered`` is."""
+    return [
+        next(i for i in range(original.shape[0]) if torch.equal(original[i], row))
+        for row in reordered
+    ]
+
+
 @pytest.mark.parametrize("creation", GRAPH_CREATIONS)
 def test_gradients_reach_every_parameter(creation):
     torch.manual_seed(0)
@@ -410,6 +468,15 @@ def test_graphs_to_molecules():
         torch.stack([atoms[:3], apart[:3]]), torch.stack([bonds[:3, :3], apart_bonds[:3, :3]])
     )
     assert batch == ["CCO", None]
+    # the authors' validity: sanitizes, fragments allowed
+    sanitized = graphs_sanitize(
+        torch.stack([atoms, apart[:4], five[:4]]),
+        torch.stack([bonds, apart_bonds[:4, :4], five_bonds[:4, :4]]),
+    )
+    assert sanitized == [True, True, True]
+    assert graphs_sanitize(five[None], five_bonds[None]) == [False]
+    with pytest.raises(ValueError, match="bonds"):
+        graphs_sanitize(atoms[None], bonds)
     with pytest.raises(ValueError, match="atoms"):
         graph_to_mol([C, 9], torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="bonds"):
@@ -460,6 +527,7 @@ def test_training_program_smoke_then_resume(tmp_path):
     for key in ("validity", "unique_and_valid", "uniqueness", "novelty", "train_losses"):
         assert key in metrics
     assert 0 <= metrics["unique_and_valid"] <= metrics["validity"] <= 1
+    assert metrics["validity"] <= metrics["authors_validity"] <= 1  # fragments allowed
     assert metrics["data"]["split_sizes"]["train"] == 200
     assert set(metrics["train_losses"]) >= {"atoms", "edges", "kl", "total"}
     lines = (out / "generated.smi").read_text().splitlines()
@@ -483,6 +551,16 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert "validity" not in history[0]  # the default checks every 5 epochs
     assert 0 <= history[1]["unique_and_valid"] <= history[1]["validity"] <= 1
     assert history[1]["eval_size"] == 30
+    assert history[1]["validity"] <= history[1]["authors_validity"] <= 1
+    run = subprocess.run(
+        [*cmd, "--epochs", "3", "--resume", "--pred-order", "type"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode != 0 and "--pred-order" in run.stderr  # not the run's own order
 
 
 def test_compare_creation_writes_table5(tmp_path):
@@ -513,6 +591,8 @@ def test_compare_creation_writes_table5(tmp_path):
         "--n-generated",
         "50",
         "--no-plots",
+        "--pred-order",
+        "type",
     ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -525,6 +605,7 @@ def test_compare_creation_writes_table5(tmp_path):
     table = (out / "table.md").read_text()
     assert "| Top-n (runs: 1) |" in table and "(59.9 ± 1.4)" in table
     assert "| i.i.d. (runs: 1) |" in table and "(34.9 ± 15.2)" in table
+    assert "ordered by type" in table
 
 
 def test_training_program_loss_weights(capsys):
@@ -542,6 +623,11 @@ def test_training_program_loss_weights(capsys):
     )
     assert args.loss_weights == {"edges": 640000.0, "kl": 0.01}
     assert GraphLossConfig(**args.loss_weights).edges == 640000.0
+    assert program.parse_args(["--out", "x"]).pred_order == "score"
+    assert program.parse_args(["--out", "x", "--pred-order", "type"]).pred_order == "type"
+    with pytest.raises(SystemExit):
+        program.parse_args(["--out", "x", "--pred-order", "sorted"])
+    assert "--pred-order" in capsys.readouterr().err
     for bad in ("total=1", "bonds=1", "edges=x", "edges=-1"):
         with pytest.raises(SystemExit):
             program.parse_args(["--out", "x", "--loss-weight", bad])

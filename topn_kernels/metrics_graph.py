@@ -7,6 +7,8 @@
 - ``unique_and_valid``: distinct canonical SMILES among the valid molecules / generated.
 - ``uniqueness``: distinct canonical SMILES among the valid molecules / valid molecules.
 - ``novelty``: distinct valid SMILES absent from the training SMILES / distinct valid SMILES.
+- ``sanitizes`` (:func:`graphs_sanitize`): RDKit sanitizes the molecule, fragments allowed:
+  the authors' code's validity, which counts disconnected molecules as valid.
 
 Atom types index ``topn_kernels.data.qm9.ATOM_SYMBOLS`` (C, N, O, F); bond types are 0 (none),
 1 (single), 2 (double) and 3 (triple).
@@ -25,6 +27,7 @@ __all__ = [
     "INVALID",
     "canonical_smiles",
     "graph_to_mol",
+    "graphs_sanitize",
     "graphs_to_smiles",
     "molecule_metrics",
     "valid_smiles",
@@ -140,3 +143,25 @@ def molecule_metrics(
         "num_valid": len(valid),
         "num_unique": len(unique),
     }
+
+
+def sanitizes(mol) -> bool:
+    """Whether RDKit sanitizes a copy of ``mol`` (fragments allowed): the authors' validity."""
+    chem = _chem()
+    if mol is None:
+        return False
+    try:
+        chem.SanitizeMol(chem.Mol(mol))
+    except Exception:
+        return False
+    return True
+
+
+def graphs_sanitize(atoms: Tensor, bonds: Tensor) -> list[bool]:
+    """:func:`sanitizes` of each graph of a batch, inputs as :func:`graphs_to_smiles`."""
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2:
+        raise TypeError("atoms must be an integer tensor (B, n)")
+    if not isinstance(bonds, Tensor) or bonds.shape != (*atoms.shape, atoms.shape[1]):
+        raise ValueError(f"bonds must be a tensor {(*atoms.shape, atoms.shape[1])}")
+    atoms, bonds = atoms.cpu(), bonds.cpu()
+    return [sanitizes(graph_to_mol(atoms[b], bonds[b])) for b in range(atoms.shape[0])]

@@ -35,6 +35,7 @@ from ..nn import Set2GraphHead, make_creation, mlp
 __all__ = [
     "GRAPH_CREATIONS",
     "GRAPH_LOSS_TERMS",
+    "PRED_ORDERS",
     "GraphDecoding",
     "GraphLossConfig",
     "GraphVAE",
@@ -462,41 +463,69 @@ def _permute_nodes(x: Tensor, order: Tensor, pairwise: bool) -> Tensor:
     return x
 
 
+PRED_ORDERS = ("score", "type", "slot")
+
+
 def match_graphs(
-    decoding: GraphDecoding, atoms: Tensor, bonds: Tensor, mask: Tensor, neighbor: str = "exp"
+    decoding: GraphDecoding,
+    atoms: Tensor,
+    bonds: Tensor,
+    mask: Tensor,
+    neighbor: str = "exp",
+    pred_order: str = "score",
 ) -> tuple[GraphDecoding, Tensor, Tensor]:
-    """Sorts the target's atoms by their matching score and the prediction's by its expected
-    score (ascending, stable; padding last) and returns both reordered: (decoding, atoms (B, n),
-    bonds (B, n, n)). The order is not differentiated; the reordered values are."""
+    """Sorts the target's atoms by their matching score (ascending, stable; padding last) and
+    orders the prediction's atoms by ``pred_order``, then returns both reordered: (decoding,
+    atoms (B, n), bonds (B, n, n)). The order is not differentiated; the reordered values are.
+
+    ``pred_order``: ``"score"`` sorts the prediction by its expected matching score (the
+    authors' code); ``"type"`` by its most likely atom type only, keeping the decoder's slot
+    order among atoms of one type; ``"slot"`` keeps the decoder's order. The last two give
+    every slot a target that does not move between steps (docs/graph_vae.md, Matching).
+    """
+    if pred_order not in PRED_ORDERS:
+        raise ValueError(f"pred_order must be one of {list(PRED_ORDERS)}, got {pred_order!r}")
     with torch.no_grad():
         t_atoms = atoms.clamp(min=0).to(torch.float64) + 1.0
         t_adj = (bonds > 0).to(torch.float64)
         t_score = matching_score(t_atoms, t_adj, bonds.to(torch.float64), mask, neighbor)
-        p_atom = F.softmax(decoding.atom_logits.double(), -1)
-        k = torch.arange(1, p_atom.shape[-1] + 1, dtype=torch.float64, device=atoms.device)
-        log_bond, _, log_types = decoding.edge_log_probs()
-        t = torch.arange(1, log_types.shape[-1] + 1, dtype=torch.float64, device=atoms.device)
-        p_score = matching_score(
-            p_atom @ k,
-            log_bond.double().exp(),
-            log_types.double().exp() @ t,
-            mask,
-            neighbor,
-        )
         t_order = torch.sort(t_score, dim=1, stable=True).indices
-        p_order = torch.sort(p_score, dim=1, stable=True).indices
+        p_order = _prediction_order(decoding, mask, neighbor, pred_order)
+    targets = _permute_nodes(atoms, t_order, False), _permute_nodes(bonds, t_order, True)
+    if p_order is None:
+        return decoding, *targets
     matched = GraphDecoding(
         _permute_nodes(decoding.atom_logits, p_order, False),
         _permute_nodes(decoding.edge_logits, p_order, True),
         mask,
     )
-    return matched, _permute_nodes(atoms, t_order, False), _permute_nodes(bonds, t_order, True)
+    return matched, *targets
+
+
+def _prediction_order(
+    decoding: GraphDecoding, mask: Tensor, neighbor: str, pred_order: str
+) -> Tensor | None:
+    """The order (B, n) of the predicted atoms for :func:`match_graphs`; None: as they are."""
+    if pred_order == "slot":
+        return None
+    if pred_order == "type":
+        p_score = decoding.atom_logits.argmax(-1).to(torch.float64)
+        return torch.sort(p_score.masked_fill(~mask, torch.inf), dim=1, stable=True).indices
+    p_atom = F.softmax(decoding.atom_logits.double(), -1)
+    k = torch.arange(1, p_atom.shape[-1] + 1, dtype=torch.float64, device=mask.device)
+    log_bond, _, log_types = decoding.edge_log_probs()
+    t = torch.arange(1, log_types.shape[-1] + 1, dtype=torch.float64, device=mask.device)
+    p_score = matching_score(
+        p_atom @ k, log_bond.double().exp(), log_types.double().exp() @ t, mask, neighbor
+    )
+    return torch.sort(p_score, dim=1, stable=True).indices
 
 
 @dataclass(frozen=True)
 class GraphLossConfig:
-    """Weights of the loss terms, the authors' ``lambdas`` (docs/graph_vae.md, Loss), and the
-    matching's neighbour term (see :func:`matching_score`)."""
+    """Weights of the loss terms, the authors' ``lambdas`` (docs/graph_vae.md, Loss), the
+    matching's neighbour term (see :func:`matching_score`) and how the prediction's atoms are
+    ordered (``pred_order``, see :func:`match_graphs`)."""
 
     atoms: float = 10.0
     edges: float = 10000.0
@@ -508,6 +537,13 @@ class GraphLossConfig:
     kl: float = 0.001
     neighbor: str = "exp"
     matching: bool = True
+    pred_order: str = "score"
+
+    def __post_init__(self) -> None:
+        if self.pred_order not in PRED_ORDERS:
+            raise ValueError(
+                f"pred_order must be one of {list(PRED_ORDERS)}, got {self.pred_order!r}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -536,7 +572,7 @@ def graph_vae_loss(
     if atoms.shape != dec.mask.shape or not torch.equal(mask, dec.mask):
         raise ValueError("atoms and lengths must match the decoding's sizes and width")
     if cfg.matching:
-        dec, atoms, bonds = match_graphs(dec, atoms, bonds, mask, cfg.neighbor)
+        dec, atoms, bonds = match_graphs(dec, atoms, bonds, mask, cfg.neighbor, cfg.pred_order)
     b = mask.shape[0]
     dtype = dec.atom_logits.dtype
     size = lengths.to(dtype)
