@@ -103,6 +103,11 @@ def canonical_smiles(smiles: str) -> str | None:
 def graphs_to_smiles(atoms: Tensor, bonds: Tensor) -> list[str | None]:
     """Canonical SMILES (None when invalid) of each graph of a batch: atoms (B, n) int with -1
     past each molecule's atoms, bonds (B, n, n) int symmetric."""
+    return [valid_smiles(mol) for mol in _batch_mols(atoms, bonds)]
+
+
+def _batch_mols(atoms: Tensor, bonds: Tensor) -> list:
+    """:func:`graph_to_mol` of each graph of a batch, inputs as :func:`graphs_to_smiles`."""
     if not isinstance(atoms, Tensor) or atoms.dim() != 2:
         raise TypeError("atoms must be an integer tensor (B, n)")
     if not isinstance(bonds, Tensor) or bonds.shape != (*atoms.shape, atoms.shape[1]):
@@ -111,7 +116,7 @@ def graphs_to_smiles(atoms: Tensor, bonds: Tensor) -> list[str | None]:
             f"{tuple(bonds.shape) if isinstance(bonds, Tensor) else type(bonds).__name__}"
         )
     atoms, bonds = atoms.cpu(), bonds.cpu()
-    return [valid_smiles(graph_to_mol(atoms[b], bonds[b])) for b in range(atoms.shape[0])]
+    return [graph_to_mol(atoms[b], bonds[b]) for b in range(atoms.shape[0])]
 
 
 def molecule_metrics(
@@ -159,9 +164,4 @@ def sanitizes(mol) -> bool:
 
 def graphs_sanitize(atoms: Tensor, bonds: Tensor) -> list[bool]:
     """:func:`sanitizes` of each graph of a batch, inputs as :func:`graphs_to_smiles`."""
-    if not isinstance(atoms, Tensor) or atoms.dim() != 2:
-        raise TypeError("atoms must be an integer tensor (B, n)")
-    if not isinstance(bonds, Tensor) or bonds.shape != (*atoms.shape, atoms.shape[1]):
-        raise ValueError(f"bonds must be a tensor {(*atoms.shape, atoms.shape[1])}")
-    atoms, bonds = atoms.cpu(), bonds.cpu()
-    return [sanitizes(graph_to_mol(atoms[b], bonds[b])) for b in range(atoms.shape[0])]
+    return [sanitizes(mol) for mol in _batch_mols(atoms, bonds)]
