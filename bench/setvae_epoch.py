@@ -8,11 +8,13 @@ set to None, as ``python/train_setvae.py --preset authors`` does.
 
 Providers:
 
-- ``eager``: the model in plain eager PyTorch, the losses on the reference backend, Adam in its
-  default (per-tensor) implementation: what the program would be without this library's
-  kernels and choices.
-- ``tuned``: the same model with the losses on ``auto`` (on CPU the native C++ losses) and
-  Adam's fused CPU implementation.
+- ``eager``: the model in plain eager PyTorch (``AuthorsSetVAE(native=False)``), the losses on
+  the reference backend, Adam in its default (per-tensor) implementation and the per-tensor
+  gradient clipping: what the program would be without this library's kernels and choices.
+- ``tuned``: the step of the program (:func:`topn_kernels.models.train_step` with
+  :func:`~topn_kernels.models.make_adam`): the model's native paths (the fused transformer layer
+  and two-pass PNA variance, :meth:`AuthorsSetVAE.use_native`), the losses on ``auto`` (on CPU
+  the native C++ losses), fused Adam and one foreach clipping call.
 
 Each case runs one warm-up epoch when it is built, outside the timed region, then one timed
 epoch (``heavy``: the epochs take seconds).
@@ -25,34 +27,50 @@ from collections.abc import Callable, Iterator
 import torch
 
 from topn_kernels.data import make_datasets
-from topn_kernels.models import AuthorsConfig, AuthorsLossConfig, AuthorsSetVAE, authors_loss
+from topn_kernels.models import (
+    AuthorsConfig,
+    AuthorsLossConfig,
+    AuthorsSetVAE,
+    authors_loss,
+    make_adam,
+    train_step,
+)
 from topn_kernels.models.authors import iterate_batches, size_grouped_batches
 
 from .cases import Case
 
 CREATIONS = ("topn", "firstn", "iid", "mlp")
-PROVIDERS = {"eager": ("reference", False), "tuned": ("auto", True)}  # losses' backend, fused
+PROVIDERS = ("eager", "tuned")
 
 
-def _epoch(creation: str, backend: str, fused: bool) -> Callable[[], object]:
+def _epoch(creation: str, provider: str) -> Callable[[], object]:
     train, _ = make_datasets(2000, 1, seed=0)
     batches = size_grouped_batches(train.lengths, 128)
     torch.manual_seed(0)
-    model = AuthorsSetVAE(AuthorsConfig(creation=creation))
+    tuned = provider == "tuned"
+    model = AuthorsSetVAE(AuthorsConfig(creation=creation), native=tuned)
     model.set_size_distribution(train.lengths)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, fused=fused or None)
-    loss_cfg = AuthorsLossConfig(backend=backend)
+    loss_cfg = AuthorsLossConfig(backend="auto" if tuned else "reference")
+    if tuned:
+        optimizer = make_adam(model.parameters(), 2e-4)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+
+    def eager_step(points, lengths) -> float:
+        loss = authors_loss(model(points, lengths), points, lengths, loss_cfg)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def tuned_step(points, lengths) -> float:
+        return train_step(model, optimizer, points, lengths, loss_cfg, loss=authors_loss)["loss"]
+
+    step = tuned_step if tuned else eager_step
 
     def epoch() -> float:
-        total = 0.0
-        for points, lengths in iterate_batches(train.points, train.lengths, batches):
-            loss = authors_loss(model(points, lengths), points, lengths, loss_cfg)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach())
-        return total
+        return sum(step(p, n) for p, n in iterate_batches(train.points, train.lengths, batches))
 
     epoch()  # warm-up: allocations, KeOps formulas
     return epoch
@@ -62,11 +80,12 @@ def cases(device: torch.device) -> Iterator[Case]:
     if device.type != "cpu":  # the preset's programs run on CPU
         return
     for creation in CREATIONS:
-        for provider, (backend, fused) in PROVIDERS.items():
-            params = {"sets": 2000, "batch": 128, "creation": creation, "losses": backend}
+        for provider in PROVIDERS:
+            losses = "auto" if provider == "tuned" else "reference"
+            params = {"sets": 2000, "batch": 128, "creation": creation, "losses": losses}
 
-            def build(creation=creation, backend=backend, fused=fused):
-                return _epoch(creation, backend, fused)
+            def build(creation=creation, provider=provider):
+                return _epoch(creation, provider)
 
             yield Case(
                 "setvae_epoch",

@@ -42,6 +42,16 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "valency_sets(Tensor x, Tensor? lengths, float neighbor_dist, int max_valency, "
       "bool with_grad) -> (Tensor value, Tensor grad_x)");
+  // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
+  // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
+  // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and
+  // bias, linear2 weight (C, F) and bias, norm2 weight and bias. Returns the output (B, n, C)
+  // and the 11 intermediates the backward takes as `saved`; the backward returns the gradients
+  // of x and of the 12 weights.
+  m.def("set_transformer_layer(Tensor x, Tensor[] weights, int heads, float eps) -> Tensor[]");
+  m.def(
+      "set_transformer_layer_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
+      "Tensor[] saved) -> Tensor[]");
   // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
   m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
   m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);

@@ -72,6 +72,7 @@ from topn_kernels.models import (
     OpBackends,
     SetVAE,
     authors_loss,
+    make_adam,
     setvae_loss,
     train_step,
 )
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         warnings.simplefilter("always")
         preferred = ops.resolved(device)  # raises now if a requested backend cannot run
     model, loss_cfg, loss = build_model(args, data, ops, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = make_adam(model.parameters(), args.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=args.patience, min_lr=1e-6
     )

@@ -3,7 +3,8 @@
 torch's own kernels (``ATEN_CPU_CAPABILITY``: default, AVX2, AVX-512), MKL's
 (``MKL_ENABLE_INSTRUCTIONS``) and oneDNN's (``ONEDNN_MAX_CPU_ISA``) round differently, and
 so do the native kernels' portable and AVX2 builds (``TOPN_KERNELS_PORTABLE=1``: the portable
-Sinkhorn softmin and the portable topn_create scoring loop). The equivalence tests must pass
+Sinkhorn softmin, the portable topn_create scoring loop and the portable attention of the
+transformer layer). The equivalence tests must pass
 under each (docs/operators.md, Ranking): each setting runs them in a fresh interpreter, which
 is when torch reads these variables. Each setting has its own ``TORCHINDUCTOR_CACHE_DIR``:
 inductor's cache does not key on the capability, and code compiled for AVX-512 fails to
@@ -30,6 +31,7 @@ FILES = [
     "tests/test_topn_create_native.py",
     "tests/test_sinkhorn.py",
     "tests/test_set2graph_logits.py",
+    "tests/test_set_transformer.py",
 ]
 SELECT = "not triton and not keops and not geomloss and not past_int32 and not every_cpu_build"
 

@@ -29,6 +29,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -250,15 +251,13 @@ def matched_distance(
     )  # padding rows, never matched, must not turn gradients into NaN either
     dist = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
     cost = dist.detach().cpu().numpy()
-    rows, cols, sets = [], [], []
-    for b, n in enumerate(nx):
-        r, c = linear_sum_assignment(cost[b, :n, :n])
-        rows.append(torch.from_numpy(r))
-        cols.append(torch.from_numpy(c))
-        sets.append(torch.full((n,), b, dtype=torch.int64))
-    if not sets:
+    if not nx:
         return x.new_zeros(0)
-    sets, rows, cols = (torch.cat(t).to(x.device) for t in (sets, rows, cols))
+    pairs = [linear_sum_assignment(cost[b, :n, :n]) for b, n in enumerate(nx)]
+    rows, cols = (
+        torch.from_numpy(np.concatenate(p)).to(x.device) for p in zip(*pairs, strict=True)
+    )
+    sets = torch.repeat_interleave(torch.arange(len(nx), device=x.device), lengths)
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     total = total.index_add(0, sets, dist[sets, rows, cols])
     return (total / lengths).to(dtype)

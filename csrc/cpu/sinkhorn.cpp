@@ -20,20 +20,15 @@
 #include <string>
 #include <vector>
 
+#include "avx2_build.h"
 #include "softmin.h"
 
 namespace topn_kernels {
 
-// TOPN_KERNELS_PORTABLE=1 forces the portable build (to test it on an AVX2 machine).
 template <typename T>
 SoftminKernels<T> softmin_kernels() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx2 = [] {
-    const char* portable = std::getenv("TOPN_KERNELS_PORTABLE");
-    const bool forced = portable != nullptr && std::string(portable) == "1";
-    return !forced && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  if (avx2) return {&softmin_avx2::rows<T>};
+  if (use_avx2_builds()) return {&softmin_avx2::rows<T>};
 #endif
   return {&softmin_default::rows<T>};
 }

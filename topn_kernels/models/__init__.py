@@ -13,7 +13,7 @@ from .graphvae import (
     graph_vae_loss,
 )
 from .setvae import CREATIONS, SetVAE, SetVAEConfig, VAEOutput
-from .training import LOSS_TERMS, LossConfig, setvae_loss, train_step
+from .training import LOSS_TERMS, LossConfig, make_adam, setvae_loss, train_step
 
 __all__ = [
     "BACKEND_NAMES",
@@ -35,6 +35,7 @@ __all__ = [
     "VAEOutput",
     "authors_loss",
     "graph_vae_loss",
+    "make_adam",
     "setvae_loss",
     "train_step",
 ]

@@ -59,6 +59,7 @@ AVAILABLE: bool = UNAVAILABLE_REASON is None
 
 if AVAILABLE:  # register the fake kernels and autograd of the ops
     from . import set_losses as _set_losses  # noqa: F401
+    from . import set_transformer as _set_transformer  # noqa: F401
     from . import sinkhorn as _sinkhorn  # noqa: F401
     from . import topn_create as _topn_create  # noqa: F401
 

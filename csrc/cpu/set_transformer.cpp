@@ -1,0 +1,163 @@
+// One transformer encoder layer on a batch of small equal-size sets, forward and backward, on
+// CPU (docs/set_vae.md, "The native transformer layer"): the layer of
+// torch.nn.TransformerEncoderLayer with batch_first=True, norm_first=False, ReLU and no dropout,
+//
+//   qkv = x Wi^T + bi                      (B n, 3C)
+//   a   = per set and head: softmax(q k^T / sqrt(C / H)) v      (B n, C)
+//   s1  = x + (a Wo^T + bo),   h1 = LayerNorm1(s1)
+//   u   = relu(h1 W1^T + b1),  s2 = h1 + (u W2^T + b2),   out = LayerNorm2(s2)
+//
+// The matrix products and layer norms are ATen's; the attention of every (set, head) pair is a
+// loop here, in parallel over the pairs: with sets of a few dozen points and heads of width 16,
+// ATen's attention kernels cost far more than the arithmetic. One call does the whole layer, so a
+// training step pays one dispatch and one autograd node per layer instead of about sixty.
+//
+// The forward returns the intermediates the backward reads (topn_kernels/native/
+// set_transformer.py saves them). Every sum runs in a fixed order: the results do not depend on
+// the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "avx2_build.h"
+#include "set_attention.h"
+
+namespace topn_kernels {
+
+template <typename T>
+SetAttentionKernels<T> set_attention_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (use_avx2_builds())
+    return {&set_attention_avx2::forward<T>, &set_attention_avx2::backward<T>};
+#endif
+  return {&set_attention_default::forward<T>, &set_attention_default::backward<T>};
+}
+
+template SetAttentionKernels<float> set_attention_kernels<float>();
+template SetAttentionKernels<double> set_attention_kernels<double>();
+
+namespace {
+
+using at::Tensor;
+
+using Dims = AttentionDims;
+
+// About this many multiply-adds per parallel task of the attention.
+constexpr int64_t kWorkPerTask = 1 << 14;
+
+int64_t grain(const Dims& s) { return std::max<int64_t>(1, kWorkPerTask / (s.n * s.n * s.d)); }
+
+void check_weight(const Tensor& w, std::vector<int64_t> shape, const char* name,
+                  const Tensor& x) {
+  TORCH_CHECK(w.sizes() == at::IntArrayRef(shape), "set_transformer_layer: ", name,
+              " must have shape ", at::IntArrayRef(shape), ", got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              "set_transformer_layer: ", name, " must have x's dtype and device");
+}
+
+Dims check_inputs(const Tensor& x, int64_t heads, const std::vector<Tensor>& w) {
+  TORCH_CHECK(x.dim() == 3, "set_transformer_layer: x must be (B, n, C), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "set_transformer_layer: x must be float32 or float64");
+  const int64_t C = x.size(2);
+  TORCH_CHECK(heads > 0 && C % heads == 0, "set_transformer_layer: heads=", heads,
+              " must divide the channels, ", C);
+  TORCH_CHECK(w.size() == 12, "set_transformer_layer: 12 weights expected");
+  const int64_t F = w[6].dim() == 2 ? w[6].size(0) : -1;
+  const std::vector<std::vector<int64_t>> shapes = {
+      {3 * C, C}, {3 * C}, {C, C}, {C}, {C}, {C}, {F, C}, {F}, {C, F}, {C}, {C}, {C}};
+  const char* names[] = {"in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+                         "norm1_weight",   "norm1_bias",   "linear1_weight",  "linear1_bias",
+                         "linear2_weight", "linear2_bias", "norm2_weight",    "norm2_bias"};
+  for (size_t i = 0; i < w.size(); ++i) check_weight(w[i], shapes[i], names[i], x);
+  return {x.size(0), x.size(1), C, heads, C / heads};
+}
+
+// Outputs: out (B, n, C), then what the backward reads: qkv (B n, 3C), probs (B, H, n, n),
+// a (B n, C), s1 (B n, C), mean1 and rstd1 (B n, 1), h1 (B n, C), u (B n, F), s2 (B n, C),
+// mean2 and rstd2 (B n, 1).
+std::vector<Tensor> set_transformer_layer_cpu(const Tensor& x_in, at::TensorList weights,
+                                              int64_t heads, double eps) {
+  const std::vector<Tensor> w(weights.begin(), weights.end());
+  const Dims s = check_inputs(x_in, heads, w);
+  const Tensor x = x_in.contiguous().view({s.B * s.n, s.C});
+  const Tensor qkv = at::addmm(w[1], x, w[0].t());
+  Tensor probs = at::empty({s.B, s.H, s.n, s.n}, x.options());
+  Tensor a = at::empty({s.B * s.n, s.C}, x.options());
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "set_transformer_layer", [&] {
+      const scalar_t* qkv_p = qkv.const_data_ptr<scalar_t>();
+      scalar_t *probs_p = probs.mutable_data_ptr<scalar_t>(), *a_p = a.mutable_data_ptr<scalar_t>();
+      const auto kernels = set_attention_kernels<scalar_t>();
+      at::parallel_for(0, s.B * s.H, grain(s), [&](int64_t begin, int64_t end) {
+        kernels.forward(qkv_p, probs_p, a_p, s, begin, end);
+      });
+    });
+  }
+  Tensor s1 = at::addmm(w[3], a, w[2].t()).add_(x);
+  auto [h1, mean1, rstd1] = at::native_layer_norm(s1, {s.C}, w[4], w[5], eps);
+  Tensor u = at::addmm(w[7], h1, w[6].t()).relu_();
+  Tensor s2 = at::addmm(w[9], u, w[8].t()).add_(h1);
+  auto [out, mean2, rstd2] = at::native_layer_norm(s2, {s.C}, w[10], w[11], eps);
+  return {out.view({s.B, s.n, s.C}), qkv, probs, a, s1, mean1, rstd1, h1, u, s2, mean2, rstd2};
+}
+
+// Gradients of x (B, n, C) and of the 12 weights, in the order of the forward's weights, from
+// the gradient of out and the forward's inputs and saved outputs.
+std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, const Tensor& x_in,
+                                                       at::TensorList weights, int64_t heads,
+                                                       at::TensorList saved) {
+  const std::vector<Tensor> w(weights.begin(), weights.end());
+  const Dims s = check_inputs(x_in, heads, w);
+  TORCH_CHECK(saved.size() == 11, "set_transformer_layer_backward: 11 saved tensors expected");
+  const Tensor &qkv = saved[0], &probs = saved[1], &a = saved[2], &s1 = saved[3];
+  const Tensor &mean1 = saved[4], &rstd1 = saved[5], &h1 = saved[6], &u = saved[7];
+  const Tensor &s2 = saved[8], &mean2 = saved[9], &rstd2 = saved[10];
+  const Tensor x = x_in.contiguous().view({s.B * s.n, s.C});
+  const Tensor g = grad_out.contiguous().view({s.B * s.n, s.C});
+  const std::array<bool, 3> all = {true, true, true};
+
+  auto [g_s2, g_norm2_w, g_norm2_b] =
+      at::native_layer_norm_backward(g, s2, {s.C}, mean2, rstd2, w[10], w[11], all);
+  const Tensor g_lin2_w = g_s2.t().mm(u), g_lin2_b = g_s2.sum(0);
+  const Tensor g_pre = at::threshold_backward(g_s2.mm(w[8]), u, 0);
+  const Tensor g_lin1_w = g_pre.t().mm(h1), g_lin1_b = g_pre.sum(0);
+  const Tensor g_h1 = at::addmm(g_s2, g_pre, w[6]);
+  auto [g_s1, g_norm1_w, g_norm1_b] =
+      at::native_layer_norm_backward(g_h1, s1, {s.C}, mean1, rstd1, w[4], w[5], all);
+  const Tensor g_out_w = g_s1.t().mm(a), g_out_b = g_s1.sum(0);
+  const Tensor g_a = g_s1.mm(w[2]);
+  Tensor g_qkv = at::empty({s.B * s.n, 3 * s.C}, x.options());
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "set_transformer_layer_backward", [&] {
+      const scalar_t *g_a_p = g_a.const_data_ptr<scalar_t>(),
+                     *qkv_p = qkv.const_data_ptr<scalar_t>(),
+                     *probs_p = probs.const_data_ptr<scalar_t>();
+      scalar_t* g_qkv_p = g_qkv.mutable_data_ptr<scalar_t>();
+      const auto kernels = set_attention_kernels<scalar_t>();
+      at::parallel_for(0, s.B * s.H, grain(s), [&](int64_t begin, int64_t end) {
+        kernels.backward(g_a_p, qkv_p, probs_p, g_qkv_p, s, begin, end);
+      });
+    });
+  }
+  const Tensor g_in_w = g_qkv.t().mm(x), g_in_b = g_qkv.sum(0);
+  const Tensor g_x = at::addmm(g_s1, g_qkv, w[0]).view({s.B, s.n, s.C});
+  return {g_x,       g_in_w,    g_in_b,   g_out_w,  g_out_b,   g_norm1_w, g_norm1_b,
+          g_lin1_w,  g_lin1_b,  g_lin2_w, g_lin2_b, g_norm2_w, g_norm2_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
+  m.impl("set_transformer_layer", &set_transformer_layer_cpu);
+  m.impl("set_transformer_layer_backward", &set_transformer_layer_backward_cpu);
+}
+
+}  // namespace topn_kernels

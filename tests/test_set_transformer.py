@@ -1,0 +1,201 @@
+"""The native transformer layer (csrc/cpu/set_transformer.cpp, topn_kernels/native/
+set_transformer.py; docs/set_vae.md, "The native transformer layer") against
+``torch.nn.TransformerEncoderLayer``: outputs and every gradient, set sizes on both sides of the
+vector width, one head and several, float32 and float64; its fallbacks; and the authors' set
+VAE with and without its native paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from topn_kernels import native
+from topn_kernels.models import AuthorsConfig, AuthorsSetVAE
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+
+if native.AVAILABLE:
+    from topn_kernels.native.set_transformer import _weights, supports, transformer_layer
+
+F64 = torch.float64
+
+
+def _layer(channels=16, heads=4, feedforward=32, dtype=F64, **kwargs) -> nn.TransformerEncoderLayer:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        channels, heads, feedforward, dropout=0.0, batch_first=True, **kwargs
+    ).to(dtype)
+    with torch.no_grad():  # the norms' affine parameters away from 1 and 0, so they matter
+        for norm in (layer.norm1, layer.norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def _grads(layer, x, out, upstream):
+    return torch.autograd.grad(out, [x, *layer.parameters()], upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("sets", "n"), [(3, 1), (5, 7), (4, 8), (2, 9), (3, 20), (2, 35)])
+@pytest.mark.parametrize(("channels", "heads"), [(16, 4), (12, 1), (20, 5)])
+def test_layer_matches_torch(dtype, sets, n, channels, heads):
+    layer = _layer(channels, heads, dtype=dtype)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(sets, n, channels, dtype=dtype, generator=g, requires_grad=True)
+    upstream = torch.randn(sets, n, channels, dtype=dtype, generator=g)
+    expected = layer(x)
+    ours = transformer_layer(layer, x)
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == F64 else {"atol": 2e-5, "rtol": 2e-5}
+    torch.testing.assert_close(ours, expected, **tol)
+    for got, want in zip(
+        _grads(layer, x, ours, upstream), _grads(layer, x, expected, upstream), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_layer_gradcheck():
+    layer = _layer(8, 2, 12)
+    x = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
+    weights = [w.detach().clone().requires_grad_() for w in _weights(layer)]
+
+    def fn(x, *weights):
+        return torch.ops.topn_kernels.set_transformer_layer(x, list(weights), 2, 1e-5)[0]
+
+    from topn_kernels.native.set_transformer import _Layer
+
+    assert torch.autograd.gradcheck(lambda x, *w: _Layer.apply(x, 2, 1e-5, *w), (x, *weights))
+    assert fn(x, *weights).shape == x.shape
+
+
+def test_layer_attention_is_per_set():
+    """Each set attends to its own points only: changing set 1 leaves set 0's output alone."""
+    layer = _layer()
+    x = torch.randn(2, 9, 16, dtype=F64)
+    y = x.clone()
+    y[1] += 3.0
+    a, b = transformer_layer(layer, x), transformer_layer(layer, y)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_layer_results_do_not_depend_on_the_thread_count():
+    layer = _layer(64, 4, 256, dtype=torch.float32)
+    x = torch.randn(64, 11, 64, requires_grad=True)
+    upstream = torch.randn(64, 11, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            out = transformer_layer(layer, x)
+            results.append((out, *_grads(layer, x, out, upstream)))
+    finally:
+        torch.set_num_threads(threads)
+    # attention: bit for bit; the matrix products (MKL) may split sums by thread
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"norm_first": True},
+        {"activation": "gelu"},
+        {"dropout": 0.1},
+        {"batch_first": False},
+        {"bias": False},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_unsupported_layers_fall_back(change):
+    kwargs = {"dropout": 0.0, "batch_first": True, **change}
+    layer = nn.TransformerEncoderLayer(16, 4, 32, **kwargs).double()
+    x = torch.randn(2, 5, 16, dtype=F64)
+    assert not supports(layer, x)
+    with pytest.raises(ValueError, match="not supported"):
+        transformer_layer(layer, x)
+
+
+def test_unsupported_inputs_fall_back():
+    layer = _layer()
+    assert supports(layer, torch.randn(2, 5, 16, dtype=F64))
+    assert not supports(layer, torch.randn(2, 5, 16))  # dtype differs from the layer's
+    assert not supports(layer, torch.randn(10, 16, dtype=F64))  # not (B, n, C)
+    assert not supports(layer, torch.randn(2, 0, 16, dtype=F64))  # empty sets
+    assert not supports(layer.half(), torch.randn(2, 5, 16, dtype=torch.float16))
+    layer = _layer(dtype=torch.float32)
+    layer.eval()
+    layer.dropout.p = 0.5  # eval mode: dropout is off, so the layer is supported
+    assert supports(layer, torch.randn(2, 5, 16))
+
+
+def test_op_checks_shapes():
+    layer = _layer()
+    weights = [w.detach() for w in _weights(layer)]
+    x = torch.randn(2, 5, 16, dtype=F64)
+    with pytest.raises(RuntimeError, match="heads=3 must divide"):
+        torch.ops.topn_kernels.set_transformer_layer(x, weights, 3, 1e-5)
+    with pytest.raises(RuntimeError, match="in_proj_weight must have shape"):
+        torch.ops.topn_kernels.set_transformer_layer(x, [weights[2], *weights[1:]], 4, 1e-5)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.topn_kernels.set_transformer_layer(x.float(), weights, 4, 1e-5)
+
+
+def test_op_fake_kernels():
+    layer = _layer()
+    weights = [w.detach() for w in _weights(layer)]
+    x = torch.randn(3, 6, 16, dtype=F64)
+    args = (x, weights, 4, 1e-5)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.set_transformer_layer.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    out = torch.ops.topn_kernels.set_transformer_layer(*args)
+    back = (torch.randn_like(out[0]), x, weights, 4, out[1:])
+    torch.library.opcheck(
+        torch.ops.topn_kernels.set_transformer_layer_backward.default,
+        back,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("creation", ["topn", "firstn"])
+def test_authors_model_native_paths_match_plain_model(creation):
+    """The same parameters with and without the native paths (transformer layers and PNA
+    variance): the same outputs and gradients up to rounding, in training mode (batch
+    statistics) and in eval mode.
+
+    Every size has at least two sets: a batch of one set of 2 points makes the gradients of the
+    encoder's batch-norm biases ill-conditioned (the plain model's own change by 100% when the
+    input moves by 1e-13), so no two implementations agree there."""
+    torch.manual_seed(0)
+    plain = AuthorsSetVAE(AuthorsConfig(creation=creation), native=False).double()
+    fast = AuthorsSetVAE(AuthorsConfig(creation=creation), native=True).double()
+    fast.load_state_dict(plain.state_dict())
+    points = torch.randn(7, 9, 3, dtype=F64)
+    lengths = torch.tensor([9, 9, 4, 4, 4, 2, 2])
+    noise = torch.randn(7, 30, dtype=F64)
+    for train in (True, False):
+        plain.train(train), fast.train(train)
+        a, b = plain(points, lengths, noise), fast(points, lengths, noise)
+        torch.testing.assert_close(b.recon, a.recon, atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(b.mu, a.mu, atol=1e-10, rtol=1e-9)
+        if train:
+            a.recon.square().sum().backward()
+            b.recon.square().sum().backward()
+            for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+                assert (p.grad is None) == (q.grad is None), name
+                if p.grad is not None:
+                    torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=1e-8, msg=name)
+    for (name, buf), other in zip(plain.named_buffers(), fast.buffers(), strict=True):
+        torch.testing.assert_close(other, buf, msg=name)  # batch-norm running statistics
+
+
+def test_authors_model_native_switch():
+    model = AuthorsSetVAE(native=False)
+    blocks = [m for m in model.modules() if hasattr(m, "native")]
+    assert len(blocks) == 7 and not any(m.native for m in blocks)  # 6 blocks and the pooling
+    assert model.use_native() is model and all(m.native for m in blocks)
+    assert all(m.native for m in AuthorsSetVAE().modules() if hasattr(m, "native"))

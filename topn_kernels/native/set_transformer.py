@@ -1,0 +1,112 @@
+"""Python side of the native transformer layer (csrc/cpu/set_transformer.cpp): fake kernels,
+autograd, and :func:`transformer_layer`, which runs a ``torch.nn.TransformerEncoderLayer`` on
+equal-size sets in one op (docs/set_vae.md, "The native transformer layer").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["supports", "transformer_layer"]
+
+_OPS = torch.ops.topn_kernels
+
+
+@torch.library.register_fake("topn_kernels::set_transformer_layer")
+def _layer_fake(x, weights, heads, eps):
+    B, n, C = x.shape
+    F = weights[6].shape[0]
+    rows = B * n
+    new = x.new_empty
+    return [
+        new((B, n, C)),
+        new((rows, 3 * C)),
+        new((B, heads, n, n)),
+        *(new((rows, C)) for _ in range(2)),
+        *(new((rows, 1)) for _ in range(2)),
+        new((rows, C)),
+        new((rows, F)),
+        new((rows, C)),
+        *(new((rows, 1)) for _ in range(2)),
+    ]
+
+
+@torch.library.register_fake("topn_kernels::set_transformer_layer_backward")
+def _layer_backward_fake(grad_out, x, weights, heads, saved):
+    return [x.new_empty(x.shape), *(w.new_empty(w.shape) for w in weights)]
+
+
+class _Layer(torch.autograd.Function):
+    """One autograd node per layer. A plain Function, not torch.library.register_autograd:
+    that wrapper costs about half a millisecond a call, as much as the layer's attention."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, heads: int, eps: float, *weights: Tensor) -> Tensor:
+        out, *saved = _OPS.set_transformer_layer(x, weights, heads, eps)
+        ctx.heads = heads
+        ctx.save_for_backward(x, *weights, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, *rest = ctx.saved_tensors
+        weights, saved = rest[:12], rest[12:]
+        grads = _OPS.set_transformer_layer_backward(grad_out, x, weights, ctx.heads, saved)
+        return grads[0], None, None, *grads[1:]
+
+
+def _weights(layer: nn.TransformerEncoderLayer) -> list[Tensor]:
+    attn = layer.self_attn
+    return [
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        layer.norm1.weight,
+        layer.norm1.bias,
+        layer.linear1.weight,
+        layer.linear1.bias,
+        layer.linear2.weight,
+        layer.linear2.bias,
+        layer.norm2.weight,
+        layer.norm2.bias,
+    ]
+
+
+def supports(layer: nn.TransformerEncoderLayer, x: Tensor) -> bool:
+    """Whether :func:`transformer_layer` computes ``layer(x)``: a batch-first, post-norm ReLU
+    layer without dropout (or in eval mode), with biases and the default attention (one
+    in-projection, no bias_k/bias_v or zero attention), on a float32 or float64 CPU tensor
+    x (B, n, C) with n >= 1 and the layer's dtype."""
+    attn = layer.self_attn
+    dropouts = (layer.dropout.p, layer.dropout1.p, layer.dropout2.p, attn.dropout)
+    dropout_off = not layer.training or all(p == 0 for p in dropouts)
+    return (
+        isinstance(x, Tensor)
+        and x.dim() == 3
+        and x.shape[1] >= 1
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and layer.self_attn.batch_first
+        and not layer.norm_first
+        and layer.activation_relu_or_gelu == 1
+        and dropout_off
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and layer.linear1.bias is not None
+        and layer.norm1.eps == layer.norm2.eps
+        and all(w.dtype == x.dtype and w.device == x.device for w in _weights(layer))
+    )
+
+
+def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
+    """``layer(x)`` (no mask) in one native op: x (B, n, C) -> (B, n, C), same dtype.
+
+    The layer must pass :func:`supports`; gradients reach x and the layer's parameters.
+    """
+    if not supports(layer, x):
+        raise ValueError("transformer_layer: this layer or input is not supported (see supports)")
+    return _Layer.apply(x, layer.self_attn.num_heads, layer.norm1.eps, *_weights(layer))
