@@ -23,6 +23,7 @@ class Case:
     build: Callable[[], Callable[[], object]]  # makes the inputs, returns the timed closure
     context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     heavy: bool = False  # seconds per call: one timed call (no warm-up), peak memory of it
+    repeats: int = 1  # heavy cases: timed calls (median and p20/p80), peak memory of the first
 
     @property
     def id(self) -> str:

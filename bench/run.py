@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{k:>{len(str(len(cases)))}}/{len(cases)}] {case.id}", file=sys.stderr, flush=True)
         call = case.build()
         with case.context():
-            if case.heavy:  # one call: its formulas were compiled by the smaller shapes
-                t, peak = timing.time_once_with_peak(call, device, memory.peak_bytes)
+            if case.heavy:  # few calls: their formulas were compiled by the smaller shapes
+                t, peak = timing.time_once_with_peak(call, device, memory.peak_bytes, case.repeats)
             else:
                 t = timing.time_fn(call, device, budget)
                 peak = memory.peak_bytes(call, device)

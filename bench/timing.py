@@ -52,9 +52,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float) -> 
 
 
 def time_once_with_peak(
-    fn: Callable[[], object], device: torch.device, peak_bytes: Callable
+    fn: Callable[[], object], device: torch.device, peak_bytes: Callable, repeats: int = 1
 ) -> tuple[Timing, int | None]:
-    """One timed call (for cases of seconds per call), and the peak memory it added."""
+    """``repeats`` timed calls (for cases of seconds per call): their median and p20/p80, and
+    the peak memory the first one added."""
     elapsed: list[float] = []
 
     def timed() -> None:
@@ -67,7 +68,10 @@ def time_once_with_peak(
         elapsed.append((time.perf_counter() - start) * 1e3)
 
     peak = peak_bytes(timed, device)
-    return Timing(elapsed[0], elapsed[0], elapsed[0]), peak
+    for _ in range(repeats - 1):
+        timed()
+    median = statistics.median(elapsed)
+    return Timing(median, _quantile(elapsed, 0.2), _quantile(elapsed, 0.8)), peak
 
 
 def copy_bandwidth_gbps(device: torch.device, budget_s: float, nbytes: int = 1 << 28) -> float:

@@ -4,6 +4,8 @@ bench/losses.py). Timing itself is never tested."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -85,3 +87,23 @@ def test_loss_cpu_targets_read_the_paper_rows():
     assert got["chamfer_loss step: auto >= 2x torch.compile(reference)"] == (3.0, True)
     assert got["chamfer_loss fwd: auto >= 1x torch.compile(reference)"] == (0.5, False)
     assert got["valency_penalty step: auto >= 2x torch.compile(reference)"] == (None, False)
+
+
+def test_heavy_cases_time_repeated_calls_and_report_their_median(monkeypatch):
+    """The aggregation of a heavy case's calls, on a fake clock: calls of 10, 50 and 20 ms."""
+    from bench import timing
+
+    ticks = iter([0.0, 0.010, 1.0, 1.050, 2.0, 2.020])
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    calls, peaks = [], []
+
+    def peak_bytes(timed, device):
+        timed()
+        peaks.append(len(calls))
+        return 0
+
+    t, peak = timing.time_once_with_peak(
+        lambda: calls.append(1), torch.device("cpu"), peak_bytes, repeats=3
+    )
+    assert len(calls) == 3 and peaks == [1] and peak == 0  # the peak comes from the first call
+    assert (t.ms, t.ms_p20, t.ms_p80) == pytest.approx((20.0, 10.0, 50.0))
