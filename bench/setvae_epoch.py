@@ -9,12 +9,13 @@ set to None, as ``python/train_setvae.py --preset authors`` does.
 Providers:
 
 - ``eager``: the model in plain eager PyTorch (``AuthorsSetVAE(native=False)``), the losses on
-  the reference backend, Adam in its default (per-tensor) implementation and the per-tensor
-  gradient clipping: what the program would be without this library's kernels and choices.
+  the reference backend, Adam in its default (per-tensor) implementation: what the program
+  would be without this library's kernels and choices.
 - ``tuned``: the step of the program (:func:`topn_kernels.models.train_step` with
   :func:`~topn_kernels.models.make_adam`): the model's native paths (the fused transformer layer
   and two-pass PNA variance, :meth:`AuthorsSetVAE.use_native`), the losses on ``auto`` (on CPU
-  the native C++ losses), fused Adam and one foreach clipping call.
+  the native C++ losses) and fused Adam. Both clip the gradients with one foreach call (what
+  ``clip_grad_norm_`` does by default on CPU).
 
 Each case runs one warm-up epoch when it is built, outside the timed region, then five timed
 epochs (``heavy``, ``repeats=5``: the epochs take about a second, and a shared 2-core VM's

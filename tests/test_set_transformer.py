@@ -117,6 +117,51 @@ def test_unsupported_layers_fall_back(change):
         transformer_layer(layer, x)
 
 
+def _gelu_after_construction(layer):
+    layer.activation = torch.nn.functional.gelu  # the module's relu flag stays set
+
+
+def _attention_dropout_in_training(layer):
+    layer.eval()
+    layer.self_attn.train()
+    layer.self_attn.dropout = 0.5
+
+
+def _plain_norm(layer):
+    layer.norm2 = nn.LayerNorm(16, elementwise_affine=False, dtype=F64)
+
+
+@pytest.mark.parametrize(
+    "mutate", [_gelu_after_construction, _attention_dropout_in_training, _plain_norm]
+)
+def test_layers_changed_after_construction_fall_back(mutate):
+    layer = _layer()
+    x = torch.randn(2, 5, 16, dtype=F64)
+    assert supports(layer, x)
+    mutate(layer)
+    assert not supports(layer, x)
+
+
+def test_no_native_layer_under_autocast_or_for_nested_tensors():
+    layer = _layer(dtype=torch.float32)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not supports(layer, x)
+    nested = torch.nested.nested_tensor(
+        [torch.randn(3, 16), torch.randn(2, 16)], layout=torch.jagged
+    )
+    assert not supports(layer, nested)
+
+
+def test_layer_is_differentiable_once():
+    """A second-order gradient is refused, not silently wrong."""
+    layer = _layer()
+    x = torch.randn(2, 5, 16, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(transformer_layer(layer, x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def test_unsupported_inputs_fall_back():
     layer = _layer()
     assert supports(layer, torch.randn(2, 5, 16, dtype=F64))
@@ -140,6 +185,18 @@ def test_op_checks_shapes():
         torch.ops.topn_kernels.set_transformer_layer(x, [weights[2], *weights[1:]], 4, 1e-5)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.topn_kernels.set_transformer_layer(x.float(), weights, 4, 1e-5)
+    out, *saved = torch.ops.topn_kernels.set_transformer_layer(x, weights, 4, 1e-5)
+    backward = torch.ops.topn_kernels.set_transformer_layer_backward
+    with pytest.raises(RuntimeError, match="grad_out must have"):
+        backward(out[:1], x, weights, 4, saved)
+    with pytest.raises(RuntimeError, match=r"saved\[1\] must have shape"):
+        backward(out, x, weights, 4, [saved[0], saved[1][:, :, :2], *saved[2:]])
+    transposed = [
+        s if i != 1 else s.transpose(2, 3).contiguous().transpose(2, 3) for i, s in enumerate(saved)
+    ]
+    torch.testing.assert_close(
+        backward(out, x, weights, 4, transposed)[0], backward(out, x, weights, 4, saved)[0]
+    )  # a non-contiguous saved tensor is read by its strides
 
 
 def test_op_fake_kernels():

@@ -21,12 +21,20 @@ struct AttentionDims {
   int64_t B, n, C, H, d;
 };
 
+// Elements of scratch one task needs (any build: blocks padded for vectors of up to 16 lanes).
+// The caller allocates it, so that no standard-library template is compiled into both builds
+// of the loops (the linker would keep one copy, possibly the AVX2 one, for both).
+inline int64_t attention_scratch_size(const AttentionDims& s) {
+  const int64_t np = (s.n + 15) / 16 * 16, dp = (s.d + 15) / 16 * 16;
+  return 4 * s.n * dp + 2 * s.d * np + 2 * s.n * np + (np > dp ? np : dp);
+}
+
 template <typename T>
 struct SetAttentionKernels {
   void (*forward)(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin,
-                  int64_t end);
+                  int64_t end, T* scratch);
   void (*backward)(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const AttentionDims& s,
-                   int64_t begin, int64_t end);
+                   int64_t begin, int64_t end, T* scratch);
 };
 
 template <typename T>
@@ -36,10 +44,10 @@ SetAttentionKernels<T> set_attention_kernels();
   namespace ns {                                                                               \
   template <typename T>                                                                        \
   void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin,            \
-               int64_t end);                                                                   \
+               int64_t end, T* scratch);                                                       \
   template <typename T>                                                                        \
   void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const AttentionDims& s, \
-                int64_t begin, int64_t end);                                                   \
+                int64_t begin, int64_t end, T* scratch);                                       \
   }
 TOPN_KERNELS_DECLARE_ATTENTION(set_attention_default)
 TOPN_KERNELS_DECLARE_ATTENTION(set_attention_avx2)

@@ -10,25 +10,32 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <vector>
 
 #include "set_attention.h"
 
 namespace topn_kernels {
-namespace {  // internal linkage: each including file has its own build of these templates
+namespace {  // internal linkage: each including file has its own build of these functions
 namespace set_attention_detail {
+
+// Only plain loops and at::vec below (no std:: algorithm or container): a template of the
+// standard library would be compiled into both builds and the linker would keep one copy.
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
 template <typename T>
 constexpr int64_t kWidth = Vec<T>::size();
+static_assert(kWidth<float> <= 16 && kWidth<double> <= 16, "attention_scratch_size pads to 16");
 
 inline int64_t round_up(int64_t v, int64_t w) { return (v + w - 1) / w * w; }
+
+template <typename T>
+inline void copy(const T* src, int64_t count, T* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = src[i];
+}
 
 template <typename T>
 inline T lane_sum(const Vec<T>& v) {
@@ -44,11 +51,12 @@ inline T lane_max(const Vec<T>& v) {
   __at_align__ T lanes[kWidth<T>];
   v.store(lanes);
   T m = lanes[0];
-  for (int64_t l = 1; l < kWidth<T>; ++l) m = std::max(m, lanes[l]);
+  for (int64_t l = 1; l < kWidth<T>; ++l) m = lanes[l] > m ? lanes[l] : m;
   return m;
 }
 
-// out (len,) = sum_r w[r] * rows[r * len : (r + 1) * len] for r < count, len a multiple of W.
+// out (len,) = sum_r w[r * w_stride] * rows[r * len : (r + 1) * len] for r < count, len a
+// multiple of W.
 template <typename T>
 inline void combine_rows(const T* w, int64_t w_stride, const T* rows, int64_t count, int64_t len,
                          T* out) {
@@ -60,35 +68,40 @@ inline void combine_rows(const T* w, int64_t w_stride, const T* rows, int64_t co
   }
 }
 
-// The blocks of one pair; buffers reused across the pairs of a task.
+// The blocks of one pair, carved out of the caller's scratch (attention_scratch_size) and
+// zeroed once per task: only the first n rows and d columns are ever written, so the padding
+// stays 0 from pair to pair.
 template <typename T>
 struct Blocks {
   int64_t n, d, np, dp;
-  std::vector<T> q, k, v, kt, vt, go, p, ds, row;
+  T *q, *k, *go, *kt, *vt, *v, *p, *ds, *row;
 
-  explicit Blocks(const AttentionDims& s)
+  Blocks(const AttentionDims& s, T* scratch)
       : n(s.n), d(s.d), np(round_up(s.n, kWidth<T>)), dp(round_up(s.d, kWidth<T>)) {
-    for (auto* b : {&q, &k, &v, &go}) b->assign(n * dp, T(0));
-    for (auto* b : {&kt, &vt}) b->assign(d * np, T(0));
-    for (auto* b : {&p, &ds}) b->assign(n * np, T(0));
-    row.assign(np > dp ? np : dp, T(0));
+    T* next = scratch;
+    for (T** b : {&q, &k, &v, &go}) *b = next, next += n * dp;
+    for (T** b : {&kt, &vt}) *b = next, next += d * np;
+    for (T** b : {&p, &ds}) *b = next, next += n * np;
+    row = next;
+    next += np > dp ? np : dp;
+    for (T* z = scratch; z < next; ++z) *z = T(0);
   }
 
-  // rows (n, dp) from n rows of width d at src with the given stride; optionally transposed
-  // into cols (d, np)
-  void load(const T* src, int64_t stride, std::vector<T>& rows, std::vector<T>* cols) {
+  // rows (n, dp) and/or cols (d, np) from n rows of width d at src with the given stride
+  void load(const T* src, int64_t stride, T* rows, T* cols) {
     for (int64_t i = 0; i < n; ++i)
       for (int64_t c = 0; c < d; ++c) {
         const T value = src[i * stride + c];
-        rows[i * dp + c] = value;
-        if (cols) (*cols)[c * np + i] = value;
+        if (rows) rows[i * dp + c] = value;
+        if (cols) cols[c * np + i] = value;
       }
   }
 };
 
 template <typename T>
-void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin, int64_t end) {
-  Blocks<T> blk(s);
+void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin, int64_t end,
+             T* scratch) {
+  Blocks<T> blk(s, scratch);
   const int64_t n = s.n, d = s.d, np = blk.np, dp = blk.dp, stride = 3 * s.C;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -96,16 +109,17 @@ void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin
     const int64_t b = bh / s.H, h = bh % s.H;
     const T* base = qkv + b * n * stride + h * d;
     blk.load(base, stride, blk.q, nullptr);
-    blk.load(base + s.C, stride, blk.k, &blk.kt);
+    blk.load(base + s.C, stride, nullptr, blk.kt);
     blk.load(base + 2 * s.C, stride, blk.v, nullptr);
     T* p_out = probs + bh * n * n;
-    T* score = blk.row.data();
+    T* score = blk.row;
     for (int64_t i = 0; i < n; ++i) {
-      // scores over j, as columns: sum_c q_ic kt[c, :]
-      combine_rows(blk.q.data() + i * dp, 1, blk.kt.data(), d, np, score);
+      // the scores of row i over j, as columns: sum_c q_ic kt[c, :]
+      combine_rows(blk.q + i * dp, 1, blk.kt, d, np, score);
       for (int64_t j = 0; j < np; ++j) score[j] = j < n ? score[j] * scale : neg_inf;
       Vec<T> top(neg_inf);
-      for (int64_t j = 0; j < np; j += kWidth<T>) top = at::vec::maximum(top, Vec<T>::loadu(score + j));
+      for (int64_t j = 0; j < np; j += kWidth<T>)
+        top = at::vec::maximum(top, Vec<T>::loadu(score + j));
       const Vec<T> m(lane_max(top));
       Vec<T> total(T(0));
       for (int64_t j = 0; j < np; j += kWidth<T>) {
@@ -114,21 +128,21 @@ void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin
         total = total + e;
       }
       const Vec<T> inv(T(1) / lane_sum(total));
-      T* pi = blk.p.data() + i * np;
+      T* pi = blk.p + i * np;
       for (int64_t j = 0; j < np; j += kWidth<T>) (Vec<T>::loadu(score + j) * inv).store(pi + j);
-      std::copy(pi, pi + n, p_out + i * n);
+      copy(pi, n, p_out + i * n);
     }
     for (int64_t i = 0; i < n; ++i) {  // a_i = sum_j P_ij v_j
-      combine_rows(blk.p.data() + i * np, 1, blk.v.data(), n, dp, blk.row.data());
-      std::copy(blk.row.data(), blk.row.data() + d, a + (b * n + i) * s.C + h * d);
+      combine_rows(blk.p + i * np, 1, blk.v, n, dp, blk.row);
+      copy(blk.row, d, a + (b * n + i) * s.C + h * d);
     }
   }
 }
 
 template <typename T>
 void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const AttentionDims& s,
-              int64_t begin, int64_t end) {
-  Blocks<T> blk(s);
+              int64_t begin, int64_t end, T* scratch) {
+  Blocks<T> blk(s, scratch);
   const int64_t n = s.n, d = s.d, np = blk.np, dp = blk.dp, stride = 3 * s.C;
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   for (int64_t bh = begin; bh < end; ++bh) {
@@ -136,14 +150,14 @@ void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const Attent
     const T* base = qkv + b * n * stride + h * d;
     blk.load(base, stride, blk.q, nullptr);
     blk.load(base + s.C, stride, blk.k, nullptr);
-    blk.load(base + 2 * s.C, stride, blk.v, &blk.vt);
+    blk.load(base + 2 * s.C, stride, nullptr, blk.vt);
     blk.load(g_a + b * n * s.C + h * d, s.C, blk.go, nullptr);
     const T* p_in = probs + bh * n * n;
     for (int64_t i = 0; i < n; ++i) {
-      T* pi = blk.p.data() + i * np;
-      std::copy(p_in + i * n, p_in + (i + 1) * n, pi);
-      T* dsi = blk.ds.data() + i * np;
-      combine_rows(blk.go.data() + i * dp, 1, blk.vt.data(), d, np, dsi);  // dP_i
+      T* pi = blk.p + i * np;
+      copy(p_in + i * n, n, pi);
+      T* dsi = blk.ds + i * np;
+      combine_rows(blk.go + i * dp, 1, blk.vt, d, np, dsi);  // dP_i
       Vec<T> weighted(T(0));
       for (int64_t j = 0; j < np; j += kWidth<T>)
         weighted = weighted + Vec<T>::loadu(pi + j) * Vec<T>::loadu(dsi + j);
@@ -152,15 +166,15 @@ void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const Attent
         (Vec<T>::loadu(pi + j) * (Vec<T>::loadu(dsi + j) - w) * sc).store(dsi + j);
     }
     T* g = g_qkv + b * n * stride + h * d;
-    T* out = blk.row.data();
+    T* out = blk.row;
     for (int64_t i = 0; i < n; ++i) {
       T* gi = g + i * stride;
-      combine_rows(blk.ds.data() + i * np, 1, blk.k.data(), n, dp, out);  // g_q_i
-      std::copy(out, out + d, gi);
-      combine_rows(blk.ds.data() + i, np, blk.q.data(), n, dp, out);  // g_k_i = sum_r dS_ri q_r
-      std::copy(out, out + d, gi + s.C);
-      combine_rows(blk.p.data() + i, np, blk.go.data(), n, dp, out);  // g_v_i = sum_r P_ri go_r
-      std::copy(out, out + d, gi + 2 * s.C);
+      combine_rows(blk.ds + i * np, 1, blk.k, n, dp, out);  // g_q_i = sum_j dS_ij k_j
+      copy(out, d, gi);
+      combine_rows(blk.ds + i, np, blk.q, n, dp, out);  // g_k_i = sum_r dS_ri q_r
+      copy(out, d, gi + s.C);
+      combine_rows(blk.p + i, np, blk.go, n, dp, out);  // g_v_i = sum_r P_ri go_r
+      copy(out, d, gi + 2 * s.C);
     }
   }
 }
@@ -174,20 +188,20 @@ void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const Attent
   namespace topn_kernels::NS {                                                                 \
   template <typename T>                                                                        \
   void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin,            \
-               int64_t end) {                                                                  \
-    set_attention_detail::forward<T>(qkv, probs, a, s, begin, end);                            \
+               int64_t end, T* scratch) {                                                      \
+    set_attention_detail::forward<T>(qkv, probs, a, s, begin, end, scratch);                   \
   }                                                                                            \
   template <typename T>                                                                        \
   void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const AttentionDims& s, \
-                int64_t begin, int64_t end) {                                                  \
-    set_attention_detail::backward<T>(g_a, qkv, probs, g_qkv, s, begin, end);                  \
+                int64_t begin, int64_t end, T* scratch) {                                      \
+    set_attention_detail::backward<T>(g_a, qkv, probs, g_qkv, s, begin, end, scratch);         \
   }                                                                                            \
   template void forward<float>(const float*, float*, float*, const AttentionDims&, int64_t,    \
-                               int64_t);                                                       \
+                               int64_t, float*);                                               \
   template void forward<double>(const double*, double*, double*, const AttentionDims&,         \
-                                int64_t, int64_t);                                             \
+                                int64_t, int64_t, double*);                                    \
   template void backward<float>(const float*, const float*, const float*, float*,              \
-                                const AttentionDims&, int64_t, int64_t);                       \
+                                const AttentionDims&, int64_t, int64_t, float*);               \
   template void backward<double>(const double*, const double*, const double*, double*,         \
-                                 const AttentionDims&, int64_t, int64_t);                      \
+                                 const AttentionDims&, int64_t, int64_t, double*);             \
   }

@@ -13,8 +13,8 @@
 // training step pays one dispatch and one autograd node per layer instead of about sixty.
 //
 // The forward returns the intermediates the backward reads (topn_kernels/native/
-// set_transformer.py saves them). Every sum runs in a fixed order: the results do not depend on
-// the number of threads.
+// set_transformer.py saves them). The attention's sums run in a fixed order, whatever the
+// number of threads; ATen's matrix products and column sums may split theirs by thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -97,7 +97,8 @@ std::vector<Tensor> set_transformer_layer_cpu(const Tensor& x_in, at::TensorList
       scalar_t *probs_p = probs.mutable_data_ptr<scalar_t>(), *a_p = a.mutable_data_ptr<scalar_t>();
       const auto kernels = set_attention_kernels<scalar_t>();
       at::parallel_for(0, s.B * s.H, grain(s), [&](int64_t begin, int64_t end) {
-        kernels.forward(qkv_p, probs_p, a_p, s, begin, end);
+        std::vector<scalar_t> scratch(attention_scratch_size(s));
+        kernels.forward(qkv_p, probs_p, a_p, s, begin, end, scratch.data());
       });
     });
   }
@@ -116,12 +117,26 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
                                                        at::TensorList saved) {
   const std::vector<Tensor> w(weights.begin(), weights.end());
   const Dims s = check_inputs(x_in, heads, w);
+  TORCH_CHECK(grad_out.sizes() == x_in.sizes() && grad_out.scalar_type() == x_in.scalar_type(),
+              "set_transformer_layer_backward: grad_out must have x's shape and dtype");
   TORCH_CHECK(saved.size() == 11, "set_transformer_layer_backward: 11 saved tensors expected");
-  const Tensor &qkv = saved[0], &probs = saved[1], &a = saved[2], &s1 = saved[3];
-  const Tensor &mean1 = saved[4], &rstd1 = saved[5], &h1 = saved[6], &u = saved[7];
-  const Tensor &s2 = saved[8], &mean2 = saved[9], &rstd2 = saved[10];
-  const Tensor x = x_in.contiguous().view({s.B * s.n, s.C});
-  const Tensor g = grad_out.contiguous().view({s.B * s.n, s.C});
+  const int64_t M = s.B * s.n, F = w[6].size(0);
+  const std::vector<std::vector<int64_t>> shapes = {
+      {M, 3 * s.C}, {s.B, s.H, s.n, s.n}, {M, s.C}, {M, s.C}, {M, 1}, {M, 1},
+      {M, s.C},     {M, F},               {M, s.C}, {M, 1},   {M, 1}};
+  std::vector<Tensor> kept;  // contiguous, checked: the attention reads qkv and probs raw
+  for (size_t i = 0; i < saved.size(); ++i) {
+    TORCH_CHECK(saved[i].sizes() == at::IntArrayRef(shapes[i]) &&
+                    saved[i].scalar_type() == x_in.scalar_type(),
+                "set_transformer_layer_backward: saved[", i, "] must have shape ",
+                at::IntArrayRef(shapes[i]), " and x's dtype, got ", saved[i].sizes());
+    kept.push_back(saved[i].contiguous());
+  }
+  const Tensor &qkv = kept[0], &probs = kept[1], &a = kept[2], &s1 = kept[3];
+  const Tensor &mean1 = kept[4], &rstd1 = kept[5], &h1 = kept[6], &u = kept[7];
+  const Tensor &s2 = kept[8], &mean2 = kept[9], &rstd2 = kept[10];
+  const Tensor x = x_in.contiguous().view({M, s.C});
+  const Tensor g = grad_out.contiguous().view({M, s.C});
   const std::array<bool, 3> all = {true, true, true};
 
   auto [g_s2, g_norm2_w, g_norm2_b] =
@@ -143,7 +158,8 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
       scalar_t* g_qkv_p = g_qkv.mutable_data_ptr<scalar_t>();
       const auto kernels = set_attention_kernels<scalar_t>();
       at::parallel_for(0, s.B * s.H, grain(s), [&](int64_t begin, int64_t end) {
-        kernels.backward(g_a_p, qkv_p, probs_p, g_qkv_p, s, begin, end);
+        std::vector<scalar_t> scratch(attention_scratch_size(s));
+        kernels.backward(g_a_p, qkv_p, probs_p, g_qkv_p, s, begin, end, scratch.data());
       });
     });
   }

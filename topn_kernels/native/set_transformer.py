@@ -6,7 +6,9 @@ equal-size sets in one op (docs/set_vae.md, "The native transformer layer").
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["supports", "transformer_layer"]
 
@@ -49,6 +51,7 @@ class _Layer(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, *rest = ctx.saved_tensors
         weights, saved = rest[:12], rest[12:]
@@ -56,7 +59,8 @@ class _Layer(torch.autograd.Function):
         return grads[0], None, None, *grads[1:]
 
 
-def _weights(layer: nn.TransformerEncoderLayer) -> list[Tensor]:
+def _weights(layer: nn.TransformerEncoderLayer) -> list[Tensor | None]:
+    """The op's 12 weights, in its order (None where the layer has no such bias or affine)."""
     attn = layer.self_attn
     return [
         attn.in_proj_weight,
@@ -76,29 +80,33 @@ def _weights(layer: nn.TransformerEncoderLayer) -> list[Tensor]:
 
 def supports(layer: nn.TransformerEncoderLayer, x: Tensor) -> bool:
     """Whether :func:`transformer_layer` computes ``layer(x)``: a batch-first, post-norm ReLU
-    layer without dropout (or in eval mode), with biases and the default attention (one
-    in-projection, no bias_k/bias_v or zero attention), on a float32 or float64 CPU tensor
-    x (B, n, C) with n >= 1 and the layer's dtype."""
+    layer whose dropouts are off (p = 0, or their modules in eval mode), with every bias and
+    affine norm and the default attention (one in-projection, no bias_k/bias_v or zero
+    attention), on a strided float32 or float64 CPU tensor x (B, n, C) with n >= 1 and the
+    layer's dtype, outside autocast."""
     attn = layer.self_attn
-    dropouts = (layer.dropout.p, layer.dropout1.p, layer.dropout2.p, attn.dropout)
-    dropout_off = not layer.training or all(p == 0 for p in dropouts)
+    dropouts = ((layer.dropout, layer.dropout.p), (layer.dropout1, layer.dropout1.p))
+    dropouts += ((layer.dropout2, layer.dropout2.p), (attn, attn.dropout))
+    weights = _weights(layer)
     return (
         isinstance(x, Tensor)
+        and not x.is_nested
+        and x.layout == torch.strided
         and x.dim() == 3
         and x.shape[1] >= 1
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and layer.self_attn.batch_first
+        and not torch.is_autocast_enabled("cpu")
+        and attn.batch_first
         and not layer.norm_first
-        and layer.activation_relu_or_gelu == 1
-        and dropout_off
+        and (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU))
+        and not any(p > 0 and module.training for module, p in dropouts)
         and attn._qkv_same_embed_dim
-        and attn.in_proj_bias is not None
         and attn.bias_k is None
         and not attn.add_zero_attn
-        and layer.linear1.bias is not None
         and layer.norm1.eps == layer.norm2.eps
-        and all(w.dtype == x.dtype and w.device == x.device for w in _weights(layer))
+        and all(w is not None for w in weights)
+        and all(w.dtype == x.dtype and w.device == x.device for w in weights)
     )
 
 
