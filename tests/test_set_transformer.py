@@ -59,14 +59,9 @@ def test_layer_gradcheck():
     layer = _layer(8, 2, 12)
     x = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
     weights = [w.detach().clone().requires_grad_() for w in _weights(layer)]
-
-    def fn(x, *weights):
-        return torch.ops.topn_kernels.set_transformer_layer(x, list(weights), 2, 1e-5)[0]
-
     from topn_kernels.native.set_transformer import _Layer
 
     assert torch.autograd.gradcheck(lambda x, *w: _Layer.apply(x, 2, 1e-5, *w), (x, *weights))
-    assert fn(x, *weights).shape == x.shape
 
 
 def test_layer_attention_is_per_set():

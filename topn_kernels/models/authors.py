@@ -196,9 +196,10 @@ class PNAPooling(nn.Module):
         scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
         # the reductions of x * scale are the reductions of x, scaled (var by scale^2): one
         # pass over x instead of three over a strided stack
-        linear = torch.stack([x.sum(1), x.amax(1), x.mean(1)], dim=2)[..., None] * scales
+        mean = x.mean(1)
+        linear = torch.stack([x.sum(1), x.amax(1), mean], dim=2)[..., None] * scales
         if self.native:
-            centred = x - x.mean(1, keepdim=True)
+            centred = x - mean[:, None]
             var = (centred * centred).sum(1) / (n - 1)
         else:
             var = x.var(dim=1)
