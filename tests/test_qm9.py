@@ -431,6 +431,25 @@ def test_generation_shapes_and_sizes(creation):
     assert len(smiles) == 20
 
 
+def test_generation_from_given_latents_is_generation_from_those_prior_draws():
+    torch.manual_seed(1)
+    model = GraphVAE(GraphVAEConfig(**SMALL)).eval()
+    sizes = torch.tensor([3, 5, 4, 5])
+    torch.manual_seed(7)
+    drawn = model.generate(4, sizes)
+    torch.manual_seed(7)
+    z = torch.randn(4, model.cfg.latent_dim)
+    given = model.generate(4, sizes, z=z)
+    for a, b in zip(drawn, given, strict=True):
+        assert torch.equal(a, b)
+    other = model.generate(4, sizes, z=z + 3.0)  # the codes are used, not redrawn
+    assert not all(torch.equal(a, b) for a, b in zip(given, other, strict=True))
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.generate(4, sizes, z=z[:3])
+    with pytest.raises(TypeError, match="z must be a float tensor"):
+        model.generate(4, sizes, z=z.long())
+
+
 def test_validity_of_hand_made_smiles():
     assert canonical_smiles("CCO") == "CCO"
     assert canonical_smiles("OCC") == "CCO"
@@ -561,6 +580,23 @@ def test_training_program_smoke_then_resume(tmp_path):
         timeout=600,
     )
     assert run.returncode != 0 and "--pred-order" in run.stderr  # not the run's own order
+    diagnosis = subprocess.run(
+        [sys.executable, "python/qm9_diagnose.py", str(out), "--molecules", "50"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert diagnosis.returncode == 0, diagnosis.stdout[-3000:] + diagnosis.stderr[-3000:]
+    row = json.loads(diagnosis.stdout.splitlines()[-1])
+    assert (row["epochs"], row["molecules"]) == (2, 50)
+    rec = row["reconstruction"]
+    assert 0 < rec["no_bond_rate"] < 1 and 0 <= rec["pair_accuracy"] <= 1 and rec["bond_bce"] > 0
+    assert 0 <= rec["exact"] <= rec["atoms_exact"] <= 1
+    assert row["latent"]["kl_per_molecule"] >= 0 and row["latent"]["mean_sigma"] > 0
+    for drawn in row["drawn"].values():
+        assert 0 <= drawn["valid"] <= drawn["sanitizes"] <= 1
 
 
 def test_compare_creation_writes_table5(tmp_path):

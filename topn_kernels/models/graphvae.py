@@ -387,12 +387,20 @@ class GraphVAE(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, num: int, sizes: Tensor | None = None, *, authors_clip: bool = False
+        self,
+        num: int,
+        sizes: Tensor | None = None,
+        *,
+        z: Tensor | None = None,
+        authors_clip: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """New molecules as the authors' ``generate``: z ~ N(0, I), sizes from the training
         distribution (or ``sizes`` (num,)), decode, then draw each atom type from its softmax,
         each bond of the lower triangle (i > j) from its bond probability, and the type of each
         drawn bond from its bond-type softmax. Uses the global RNG.
+
+        ``z`` (num, latent_dim) float: decode these latent codes instead of prior samples
+        (e.g. encoder means, to compare the decoder on the data's latents with the prior).
 
         Returns atoms (num, w) int64 (-1 past each size), lengths (num,) int64, bonds
         (num, w, w) int64 symmetric in {0..3}, w the largest size.
@@ -407,7 +415,16 @@ class GraphVAE(nn.Module):
             raise ValueError(f"sizes must be in [1, {self.cfg.max_atoms}]")
         device, dtype = self.size_probs.device, self.size_probs.dtype
         sizes = sizes.to(device, torch.int64)
-        z = torch.randn(num, self.cfg.latent_dim, device=device, dtype=dtype)
+        if z is None:
+            z = torch.randn(num, self.cfg.latent_dim, device=device, dtype=dtype)
+        elif not isinstance(z, Tensor) or not z.dtype.is_floating_point:
+            raise TypeError(f"z must be a float tensor ({num}, {self.cfg.latent_dim}) or None")
+        elif tuple(z.shape) != (num, self.cfg.latent_dim):
+            raise ValueError(
+                f"z must have shape ({num}, {self.cfg.latent_dim}), got {tuple(z.shape)}"
+            )
+        else:
+            z = z.to(device, dtype)
         dec = self.decoder(z, sizes)
         mask = dec.mask
         w = mask.shape[1]

@@ -1,0 +1,135 @@
+"""Where a trained QM9 graph VAE loses its molecules (python/results/table5_qm9.md): how well it
+reconstructs training molecules, and how valid the molecules it draws are from the data's
+latents against the prior's.
+
+    python python/qm9_diagnose.py python/results/qm9_variants/topn_type_edges640000 [RUN ...]
+
+For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``), on the first
+``--molecules`` molecules of the training split (the split of the run's ``--seed``):
+
+- reconstruction from the latent mean, after the run's own matching (``--pred-order``): the
+  share of atom pairs whose bond / no-bond decision (bond probability > 1/2) is right, the
+  base rate of no-bond pairs, the bond cross-entropy per pair, and the share of molecules
+  reconstructed exactly (most likely atom types, bonds and bond types);
+- the latent codes: KL per molecule (nats), the encoder's mean sigma and the spread of its
+  means across molecules;
+- molecules drawn as ``GraphVAE.generate`` draws them, with the sizes of those molecules, from
+  z = mu (the encoder's mean), z = mu + sigma * eps (the posterior) and z ~ N(0, I) (the
+  prior, what the run's ``validity`` measures): valid % (the strict check: RDKit sanitizes,
+  one connected molecule) and sanitizes % (fragments allowed).
+
+Prints one JSON object per run; ``--json PATH`` also writes them as a list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_graphvae
+
+from topn_kernels.metrics_graph import graphs_sanitize, graphs_to_smiles
+from topn_kernels.models import GraphLossConfig, GraphVAE, GraphVAEConfig
+from topn_kernels.models.graphvae import _pair_mask, match_graphs
+
+
+def reconstruction(model: GraphVAE, atoms, lengths, bonds, pred_order: str) -> dict:
+    x, e, mask = model.one_hot(atoms, lengths, bonds)
+    mu, _ = model.encoder(x, e, mask)
+    dec = model.decoder(mu, mask.sum(1), atoms.shape[1])
+    neighbor = GraphLossConfig().neighbor  # the matching score train_graphvae.py trains with
+    dec, t_atoms, t_bonds = match_graphs(dec, atoms, bonds, mask, neighbor, pred_order)
+    pair = _pair_mask(mask)
+    log_bond, log_none, log_types = dec.edge_log_probs()
+    bonded = (t_bonds > 0) & pair
+    predicted = (log_bond > log_none) & pair
+    pred_bonds = torch.where(predicted, log_types.argmax(-1) + 1, torch.zeros_like(t_bonds))
+    atoms_ok = ((dec.atom_logits.argmax(-1) == t_atoms) | ~mask).all(1)
+    bonds_ok = ((pred_bonds == t_bonds) | ~pair).all((1, 2))
+    pairs = pair.sum()
+    return {
+        "pair_accuracy": float(((predicted == bonded) & pair).sum() / pairs),
+        "no_bond_rate": float(1 - bonded.sum() / pairs),
+        "bond_bce": float(-(torch.where(bonded, log_bond, log_none) * pair).sum() / pairs),
+        "atoms_exact": float(atoms_ok.float().mean()),
+        "exact": float((atoms_ok & bonds_ok).float().mean()),
+    }
+
+
+def drawn_validity(model: GraphVAE, z, lengths) -> dict:
+    atoms, _, bonds = model.generate(z.shape[0], lengths, z=z)
+    valid = sum(s is not None for s in graphs_to_smiles(atoms, bonds))
+    sanitizes = sum(graphs_sanitize(atoms, bonds))
+    return {"valid": valid / z.shape[0], "sanitizes": sanitizes / z.shape[0]}
+
+
+def diagnose(run: Path, splits_by_source: dict, args) -> dict:
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    saved = ckpt["args"]
+    source = (saved.get("csv"), saved.get("smiles_column", "smiles"), int(saved.get("seed", 0)))
+    if source not in splits_by_source:  # the run's own data and split
+        data_args = train_graphvae.parse_args(["--out", str(run), "--seed", str(source[2])])
+        data_args.csv = None if source[0] is None else Path(source[0])
+        data_args.smiles_column = source[1]
+        if saved.get("cache_dir") is not None:
+            data_args.cache_dir = Path(saved["cache_dir"])
+        splits_by_source[source] = train_graphvae.load_data(data_args)[0]
+    train = splits_by_source[source]["train"]
+    index = torch.arange(min(args.molecules, len(train)))
+    atoms, lengths, bonds = train.atoms[index], train.lengths[index], train.bonds[index]
+    model = GraphVAE(GraphVAEConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    row: dict = {"run": str(run), "epochs": ckpt["epoch"] + 1, "molecules": len(index)}
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        row["reconstruction"] = reconstruction(
+            model, atoms, lengths, bonds, ckpt["args"].get("pred_order", "score")
+        )
+        x, e, mask = model.one_hot(atoms, lengths, bonds)
+        mu, log_var = model.encoder(x, e, mask)
+        sigma = (0.5 * log_var).exp()
+        kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum(1)
+        row["latent"] = {
+            "kl_per_molecule": float(kl.mean()),
+            "mean_sigma": float(sigma.mean()),
+            "mean_std_of_mu": float(mu.std(0).mean()),
+        }
+        row["drawn"] = {
+            "mu": drawn_validity(model, mu, lengths),
+            "posterior": drawn_validity(model, mu + sigma * torch.randn_like(mu), lengths),
+            "prior": drawn_validity(model, torch.randn_like(mu), lengths),
+        }
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path, nargs="+", help="train_graphvae.py output directories")
+    p.add_argument("--molecules", type=int, default=1000, help="training molecules to use")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    for run in args.runs:
+        if not (run / "checkpoint.pt").is_file():
+            p.error(f"{run}/checkpoint.pt not found")
+    if args.molecules < 1:
+        p.error("--molecules must be >= 1")
+    splits_by_source: dict = {}
+    rows = []
+    for run in args.runs:
+        rows.append(diagnose(run, splits_by_source, args))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
