@@ -517,11 +517,18 @@ def test_dataset_round_trips_through_the_metrics(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _program(args: list[str]) -> subprocess.CompletedProcess:
+    """Runs ``python ARGS`` from the repository root on one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def test_training_program_smoke_then_resume(tmp_path):
     """One epoch on 200 molecules of the committed sample: every output, then --resume."""
     out = tmp_path / "run"
     cmd = [
-        sys.executable,
         "python/train_graphvae.py",
         "--creation",
         "topn",
@@ -536,10 +543,7 @@ def test_training_program_smoke_then_resume(tmp_path):
         "--out",
         str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [*cmd, "--epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    run = _program([*cmd, "--epochs", "1"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "epoch 1/1" in run.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -556,14 +560,8 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert all(canonical_smiles(s) == s for s in valid[:50])
     for name in ("curves.png", "molecules.png", "checkpoint.pt", "history.json"):
         assert (out / name).stat().st_size > 0
-    run = subprocess.run(
-        [*cmd, "--epochs", "2", "--resume", "--no-plots", "--eval-every", "2", "--eval-size", "30"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resume = ["--resume", "--no-plots", "--eval-every", "2", "--eval-size", "30"]
+    run = _program([*cmd, "--epochs", "2", *resume])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
@@ -571,23 +569,9 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert 0 <= history[1]["unique_and_valid"] <= history[1]["validity"] <= 1
     assert history[1]["eval_size"] == 30
     assert history[1]["validity"] <= history[1]["authors_validity"] <= 1
-    run = subprocess.run(
-        [*cmd, "--epochs", "3", "--resume", "--pred-order", "type"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _program([*cmd, "--epochs", "3", "--resume", "--pred-order", "type"])
     assert run.returncode != 0 and "--pred-order" in run.stderr  # not the run's own order
-    diagnosis = subprocess.run(
-        [sys.executable, "python/qm9_diagnose.py", str(out), "--molecules", "50"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    diagnosis = _program(["python/qm9_diagnose.py", str(out), "--molecules", "50"])
     assert diagnosis.returncode == 0, diagnosis.stdout[-3000:] + diagnosis.stderr[-3000:]
     row = json.loads(diagnosis.stdout.splitlines()[-1])
     assert (row["epochs"], row["molecules"]) == (2, 50)
