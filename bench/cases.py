@@ -48,6 +48,7 @@ def format_targets(targets: list[dict]) -> str:
     for t in targets:
         value = "missing" if t["measured"] is None else f"{t['measured']:.2f}"
         unit = " us" if "us" in t["target"] else ("x" if t["measured"] is not None else "")
+        unit = t.get("unit", unit) if t["measured"] is not None else ""
         lines.append(
             f"[{'met' if t['met'] else 'NOT met'}] {t['shape']}: {t['target']}: {value}{unit}"
         )

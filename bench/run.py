@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import cases as cases_module
-from . import losses, memory, report, timing, topn_create
+from . import losses, memory, report, setvae_epoch, timing, topn_create
 from .registry import OPS, all_cases
 
 
@@ -67,6 +67,35 @@ def _commit() -> str:
         return "unknown"
 
 
+def in_turns(cases: list[cases_module.Case]) -> list[list[cases_module.Case]]:
+    """The cases cut into groups timed together: consecutive heavy cases of one operator,
+    shape and direction with several timed calls each (the providers of one epoch benchmark)
+    form one group, timed in turns; every other case is a group of its own."""
+    groups: list[list[cases_module.Case]] = []
+    for case in cases:
+        last = groups[-1][-1] if groups else None
+        if (
+            last is not None
+            and case.heavy
+            and last.heavy
+            and case.repeats > 1
+            and case.repeats == last.repeats
+            and (case.op, case.shape, case.direction) == (last.op, last.shape, last.direction)
+        ):
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
+
+
+def _in_context(case: cases_module.Case, call):
+    def run():
+        with case.context():
+            return call()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -97,24 +126,41 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{common['device']}: memory copy {copy_gbps:.1f} GB/s (bytes read + written)")
 
     rows = []
-    for k, case in enumerate(cases, 1):
-        print(f"[{k:>{len(str(len(cases)))}}/{len(cases)}] {case.id}", file=sys.stderr, flush=True)
-        call = case.build()
-        with case.context():
-            if case.heavy:  # few calls: their formulas were compiled by the smaller shapes
-                t, peak = timing.time_once_with_peak(call, device, memory.peak_bytes, case.repeats)
-            else:
-                t = timing.time_fn(call, device, budget)
-                peak = memory.peak_bytes(call, device)
-        gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
-        pct_peak = None if gbps is None else 100 * gbps / copy_gbps
-        labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
-        measured = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
-        rows.append({**labels, **measured, "params": case.params, **common})
+    done = 0
+    for group in in_turns(cases):
+        for case in group:
+            done += 1
+            print(f"[{done:>{len(str(len(cases)))}}/{len(cases)}] {case.id}", file=sys.stderr)
+        calls = [case.build() for case in group]
+        if len(group) > 1:  # heavy cases of one shape, several calls each: timed in turns
+            in_context = [_in_context(case, call) for case, call in zip(group, calls, strict=True)]
+            measured = timing.time_in_turns_with_peak(
+                in_context, device, memory.peak_bytes, group[0].repeats
+            )
+        else:
+            (case,), (call,) = group, calls
+            with case.context():
+                if case.heavy:  # few calls: their formulas were compiled by the smaller shapes
+                    measured = [
+                        timing.time_once_with_peak(call, device, memory.peak_bytes, case.repeats)
+                    ]
+                else:
+                    t = timing.time_fn(call, device, budget)
+                    measured = [(t, memory.peak_bytes(call, device))]
+        for case, (t, peak) in zip(group, measured, strict=True):
+            gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
+            pct_peak = None if gbps is None else 100 * gbps / copy_gbps
+            labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
+            values = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
+            rows.append({**labels, **values, "params": case.params, **common})
 
     print(report.table(rows))
     if device.type == "cpu":
-        targets = topn_create.cpu_targets(rows) + losses.cpu_targets(rows)
+        targets = (
+            topn_create.cpu_targets(rows)
+            + losses.cpu_targets(rows)
+            + setvae_epoch.cpu_targets(rows)
+        )
         targets = [t for t in targets if t["measured"] is not None]
         if targets:
             print("CPU targets:")

@@ -19,7 +19,10 @@ Providers:
 
 Each case runs one warm-up epoch when it is built, outside the timed region, then five timed
 epochs (``heavy``, ``repeats=5``: the epochs take about a second, and a shared 2-core VM's
-epoch times vary by 20-30% from one to the next): their median and p20-p80.
+epoch times vary by 20-30% from one to the next): their median and p20-p80. The runner times
+the two providers of a creation method in turns (eager, tuned, eager, ...;
+``bench.run.in_turns``), so that the VM's drift during the run falls on both alike.
+:func:`cpu_targets` reads the rows against the targets: tuned >= 2x eager, <= 1.0 s an epoch.
 """
 
 from __future__ import annotations
@@ -100,3 +103,35 @@ def cases(device: torch.device) -> Iterator[Case]:
                 heavy=True,
                 repeats=5,
             )
+
+
+def cpu_targets(rows: list[dict]) -> list[dict]:
+    """The targets of the authors' preset's epoch on CPU, per creation method, from the rows of
+    one run: ``tuned`` at least 2x faster than ``eager``, and at most 1.0 s an epoch. Each
+    entry: target, shape, measured (None if a row is missing), met, and a unit where the
+    measure is not a ratio."""
+    ms = {(r["shape"], r["provider"]): r["ms"] for r in rows if r["op"] == "setvae_epoch"}
+    out = []
+    for creation in CREATIONS:
+        shape = f"authors_{creation}"
+        eager, tuned = ms.get((shape, "eager")), ms.get((shape, "tuned"))
+        ratio = None if eager is None or tuned is None else eager / tuned
+        seconds = None if tuned is None else tuned / 1e3
+        out.append(
+            {
+                "target": "setvae_epoch: tuned >= 2x eager",
+                "shape": shape,
+                "measured": ratio,
+                "met": ratio is not None and ratio >= 2.0,
+            }
+        )
+        out.append(
+            {
+                "target": "setvae_epoch: tuned <= 1.0 s an epoch",
+                "shape": shape,
+                "measured": seconds,
+                "met": seconds is not None and seconds <= 1.0,
+                "unit": " s",
+            }
+        )
+    return out

@@ -56,22 +56,41 @@ def time_once_with_peak(
 ) -> tuple[Timing, int | None]:
     """``repeats`` timed calls (for cases of seconds per call): their median and p20/p80, and
     the peak memory the first one added."""
-    elapsed: list[float] = []
+    return time_in_turns_with_peak([fn], device, peak_bytes, repeats)[0]
 
-    def timed() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed.append((time.perf_counter() - start) * 1e3)
 
-    peak = peak_bytes(timed, device)
+def time_in_turns_with_peak(
+    fns: list[Callable[[], object]], device: torch.device, peak_bytes: Callable, repeats: int
+) -> list[tuple[Timing, int | None]]:
+    """``time_once_with_peak`` of several calls timed in turns: round r times the r-th call of
+    each of ``fns`` in order, so that a drift of the machine's speed during the rounds (a
+    shared VM's speed can move by tens of percent within minutes) falls on all of them alike.
+    Returns (timing, peak memory of its first call) per function."""
+    elapsed: list[list[float]] = [[] for _ in fns]
+
+    def timed(k: int) -> Callable[[], None]:
+        def call() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fns[k]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed[k].append((time.perf_counter() - start) * 1e3)
+
+        return call
+
+    peaks = [peak_bytes(timed(k), device) for k in range(len(fns))]
     for _ in range(repeats - 1):
-        timed()
-    median = statistics.median(elapsed)
-    return Timing(median, _quantile(elapsed, 0.2), _quantile(elapsed, 0.8)), peak
+        for k in range(len(fns)):
+            timed(k)()
+    out = []
+    for samples, peak in zip(elapsed, peaks, strict=True):
+        timing = Timing(
+            statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8)
+        )
+        out.append((timing, peak))
+    return out
 
 
 def copy_bandwidth_gbps(device: torch.device, budget_s: float, nbytes: int = 1 << 28) -> float:

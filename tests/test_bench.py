@@ -107,3 +107,75 @@ def test_heavy_cases_time_repeated_calls_and_report_their_median(monkeypatch):
     )
     assert len(calls) == 3 and peaks == [1] and peak == 0  # the peak comes from the first call
     assert (t.ms, t.ms_p20, t.ms_p80) == pytest.approx((20.0, 10.0, 50.0))
+
+
+def test_cases_of_one_epoch_benchmark_are_timed_in_turns(monkeypatch):
+    """Heavy cases of one shape with repeated calls are grouped, and their calls alternate
+    (the peak of each from its own first call); every other case stays alone."""
+    from bench import timing
+    from bench.cases import Case
+    from bench.run import in_turns
+
+    def case(shape, provider, heavy=True, repeats=3, op="setvae_epoch"):
+        return Case(
+            op, shape, "fwd+bwd", provider, {}, None, lambda: None, heavy=heavy, repeats=repeats
+        )
+
+    cases = [
+        case("a", "eager"),
+        case("a", "tuned"),
+        case("b", "eager"),
+        case("b", "tuned", repeats=1),
+        case("c", "eager", heavy=False),
+        case("c", "tuned", heavy=False),
+        case("d", "eager", op="other"),
+        case("a", "tuned"),
+    ]
+    groups = [[(c.shape, c.provider) for c in g] for g in in_turns(cases)]
+    assert groups == [
+        [("a", "eager"), ("a", "tuned")],
+        [("b", "eager")],
+        [("b", "tuned")],
+        [("c", "eager")],
+        [("c", "tuned")],
+        [("d", "eager")],
+        [("a", "tuned")],
+    ]
+
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    order = []
+
+    def peak_bytes(timed, device):
+        timed()
+        return len(order)
+
+    out = timing.time_in_turns_with_peak(
+        [lambda: order.append("x"), lambda: order.append("y")],
+        torch.device("cpu"),
+        peak_bytes,
+        repeats=3,
+    )
+    assert order == ["x", "y", "x", "y", "x", "y"]
+    assert [peak for _, peak in out] == [1, 2]
+    assert [t.ms for t, _ in out] == [1000.0, 1000.0]  # each call: one tick of the fake clock
+
+
+def test_setvae_epoch_targets_read_the_rows():
+    from bench import setvae_epoch
+    from bench.cases import format_targets
+
+    rows = [
+        {"op": "setvae_epoch", "shape": "authors_topn", "provider": "eager", "ms": 1800.0},
+        {"op": "setvae_epoch", "shape": "authors_topn", "provider": "tuned", "ms": 900.0},
+        {"op": "setvae_epoch", "shape": "authors_iid", "provider": "eager", "ms": 1500.0},
+        {"op": "setvae_epoch", "shape": "authors_iid", "provider": "tuned", "ms": 1100.0},
+        {"op": "topn_create", "shape": "authors_mlp", "provider": "tuned", "ms": 1.0},
+    ]
+    topn = [t for t in setvae_epoch.cpu_targets(rows) if t["shape"] == "authors_topn"]
+    assert [(t["measured"], t["met"]) for t in topn] == [(2.0, True), (0.9, True)]
+    iid = [t for t in setvae_epoch.cpu_targets(rows) if t["shape"] == "authors_iid"]
+    assert [(t["measured"], t["met"]) for t in iid] == [(1500 / 1100, False), (1.1, False)]
+    mlp = [t for t in setvae_epoch.cpu_targets(rows) if t["shape"] == "authors_mlp"]
+    assert [t["measured"] for t in mlp] == [None, None]  # another op's row is not read
+    assert "tuned <= 1.0 s an epoch: 1.10 s" in format_targets(iid)
