@@ -229,3 +229,39 @@ def test_program_trains_stops_on_time_and_resumes_bit_for_bit(tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+
+
+@pytest.mark.parametrize("clip", [4.0, 1e12], ids=["clipping", "not-clipping"])
+def test_train_step_clips_inside_the_fused_update_as_clip_grad_norm_does(clip):
+    """train_step with fused Adam folds the clipping into the update (its grad_scale): the
+    gradients it leaves, the parameters and Adam's moments after the step are those of
+    clip_grad_norm_ followed by the plain fused step, up to float32 rounding. (One step: over
+    several, this loss's float32 trajectory amplifies rounding; see test_setvae.py.)"""
+    from topn_kernels.models import make_adam, train_step
+
+    data = generate_sets(16, seed=2)
+    points, lengths = collate_sets([data[i] for i in range(16)])
+    cfg = AuthorsLossConfig(backend="reference")
+    noise = torch.randn(16, 30, generator=torch.Generator().manual_seed(1))
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AuthorsSetVAE(AuthorsConfig(), native=False))
+        optimizers.append(make_adam(models[-1].parameters(), 1e-3))
+
+    def forward(p, n):
+        return models[0](p, n, noise=noise)
+
+    train_step(forward, optimizers[0], points, lengths, cfg, clip=clip, loss=authors_loss)
+    assert not hasattr(optimizers[0], "grad_scale")
+    authors_loss(models[1](points, lengths, noise=noise), points, lengths, cfg)["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip)
+    optimizers[1].step()
+    assert (norm > clip) == (clip < 1e6)  # the case clips, or does not
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        scale = b.grad.abs().max()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(optimizers[0].state.values(), optimizers[1].state.values(), strict=True):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-14)

@@ -90,8 +90,14 @@ def train_step(
     loss: Callable[..., dict] = setvae_loss,
 ) -> dict[str, float]:
     """One step: forward (through ``model``, so a DDP wrapper syncs the gradients), loss,
-    backward, gradient-norm clipping at ``clip`` (the released code's 4.0; None: none; one
-    foreach call over all gradients, the same value as the per-tensor loop), update.
+    backward, gradient-norm clipping at ``clip`` (the released code's 4.0; None: none), update.
+
+    The clipping is ``clip_grad_norm_``'s: every gradient scaled by ``clip / (norm + 1e-6)``
+    where that is below 1, ``norm`` the 2-norm of all gradients together. With a fused
+    Adam over float32 parameters (:func:`make_adam`) the scaling happens inside its update, as
+    a division by ``(norm + 1e-6) / clip`` (the ``grad_scale`` input the fused kernels take
+    from ``torch.amp.GradScaler``), instead of one more pass over every gradient tensor: the
+    same update up to float32 rounding.
 
     ``loss(out, points, lengths, cfg)`` gives the terms (``setvae_loss`` with a
     :class:`LossConfig`, or :func:`.authors.authors_loss` with its own config).
@@ -104,7 +110,30 @@ def train_step(
     if not torch.isfinite(terms["loss"]):
         raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in terms.items()} }")
     terms["loss"].backward()
-    if clip is not None:
+    if clip is None:
+        optimizer.step()
+    elif _scales_in_step(optimizer):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
         nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    optimizer.step()
+        optimizer.step()
     return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _scales_in_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a fused Adam over float32 parameters (the fused kernels take a
+    float32 scale; float64 keeps clip_grad_norm_'s float64 factor) that can take the clipping
+    as its gradient scale, and no one else (a GradScaler) has set one."""
+    return (
+        type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        and bool(optimizer.defaults.get("fused"))
+        and getattr(optimizer, "grad_scale", None) is None
+        and getattr(optimizer, "found_inf", None) is None
+        and all(p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"])
+    )
