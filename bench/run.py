@@ -17,6 +17,7 @@ geomloss), all measured in the same run. On CPU the run ends with the CPU target
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import platform
@@ -69,8 +70,9 @@ def _commit() -> str:
 
 def in_turns(cases: list[cases_module.Case]) -> list[list[cases_module.Case]]:
     """The cases cut into groups timed together: consecutive heavy cases of one operator,
-    shape and direction with several timed calls each (the providers of one epoch benchmark)
-    form one group, timed in turns; every other case is a group of its own."""
+    shape and direction with several timed calls each and no context of their own (the
+    providers of one epoch benchmark) form one group, timed in turns; every other case is a
+    group of its own."""
     groups: list[list[cases_module.Case]] = []
     for case in cases:
         last = groups[-1][-1] if groups else None
@@ -80,20 +82,14 @@ def in_turns(cases: list[cases_module.Case]) -> list[list[cases_module.Case]]:
             and last.heavy
             and case.repeats > 1
             and case.repeats == last.repeats
+            and case.context is contextlib.nullcontext
+            and last.context is contextlib.nullcontext
             and (case.op, case.shape, case.direction) == (last.op, last.shape, last.direction)
         ):
             groups[-1].append(case)
         else:
             groups.append([case])
     return groups
-
-
-def _in_context(case: cases_module.Case, call):
-    def run():
-        with case.context():
-            return call()
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,12 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     for group in in_turns(cases):
         for case in group:
             done += 1
-            print(f"[{done:>{len(str(len(cases)))}}/{len(cases)}] {case.id}", file=sys.stderr)
+            print(
+                f"[{done:>{len(str(len(cases)))}}/{len(cases)}] {case.id}",
+                file=sys.stderr,
+                flush=True,
+            )
         calls = [case.build() for case in group]
         if len(group) > 1:  # heavy cases of one shape, several calls each: timed in turns
-            in_context = [_in_context(case, call) for case, call in zip(group, calls, strict=True)]
             measured = timing.time_in_turns_with_peak(
-                in_context, device, memory.peak_bytes, group[0].repeats
+                calls, device, memory.peak_bytes, group[0].repeats
             )
         else:
             (case,), (call,) = group, calls

@@ -63,9 +63,10 @@ def time_in_turns_with_peak(
     fns: list[Callable[[], object]], device: torch.device, peak_bytes: Callable, repeats: int
 ) -> list[tuple[Timing, int | None]]:
     """``time_once_with_peak`` of several calls timed in turns: round r times the r-th call of
-    each of ``fns`` in order, so that a drift of the machine's speed during the rounds (a
-    shared VM's speed can move by tens of percent within minutes) falls on all of them alike.
-    Returns (timing, peak memory of its first call) per function."""
+    each of ``fns``, in order in even rounds and in reverse order in odd ones (A B, B A, ...),
+    so that a drift of the machine's speed during the rounds (a shared VM's speed can move by
+    tens of percent within minutes) and whatever one call leaves for the next fall on all of
+    them alike. Returns (timing, peak memory of its first call) per function."""
     elapsed: list[list[float]] = [[] for _ in fns]
 
     def timed(k: int) -> Callable[[], None]:
@@ -81,8 +82,8 @@ def time_in_turns_with_peak(
         return call
 
     peaks = [peak_bytes(timed(k), device) for k in range(len(fns))]
-    for _ in range(repeats - 1):
-        for k in range(len(fns)):
+    for r in range(1, repeats):
+        for k in reversed(range(len(fns))) if r % 2 else range(len(fns)):
             timed(k)()
     out = []
     for samples, peak in zip(elapsed, peaks, strict=True):

@@ -5,7 +5,8 @@ latents against the prior's.
     python python/qm9_diagnose.py python/results/qm9_variants/topn_type_edges640000 [RUN ...]
 
 For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``), on the first
-``--molecules`` molecules of the training split (the split of the run's ``--seed``):
+``--molecules`` molecules of the training split (the run's data, ``--seed`` split and
+``--subset``):
 
 - reconstruction from the latent mean, after the run's own matching (``--pred-order``): the
   share of atom pairs whose bond / no-bond decision (bond probability > 1/2) is right, the
@@ -15,8 +16,9 @@ For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``
   means across molecules;
 - molecules drawn as ``GraphVAE.generate`` draws them, with the sizes of those molecules, from
   z = mu (the encoder's mean), z = mu + sigma * eps (the posterior) and z ~ N(0, I) (the
-  prior, what the run's ``validity`` measures): valid % (the strict check: RDKit sanitizes,
-  one connected molecule) and sanitizes % (fragments allowed).
+  prior, as the run's ``validity`` draws them, there with sizes drawn from the training
+  distribution): valid % (the strict check: RDKit sanitizes, one connected molecule) and
+  sanitizes % (fragments allowed).
 
 Prints one JSON object per run; ``--json PATH`` also writes them as a list.
 """
@@ -24,6 +26,7 @@ Prints one JSON object per run; ``--json PATH`` also writes them as a list.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_graphvae
 
+from topn_kernels.data import qm9pack_csv_files
 from topn_kernels.metrics_graph import graphs_sanitize, graphs_to_smiles
 from topn_kernels.models import GraphLossConfig, GraphVAE, GraphVAEConfig
 from topn_kernels.models.graphvae import _pair_mask, match_graphs
@@ -56,7 +60,7 @@ def reconstruction(model: GraphVAE, atoms, lengths, bonds, pred_order: str) -> d
     return {
         "pair_accuracy": float(((predicted == bonded) & pair).sum() / pairs),
         "no_bond_rate": float(1 - bonded.sum() / pairs),
-        "bond_bce": float(-(torch.where(bonded, log_bond, log_none) * pair).sum() / pairs),
+        "bond_bce": float(-torch.where(bonded, log_bond, log_none)[pair].mean()),
         "atoms_exact": float(atoms_ok.float().mean()),
         "exact": float((atoms_ok & bonds_ok).float().mean()),
     }
@@ -72,14 +76,23 @@ def drawn_validity(model: GraphVAE, z, lengths) -> dict:
 def diagnose(run: Path, splits_by_source: dict, args) -> dict:
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     saved = ckpt["args"]
-    source = (saved.get("csv"), saved.get("smiles_column", "smiles"), int(saved.get("seed", 0)))
-    if source not in splits_by_source:  # the run's own data and split
+    source = (
+        saved.get("csv"),
+        saved.get("smiles_column", "smiles"),
+        int(saved.get("seed", 0)),
+        saved.get("subset"),
+    )
+    if source[0] is None and qm9pack_csv_files() is None:
+        raise SystemExit(f"{run} was trained on qm9pack, which is not installed here")
+    if source not in splits_by_source:  # the run's own data, split and subset
         data_args = train_graphvae.parse_args(["--out", str(run), "--seed", str(source[2])])
         data_args.csv = None if source[0] is None else Path(source[0])
         data_args.smiles_column = source[1]
+        data_args.subset = source[3]
         if saved.get("cache_dir") is not None:
             data_args.cache_dir = Path(saved["cache_dir"])
-        splits_by_source[source] = train_graphvae.load_data(data_args)[0]
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON rows only
+            splits_by_source[source] = train_graphvae.load_data(data_args)[0]
     train = splits_by_source[source]["train"]
     index = torch.arange(min(args.molecules, len(train)))
     atoms, lengths, bonds = train.atoms[index], train.lengths[index], train.bonds[index]
@@ -119,8 +132,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for run in args.runs:
         if not (run / "checkpoint.pt").is_file():
             p.error(f"{run}/checkpoint.pt not found")
-    if args.molecules < 1:
-        p.error("--molecules must be >= 1")
+    if args.molecules < 2:
+        p.error("--molecules must be >= 2")
     splits_by_source: dict = {}
     rows = []
     for run in args.runs:

@@ -4,6 +4,8 @@ bench/losses.py). Timing itself is never tested."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +132,8 @@ def test_cases_of_one_epoch_benchmark_are_timed_in_turns(monkeypatch):
         case("c", "tuned", heavy=False),
         case("d", "eager", op="other"),
         case("a", "tuned"),
+        replace(case("e", "eager"), context=lambda: contextlib.nullcontext()),
+        replace(case("e", "tuned"), context=lambda: contextlib.nullcontext()),
     ]
     groups = [[(c.shape, c.provider) for c in g] for g in in_turns(cases)]
     assert groups == [
@@ -140,10 +144,17 @@ def test_cases_of_one_epoch_benchmark_are_timed_in_turns(monkeypatch):
         [("c", "tuned")],
         [("d", "eager")],
         [("a", "tuned")],
+        [("e", "eager")],  # a context of its own: entered around its calls, alone
+        [("e", "tuned")],
     ]
 
-    clock = iter(float(t) for t in range(100))
-    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    now = [0.0]  # a fake clock that only the timed calls move: x takes 1 s, y 3 s
+
+    def advance(label, seconds):
+        order.append(label)
+        now[0] += seconds
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     order = []
 
     def peak_bytes(timed, device):
@@ -151,14 +162,14 @@ def test_cases_of_one_epoch_benchmark_are_timed_in_turns(monkeypatch):
         return len(order)
 
     out = timing.time_in_turns_with_peak(
-        [lambda: order.append("x"), lambda: order.append("y")],
+        [lambda: advance("x", 1.0), lambda: advance("y", 3.0)],
         torch.device("cpu"),
         peak_bytes,
-        repeats=3,
+        repeats=4,
     )
-    assert order == ["x", "y", "x", "y", "x", "y"]
-    assert [peak for _, peak in out] == [1, 2]
-    assert [t.ms for t, _ in out] == [1000.0, 1000.0]  # each call: one tick of the fake clock
+    assert order == ["x", "y", "y", "x", "x", "y", "y", "x"]  # A B, B A, A B, B A
+    assert [peak for _, peak in out] == [1, 2]  # each peak from its own first call
+    assert [t.ms for t, _ in out] == [1000.0, 3000.0]
 
 
 def test_setvae_epoch_targets_read_the_rows():

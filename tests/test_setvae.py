@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,13 +218,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(cmd: list[str]) -> str:
+def _run_two_ranks(cmd: list[str], logs: Path) -> str:
     """Runs ``cmd`` as ranks 0 and 1 of a 2-process group with the environment torchrun gives
     its workers (env:// rendezvous on a free local port, one thread each); returns rank 0's
     stdout. Not torchrun itself: a CI run of this test once timed out after both ranks had
     written everything, and torchrun's agent is known to stall in its exit barrier for that
     barrier's whole 300 s timeout (pytorch/pytorch#69520); the program's DDP path is what is
-    tested here."""
+    tested here. Output goes to files under ``logs`` (no pipe can fill up); one deadline
+    covers both ranks, and when one fails the other is stopped and both outputs reported."""
     base = {
         **os.environ,
         "TOPN_KERNELS_BACKEND": "reference",
@@ -233,22 +235,40 @@ def _run_two_ranks(cmd: list[str]) -> str:
         "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
     }
-    procs = []
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, files = [], []
     for rank in range(2):
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        out, err = open(logs / f"rank{rank}.out", "w+"), open(logs / f"rank{rank}.err", "w+")
+        files.append((out, err))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
+    deadline = time.monotonic() + 300
     try:
-        outputs = [p.communicate(timeout=300) for p in procs]
+        while True:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break  # both done, or one failed: the other would wait for it forever
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
-            p.kill()
-    for rank, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank}: " + out[-3000:] + err[-3000:]
-    return outputs[0][0]
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        texts = []
+        for out, err in files:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+            out.close()
+            err.close()
+    report = "\n".join(
+        f"rank {rank} (exit {p.returncode}):\n{out[-3000:]}{err[-3000:]}"
+        for rank, (p, (out, err)) in enumerate(zip(procs, texts, strict=True))
+    )
+    assert all(p.returncode == 0 for p in procs), report
+    return texts[0][0]
 
 
 @pytest.mark.slow
@@ -270,7 +290,8 @@ def test_training_program_under_two_process_ddp_then_resume(tmp_path):
         "--out": str(out),
     }
     common = [item for option in options.items() for item in option]
-    stdout = _run_two_ranks([sys.executable, "python/train_setvae.py", "--epochs", "3", *common])
+    cmd = [sys.executable, "python/train_setvae.py", "--epochs", "3", *common]
+    stdout = _run_two_ranks(cmd, tmp_path / "logs")
     assert "training ops ran on (calls)" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for key in METRIC_KEYS + tuple("extrap_" + k for k in METRIC_KEYS[2:]):

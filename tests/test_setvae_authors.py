@@ -238,6 +238,7 @@ def test_train_step_clips_inside_the_fused_update_as_clip_grad_norm_does(clip):
     clip_grad_norm_ followed by the plain fused step, up to float32 rounding. (One step: over
     several, this loss's float32 trajectory amplifies rounding; see test_setvae.py.)"""
     from topn_kernels.models import make_adam, train_step
+    from topn_kernels.models.training import _scalable_grads
 
     data = generate_sets(16, seed=2)
     points, lengths = collate_sets([data[i] for i in range(16)])
@@ -254,6 +255,7 @@ def test_train_step_clips_inside_the_fused_update_as_clip_grad_norm_does(clip):
 
     train_step(forward, optimizers[0], points, lengths, cfg, clip=clip, loss=authors_loss)
     assert not hasattr(optimizers[0], "grad_scale")
+    assert _scalable_grads(optimizers[0])  # the folded path ran (the other needs a module)
     authors_loss(models[1](points, lengths, noise=noise), points, lengths, cfg)["loss"].backward()
     norm = torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip)
     optimizers[1].step()
@@ -265,3 +267,27 @@ def test_train_step_clips_inside_the_fused_update_as_clip_grad_norm_does(clip):
     for a, b in zip(optimizers[0].state.values(), optimizers[1].state.values(), strict=True):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=1e-14)
+
+
+def test_train_step_leaves_no_scale_behind_and_refuses_a_bad_clip():
+    from topn_kernels.models import make_adam, train_step
+
+    data = generate_sets(8, seed=3)
+    points, lengths = collate_sets([data[i] for i in range(8)])
+    cfg = AuthorsLossConfig(backend="reference")
+    torch.manual_seed(0)
+    model = AuthorsSetVAE(AuthorsConfig(), native=False)
+    optimizer = make_adam(model.parameters(), 1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    for clip in (0.0, -1.0):
+        with pytest.raises(ValueError, match="clip"):
+            train_step(model, optimizer, points, lengths, cfg, clip=clip, loss=authors_loss)
+
+    def failing_step():
+        raise RuntimeError("update failed")
+
+    optimizer.step = failing_step
+    with pytest.raises(RuntimeError, match="update failed"):
+        train_step(model, optimizer, points, lengths, cfg, loss=authors_loss)
+    assert not hasattr(optimizer, "grad_scale")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

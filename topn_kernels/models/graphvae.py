@@ -405,6 +405,13 @@ class GraphVAE(nn.Module):
         Returns atoms (num, w) int64 (-1 past each size), lengths (num,) int64, bonds
         (num, w, w) int64 symmetric in {0..3}, w the largest size.
         """
+        if z is not None:  # checked before anything draws from the RNG
+            if not isinstance(z, Tensor) or not z.dtype.is_floating_point:
+                raise TypeError(f"z must be a float tensor ({num}, {self.cfg.latent_dim}) or None")
+            if tuple(z.shape) != (num, self.cfg.latent_dim):
+                raise ValueError(
+                    f"z must have shape ({num}, {self.cfg.latent_dim}), got {tuple(z.shape)}"
+                )
         if sizes is None:
             sizes = self.sample_sizes(num, authors_clip=authors_clip)
         elif (
@@ -417,12 +424,6 @@ class GraphVAE(nn.Module):
         sizes = sizes.to(device, torch.int64)
         if z is None:
             z = torch.randn(num, self.cfg.latent_dim, device=device, dtype=dtype)
-        elif not isinstance(z, Tensor) or not z.dtype.is_floating_point:
-            raise TypeError(f"z must be a float tensor ({num}, {self.cfg.latent_dim}) or None")
-        elif tuple(z.shape) != (num, self.cfg.latent_dim):
-            raise ValueError(
-                f"z must have shape ({num}, {self.cfg.latent_dim}), got {tuple(z.shape)}"
-            )
         else:
             z = z.to(device, dtype)
         dec = self.decoder(z, sizes)

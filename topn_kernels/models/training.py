@@ -93,11 +93,12 @@ def train_step(
     backward, gradient-norm clipping at ``clip`` (the released code's 4.0; None: none), update.
 
     The clipping is ``clip_grad_norm_``'s: every gradient scaled by ``clip / (norm + 1e-6)``
-    where that is below 1, ``norm`` the 2-norm of all gradients together. With a fused
-    Adam over float32 parameters (:func:`make_adam`) the scaling happens inside its update, as
-    a division by ``(norm + 1e-6) / clip`` (the ``grad_scale`` input the fused kernels take
-    from ``torch.amp.GradScaler``), instead of one more pass over every gradient tensor: the
-    same update up to float32 rounding.
+    where that is below 1, ``norm`` the 2-norm of all gradients together (of the model's
+    parameters, which are the optimizer's). With a fused Adam over float32 parameters
+    (:func:`make_adam`) the scaling happens inside its update, as a division by
+    ``(norm + 1e-6) / clip`` (the ``grad_scale`` input the fused kernels take from
+    ``torch.amp.GradScaler``), instead of one more pass over every gradient tensor: the same
+    update up to float32 rounding. ``clip`` <= 0 is a ``ValueError``.
 
     ``loss(out, points, lengths, cfg)`` gives the terms (``setvae_loss`` with a
     :class:`LossConfig`, or :func:`.authors.authors_loss` with its own config).
@@ -105,6 +106,8 @@ def train_step(
     Returns the loss terms as floats. A non-finite loss is a ``FloatingPointError``, raised
     before the update.
     """
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
     optimizer.zero_grad(set_to_none=True)
     terms = loss(model(points, lengths), points, lengths, cfg)
     if not torch.isfinite(terms["loss"]):
@@ -112,9 +115,9 @@ def train_step(
     terms["loss"].backward()
     if clip is None:
         optimizer.step()
-    elif _scales_in_step(optimizer):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    elif grads := _scalable_grads(optimizer):
+        norms = [n.to(grads[0].device) for n in torch._foreach_norm(grads)]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)
         try:
             optimizer.step()
@@ -126,14 +129,18 @@ def train_step(
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _scales_in_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is a fused Adam over float32 parameters (the fused kernels take a
-    float32 scale; float64 keeps clip_grad_norm_'s float64 factor) that can take the clipping
-    as its gradient scale, and no one else (a GradScaler) has set one."""
-    return (
-        type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
-        and bool(optimizer.defaults.get("fused"))
-        and getattr(optimizer, "grad_scale", None) is None
-        and getattr(optimizer, "found_inf", None) is None
-        and all(p.dtype == torch.float32 for g in optimizer.param_groups for p in g["params"])
-    )
+def _scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients of ``optimizer``'s parameters when it can take the clipping as its
+    gradient scale, else []: a fused Adam (every parameter group fused) over float32
+    parameters (the fused kernels take a float32 scale; float64 keeps clip_grad_norm_'s
+    float64 factor), with no scale set by anyone else (a GradScaler), and some gradient."""
+    groups = optimizer.param_groups
+    if (
+        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
+        or not all(g.get("fused") for g in groups)
+        or getattr(optimizer, "grad_scale", None) is not None
+        or getattr(optimizer, "found_inf", None) is not None
+        or any(p.dtype != torch.float32 for g in groups for p in g["params"])
+    ):
+        return []
+    return [p.grad for g in groups for p in g["params"] if p.grad is not None]
