@@ -116,8 +116,7 @@ def train_step(
     if clip is None:
         optimizer.step()
     elif grads := _scalable_grads(optimizer):
-        norms = [n.to(grads[0].device) for n in torch._foreach_norm(grads)]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
+        norm = nn.utils.get_total_norm(grads, foreach=True)  # clip_grad_norm_'s own norm
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)
         try:
             optimizer.step()
