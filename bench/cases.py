@@ -4,8 +4,9 @@ makes its own cases; bench/registry.py gathers them."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 DIRECTIONS = ("fwd", "fwd+bwd")
 
@@ -28,6 +29,33 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.op}-{self.shape}-{self.direction}-{self.provider}"
+
+
+def training_cases(
+    op: str,
+    shape_prefix: str,
+    creations: tuple[str, ...],
+    providers: tuple[str, ...],
+    make: Callable[[str, str], Callable[[], object]],
+    params: Callable[[str, str], dict],
+    repeats: int,
+) -> Iterator[Case]:
+    """The cases of a training benchmark (setvae_epoch, graphvae_step): one heavy fwd+bwd case
+    per creation method and provider, shape ``{shape_prefix}_{creation}``, built by
+    ``make(creation, provider)``, timed ``repeats`` times."""
+    for creation in creations:
+        for provider in providers:
+            yield Case(
+                op,
+                f"{shape_prefix}_{creation}",
+                "fwd+bwd",
+                provider,
+                params(creation, provider),
+                None,
+                partial(make, creation, provider),
+                heavy=True,
+                repeats=repeats,
+            )
 
 
 def fresh_compile(provider: str) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import losses, set2graph_logits, setvae_epoch, topn_create
+from . import graphvae_step, losses, set2graph_logits, setvae_epoch, topn_create
 from .cases import Case
 
 OPS = (
@@ -17,6 +17,7 @@ OPS = (
     "valency_penalty",
     "set2graph_logits",
     "setvae_epoch",
+    "graphvae_step",
 )
 
 
@@ -25,3 +26,4 @@ def all_cases(device: torch.device) -> Iterator[Case]:
     yield from losses.cases(device)
     yield from set2graph_logits.cases(device)
     yield from setvae_epoch.cases(device)
+    yield from graphvae_step.cases(device)

@@ -42,7 +42,7 @@ from topn_kernels.models import (
 )
 from topn_kernels.models.authors import iterate_batches, size_grouped_batches
 
-from .cases import Case
+from .cases import Case, training_cases
 
 CREATIONS = ("topn", "firstn", "iid", "mlp")
 PROVIDERS = ("eager", "tuned")
@@ -84,25 +84,14 @@ def _epoch(creation: str, provider: str) -> Callable[[], object]:
 def cases(device: torch.device) -> Iterator[Case]:
     if device.type != "cpu":  # the preset's programs run on CPU
         return
-    for creation in CREATIONS:
-        for provider in PROVIDERS:
-            losses = "auto" if provider == "tuned" else "reference"
-            params = {"sets": 2000, "batch": 128, "creation": creation, "losses": losses}
 
-            def build(creation=creation, provider=provider):
-                return _epoch(creation, provider)
+    def params(creation: str, provider: str) -> dict:
+        losses = "auto" if provider == "tuned" else "reference"
+        return {"sets": 2000, "batch": 128, "creation": creation, "losses": losses}
 
-            yield Case(
-                "setvae_epoch",
-                f"authors_{creation}",
-                "fwd+bwd",
-                provider,
-                params,
-                None,
-                build,
-                heavy=True,
-                repeats=5,
-            )
+    yield from training_cases(
+        "setvae_epoch", "authors", CREATIONS, PROVIDERS, _epoch, params, repeats=5
+    )
 
 
 def cpu_targets(rows: list[dict]) -> list[dict]:

@@ -190,3 +190,24 @@ def test_setvae_epoch_targets_read_the_rows():
     mlp = [t for t in setvae_epoch.cpu_targets(rows) if t["shape"] == "authors_mlp"]
     assert [t["measured"] for t in mlp] == [None, None]  # another op's row is not read
     assert "tuned <= 1.0 s an epoch: 1.10 s" in format_targets(iid)
+
+
+def test_graphvae_step_cases_train_the_graph_vae_on_cpu_only():
+    from bench import graphvae_step
+
+    cases = list(graphvae_step.cases(torch.device("cpu")))
+    assert {(c.shape, c.provider) for c in cases} == {
+        (f"qm9_{creation}", provider)
+        for creation in graphvae_step.CREATIONS
+        for provider in graphvae_step.PROVIDERS
+    }
+    assert all(c.heavy and c.repeats > 1 and c.direction == "fwd+bwd" for c in cases)
+    assert list(graphvae_step.cases(torch.device("cuda"))) == []
+    for provider in graphvae_step.PROVIDERS:
+        torch.manual_seed(0)
+        step = graphvae_step._step("topn", provider)  # two steps taken
+        params = list(step.model.parameters())
+        before = [p.detach().clone() for p in params]
+        assert torch.isfinite(torch.tensor(step()))
+        assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+        assert all(p.grad is None for p in params)

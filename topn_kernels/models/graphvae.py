@@ -23,6 +23,7 @@ matching score (:func:`matching_score`) and compares them position by position.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from .._ragged import lengths_mask
 from ..nn import Set2GraphHead, make_creation, mlp
+from . import short_rows
 
 __all__ = [
     "GRAPH_CREATIONS",
@@ -65,7 +67,9 @@ class GraphVAEConfig:
     """Hyper-parameters; the defaults are the authors' ``config_graph.yaml`` (docs/graph_vae.md
     lists where this model differs). ``n_ref`` is the number of Top-n reference points (the
     paper's 12); ``angle_dim`` is the authors' ``cosine_channels``; ``backend`` is passed to
-    ``topn_create`` and ``set2graph_logits``."""
+    ``topn_create`` and ``set2graph_logits``, and on CPU any backend but ``"reference"`` runs
+    the decoder's transformer layers and softmaxes with :mod:`.short_rows` (faster at these
+    shapes; its dropout draws other random numbers than ``nn.Dropout``)."""
 
     creation: str = "topn"
     num_atom_types: int = 4
@@ -112,25 +116,32 @@ class GraphVAEConfig:
 
 class GraphDecoding(NamedTuple):
     """Decoder output: atom_logits (B, n, A), edge_logits (B, n, n, E + 1) (the last class is
-    "no bond"; 0 on pairs with a padding atom), mask (B, n) bool."""
+    "no bond"; 0 on pairs with a padding atom), mask (B, n) bool. ``short_rows``: take the
+    log-probabilities with :mod:`.short_rows` (the same values, faster on CPU) instead of
+    PyTorch's kernels."""
 
     atom_logits: Tensor
     edge_logits: Tensor
     mask: Tensor
+    short_rows: bool = False
 
     def log_atom_probs(self) -> Tensor:
         """(B, n, A) log-probabilities of the atom types."""
-        return F.log_softmax(self.atom_logits, dim=-1)
+        return self._log_softmax(self.atom_logits)
 
     def edge_log_probs(self) -> tuple[Tensor, Tensor, Tensor]:
         """(log p(bond), log p(no bond)) each (B, n, n), and the bond-type log-probabilities
         given a bond (B, n, n, E)."""
-        logp = F.log_softmax(self.edge_logits, dim=-1)
+        logp = self._log_softmax(self.edge_logits)
+        logsumexp = short_rows.logsumexp if self.short_rows else torch.logsumexp
         return (
-            torch.logsumexp(logp[..., :-1], dim=-1),
+            logsumexp(logp[..., :-1], dim=-1),
             logp[..., -1],
-            F.log_softmax(self.edge_logits[..., :-1], dim=-1),
+            self._log_softmax(self.edge_logits[..., :-1]),
         )
+
+    def _log_softmax(self, x: Tensor) -> Tensor:
+        return short_rows.log_softmax(x) if self.short_rows else F.log_softmax(x, dim=-1)
 
 
 class GraphVAEOutput(NamedTuple):
@@ -292,23 +303,29 @@ class GraphDecoder(nn.Module):
 
     def forward(self, z: Tensor, sizes: Tensor, width: int | None = None) -> GraphDecoding:
         x, mask = self.creation(z, sizes, n_max=width)
+        fast = self.cfg.backend != "reference" and z.device.type == "cpu"
         pad = ~mask[..., None]
         h = torch.relu(self.merge_out(torch.relu(self.merge_x(x) + self.merge_z(z)[:, None])))
         h = h.masked_fill(pad, 0.0)
         for block in self.blocks:
-            h = (torch.relu(block(h, src_key_padding_mask=~mask)) + h).masked_fill(pad, 0.0)
+            if fast:
+                t = short_rows.transformer_layer(block, h, mask)
+            else:
+                t = block(h, src_key_padding_mask=~mask)
+            h = (torch.relu(t) + h).masked_fill(pad, 0.0)
         feats = self.to_features(h).masked_fill(pad, 0.0)
         lengths = mask.sum(1)
         edge_logits = self.edge_head(feats, lengths)
         # expected number of bonds of each type at each atom, over the other real atoms
-        logp = F.log_softmax(edge_logits, dim=-1)[..., :-1].exp()
+        log_softmax = short_rows.log_softmax if fast else partial(F.log_softmax, dim=-1)
+        logp = log_softmax(edge_logits)[..., :-1].exp()
         n = mask.shape[1]
         pair = (
             mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=z.device)
         )
         degrees = (logp * pair[..., None]).sum(2) / float(self.cfg.max_atoms)
         atom_logits = self.atom_head(torch.cat([feats, degrees], dim=-1)).masked_fill(pad, 0.0)
-        return GraphDecoding(atom_logits, edge_logits, mask)
+        return GraphDecoding(atom_logits, edge_logits, mask, fast)
 
 
 class GraphVAE(nn.Module):
@@ -512,10 +529,9 @@ def match_graphs(
     targets = _permute_nodes(atoms, t_order, False), _permute_nodes(bonds, t_order, True)
     if p_order is None:
         return decoding, *targets
-    matched = GraphDecoding(
-        _permute_nodes(decoding.atom_logits, p_order, False),
-        _permute_nodes(decoding.edge_logits, p_order, True),
-        mask,
+    matched = decoding._replace(
+        atom_logits=_permute_nodes(decoding.atom_logits, p_order, False),
+        edge_logits=_permute_nodes(decoding.edge_logits, p_order, True),
     )
     return matched, *targets
 

@@ -1,0 +1,152 @@
+"""topn_kernels.models.short_rows against the PyTorch functions and modules it replaces in the
+graph VAE (docs/graph_vae.md, "Speed")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from topn_kernels.models import GraphVAE, GraphVAEConfig
+from topn_kernels.models import short_rows as sr
+
+
+def _rows(shape, masked: bool) -> torch.Tensor:
+    x = torch.randn(shape, dtype=torch.float64) * 5
+    if masked:  # some -inf entries, never a whole row
+        hide = torch.rand(shape) < 0.3
+        hide[..., 0] = False
+        x = x.masked_fill(hide, -math.inf)
+    return x
+
+
+@pytest.mark.parametrize("width", [1, 4, 9])
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmaxes_match_torch_values_and_gradients(width, masked):
+    torch.manual_seed(0)
+    x = _rows((6, 5, width), masked)
+    cases = [
+        (sr.softmax, torch.softmax),
+        (sr.log_softmax, F.log_softmax),
+        (sr.logsumexp, torch.logsumexp),
+    ]
+    for ours, theirs in cases:
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        out_a, out_b = ours(a, dim=-1), theirs(b, dim=-1)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+        weight = torch.randn_like(out_b).masked_fill(~torch.isfinite(out_b), 0.0)
+        # -inf * 0 is NaN: compare gradients of the finite outputs
+        (out_a.masked_fill(~torch.isfinite(out_a), 0.0) * weight).sum().backward()
+        (out_b.masked_fill(~torch.isfinite(out_b), 0.0) * weight).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_softmaxes_along_another_dim_and_a_row_of_minus_inf():
+    x = torch.randn(3, 7, 4)
+    torch.testing.assert_close(sr.softmax(x, dim=1), torch.softmax(x, dim=1))
+    torch.testing.assert_close(sr.log_softmax(x, dim=0), F.log_softmax(x, dim=0))
+    torch.testing.assert_close(sr.logsumexp(x, dim=1), torch.logsumexp(x, dim=1))
+    dead = torch.full((2, 3), -math.inf)
+    assert torch.equal(sr.logsumexp(dead), torch.logsumexp(dead, -1))
+    assert torch.isnan(sr.softmax(dead)).all() and torch.isnan(torch.softmax(dead, -1)).all()
+
+
+def test_dropout_drops_p_and_scales_the_rest():
+    torch.manual_seed(0)
+    p, count = 0.1, 1_000_001  # odd: the last draw is cut in half
+    x = torch.rand(count, dtype=torch.float64) + 1.0
+    out = sr.dropout(x, p)
+    kept = out != 0
+    sd = math.sqrt(p * (1 - p) / count)
+    assert abs((1 - kept.double().mean().item()) - p) < 5 * sd
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p), rtol=1e-15, atol=0)
+    # the two halves of each 64-bit draw are independent: both of a pair dropped ~ p^2
+    pairs = ~kept[: count - 1].view(-1, 2)
+    both = pairs.all(1).double().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / pairs.shape[0])
+    # neighbours in a row of a 2-D tensor are not correlated either
+    grid = ~sr.dropout(torch.ones(1000, 1000), 0.5).bool()
+    corr = torch.corrcoef(torch.stack([grid[:, :-1].flatten(), grid[:, 1:].flatten()]).float())
+    assert abs(corr[0, 1].item()) < 0.01
+
+
+def test_dropout_is_seeded_by_the_global_generator_and_has_the_masked_gradient():
+    x = torch.randn(4, 9, 64, requires_grad=True)
+    torch.manual_seed(3)
+    a = sr.dropout(x, 0.25)
+    torch.manual_seed(3)
+    b = sr.dropout(x, 0.25)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sr.dropout(x, 0.25))
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, (a != 0).float() / 0.75)
+
+
+def test_dropout_off_and_bad_probability():
+    x = torch.randn(5, 3)
+    assert sr.dropout(x, 0.3, training=False) is x
+    assert sr.dropout(x, 0.0) is x
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout probability"):
+            sr.dropout(x, p)
+
+
+def _layer(dropout: float, **kw) -> nn.TransformerEncoderLayer:
+    torch.manual_seed(1)
+    return nn.TransformerEncoderLayer(16, 4, 32, dropout=dropout, batch_first=True, **kw)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_transformer_layer_matches_the_module_with_a_padding_mask(training):
+    layer = _layer(0.0 if training else 0.1).double().train(training)
+    torch.manual_seed(2)
+    x = torch.randn(5, 9, 16, dtype=torch.float64)
+    mask = torch.arange(9) < torch.tensor([9, 1, 4, 7, 2])[:, None]
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = sr.transformer_layer(layer, a, mask)
+    theirs = layer(b, src_key_padding_mask=~mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    weight = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad((ours * weight).sum(), [a, *layer.parameters()])
+    grads_theirs = torch.autograd.grad((theirs * weight).sum(), [b, *layer.parameters()])
+    for g_ours, g_theirs in zip(grads_ours, grads_theirs, strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_transformer_layer_dropout_in_training_only():
+    layer = _layer(0.5)
+    x, mask = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
+    torch.manual_seed(0)
+    first = sr.transformer_layer(layer, x, mask)
+    torch.manual_seed(0)
+    assert torch.equal(first, sr.transformer_layer(layer, x, mask))
+    assert not torch.allclose(first, layer.eval()(x))  # training drew a mask
+    torch.testing.assert_close(sr.transformer_layer(layer, x, mask), layer(x), atol=1e-5, rtol=0)
+
+
+def test_transformer_layer_rejects_other_layers():
+    x, mask = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool)
+    for layer in (_layer(0.0, norm_first=True), _layer(0.0, activation="gelu")):
+        with pytest.raises(ValueError, match="post-norm ReLU"):
+            sr.transformer_layer(layer, x, mask)
+
+
+def test_graph_decoder_with_short_rows_matches_the_reference_backend():
+    torch.manual_seed(0)
+    plain = GraphVAE(GraphVAEConfig(backend="reference")).eval()
+    fast = GraphVAE(GraphVAEConfig(backend="auto")).eval()
+    fast.load_state_dict(plain.state_dict())
+    z, sizes = torch.randn(6, plain.cfg.latent_dim), torch.tensor([9, 1, 4, 7, 2, 9])
+    with torch.no_grad():
+        a, b = plain.decoder(z, sizes), fast.decoder(z, sizes)
+    assert not a.short_rows and b.short_rows
+    torch.testing.assert_close(b.atom_logits, a.atom_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.edge_logits, a.edge_logits, atol=1e-5, rtol=1e-5)
+    for x, y in zip(b.edge_log_probs(), a.edge_log_probs(), strict=True):
+        pair = torch.isfinite(y)
+        torch.testing.assert_close(x[pair], y[pair], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.log_atom_probs(), a.log_atom_probs(), atol=1e-5, rtol=1e-5)
