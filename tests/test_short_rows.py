@@ -90,6 +90,8 @@ def test_dropout_off_and_bad_probability():
     x = torch.randn(5, 3)
     assert sr.dropout(x, 0.3, training=False) is x
     assert sr.dropout(x, 0.0) is x
+    torch.manual_seed(0)  # p within 2^-33 of 1: the threshold must not wrap around in int32
+    assert (sr.dropout(torch.ones(10_000), 1 - 2**-34) == 0).all()
     for p in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match="dropout probability"):
             sr.dropout(x, p)
@@ -128,9 +130,37 @@ def test_transformer_layer_dropout_in_training_only():
     torch.testing.assert_close(sr.transformer_layer(layer, x, mask), layer(x), atol=1e-5, rtol=0)
 
 
+def test_transformer_layer_drops_where_the_module_does(monkeypatch):
+    layer = _layer(0.1)
+    layer.self_attn.dropout, layer.dropout1.p = 0.1, 0.2
+    layer.dropout.p, layer.dropout2.p = 0.3, 0.4
+    calls = []
+
+    def record(x, p, training=True):
+        calls.append((tuple(x.shape), p, training))
+        return x
+
+    monkeypatch.setattr(sr, "dropout", record)
+    x, mask = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
+    out = sr.transformer_layer(layer, x, mask)
+    # the attention weights, after the attention block, inside and after the feed-forward block
+    assert calls == [((3, 4, 6, 6), 0.1, True), ((3, 6, 16), 0.2, True),
+                     ((3, 6, 32), 0.3, True), ((3, 6, 16), 0.4, True)]  # fmt: skip
+    torch.testing.assert_close(out, layer.eval()(x), atol=1e-5, rtol=0)  # identity dropouts
+    calls.clear()
+    sr.transformer_layer(layer, x, mask)
+    assert [c[2] for c in calls] == [False] * 4
+
+
 def test_transformer_layer_rejects_other_layers():
     x, mask = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool)
-    for layer in (_layer(0.0, norm_first=True), _layer(0.0, activation="gelu")):
+    others = [_layer(0.0, norm_first=True), _layer(0.0, activation="gelu")]
+    bias_k = nn.Parameter(torch.zeros(1, 1, 16))
+    for attribute, value in (("bias_k", bias_k), ("add_zero_attn", True)):
+        layer = _layer(0.0)
+        setattr(layer.self_attn, attribute, value)
+        others.append(layer)
+    for layer in others:
         with pytest.raises(ValueError, match="post-norm ReLU"):
             sr.transformer_layer(layer, x, mask)
 
@@ -150,3 +180,12 @@ def test_graph_decoder_with_short_rows_matches_the_reference_backend():
         pair = torch.isfinite(y)
         torch.testing.assert_close(x[pair], y[pair], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.log_atom_probs(), a.log_atom_probs(), atol=1e-5, rtol=1e-5)
+
+
+def test_graph_decoder_takes_the_plain_path_under_the_reference_environment(monkeypatch):
+    torch.manual_seed(0)
+    model = GraphVAE(GraphVAEConfig()).eval()
+    z, sizes = torch.randn(2, model.cfg.latent_dim), torch.tensor([3, 5])
+    assert model.decoder(z, sizes).short_rows
+    monkeypatch.setenv("TOPN_KERNELS_BACKEND", "reference")
+    assert not model.decoder(z, sizes).short_rows

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .._ragged import lengths_mask
 from ..nn import Set2GraphHead, make_creation, mlp
+from ..ops._dispatch import requested
 from . import short_rows
 
 __all__ = [
@@ -67,9 +68,10 @@ class GraphVAEConfig:
     """Hyper-parameters; the defaults are the authors' ``config_graph.yaml`` (docs/graph_vae.md
     lists where this model differs). ``n_ref`` is the number of Top-n reference points (the
     paper's 12); ``angle_dim`` is the authors' ``cosine_channels``; ``backend`` is passed to
-    ``topn_create`` and ``set2graph_logits``, and on CPU any backend but ``"reference"`` runs
-    the decoder's transformer layers and softmaxes with :mod:`.short_rows` (faster at these
-    shapes; its dropout draws other random numbers than ``nn.Dropout``)."""
+    ``topn_create`` and ``set2graph_logits``, and on CPU any backend but ``"reference"``
+    (given here, or ``"auto"`` with ``TOPN_KERNELS_BACKEND=reference``) runs the decoder's
+    transformer layers and softmaxes with :mod:`.short_rows` (faster at these shapes; its
+    dropout draws other random numbers than ``nn.Dropout``)."""
 
     creation: str = "topn"
     num_atom_types: int = 4
@@ -303,7 +305,7 @@ class GraphDecoder(nn.Module):
 
     def forward(self, z: Tensor, sizes: Tensor, width: int | None = None) -> GraphDecoding:
         x, mask = self.creation(z, sizes, n_max=width)
-        fast = self.cfg.backend != "reference" and z.device.type == "cpu"
+        fast = z.device.type == "cpu" and requested(self.cfg.backend) != "reference"
         pad = ~mask[..., None]
         h = torch.relu(self.merge_out(torch.relu(self.merge_x(x) + self.merge_z(z)[:, None])))
         h = h.masked_fill(pad, 0.0)

@@ -49,8 +49,8 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """``F.dropout(x, p, training)``: each element zeroed with probability ``p`` (to 2^-32),
-    the others scaled by ``1 / (1 - p)``.
+    """``F.dropout(x, p, training)``: each element zeroed with probability ``p`` (to 2^-32;
+    at most 1 - 2^-32), the others scaled by ``1 / (1 - p)``.
 
     The mask comes from ``torch.randint`` over the full int64 range (the global generator, so
     ``torch.manual_seed`` and a saved RNG state reproduce it), each 64-bit draw read as two
@@ -65,7 +65,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     draws = torch.randint(*_INT64, ((count + 1) // 2,), dtype=torch.int64, device=x.device)
     uniform = draws.view(torch.int32)[:count].view(x.shape)  # uniform over [-2^31, 2^31)
     # keep when uniform >= threshold: P(drop) = round(p * 2^32) / 2^32
-    threshold = round(p * 2.0**32) - 2**31
+    threshold = min(round(p * 2.0**32), 2**32 - 1) - 2**31  # an int32 for p close to 1
     keep = (uniform >= threshold).to(x.dtype)
     return x * (keep * (1.0 / (1.0 - p)))
 
@@ -76,17 +76,24 @@ def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor, mask: Tensor
     its four dropouts (the attention weights, after the attention, inside and after the
     feed-forward block; each with the layer's own probability, in training mode only).
 
-    x (B, n, C) float, mask (B, n) bool with True on real atoms; every row needs a real atom.
-    Returns (B, n, C). Raises ``ValueError`` for a layer of another kind.
+    x (B, n, C) float, mask (B, n) bool with True on real atoms; every row needs a real atom
+    (a row without one gives NaN). Returns (B, n, C). The layer's and its submodules' forward
+    hooks do not run. Raises ``ValueError`` for a layer of another kind (pre-norm, another
+    activation, separate key/value widths, ``bias_k``/``bias_v`` or ``add_zero_attn``).
     """
     attn = layer.self_attn
     if (
         layer.norm_first
         or not attn.batch_first
         or attn.in_proj_weight is None
+        or attn.bias_k is not None
+        or attn.add_zero_attn
         or layer.activation_relu_or_gelu != 1
     ):
-        raise ValueError("transformer_layer takes a post-norm ReLU layer with batch_first=True")
+        raise ValueError(
+            "transformer_layer takes a post-norm ReLU layer with batch_first=True and plain "
+            "self-attention (no bias_k/bias_v, no add_zero_attn, no kdim/vdim)"
+        )
     b, n, c = x.shape
     heads = attn.num_heads
     train = layer.training

@@ -57,6 +57,12 @@ def _forced() -> str | None:
     return os.environ.get(ENV_VAR)
 
 
+def requested(backend: str) -> str:
+    """``backend`` as the caller asked for it: ``"auto"`` replaced by ``TOPN_KERNELS_BACKEND``
+    when that is set. For code that takes a plain-PyTorch path under ``"reference"``."""
+    return (_forced() or backend) if backend == "auto" else backend
+
+
 @functools.cache
 def _candidates(op: str, device_type: str, small: bool) -> tuple[str, ...]:
     """The backends "auto" tries for ``op`` on a device of ``device_type``, best first (the
