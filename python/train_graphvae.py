@@ -17,6 +17,8 @@ improved for ``--patience`` epochs, gradients clipped to norm 4, batches of ``--
 (512) shuffled molecules padded to the batch's largest. ``--max-minutes`` stops cleanly after
 the epoch that passes the limit (checkpoint written, no evaluation); ``--resume`` continues
 from ``--out/checkpoint.pt`` (model, optimizer, scheduler, random state and history).
+``--init-from CKPT`` starts a new run from another run's model weights (a fresh optimizer,
+schedule and history; metrics.json records CKPT), e.g. to go on with other loss weights.
 
 Matching: the loss sorts the target's atoms by the paper's score and orders the predicted
 atoms by ``--pred-order`` (score, the authors' way, by default; type and slot give each decoder
@@ -116,12 +118,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="CKPT",
+        help="start from the model weights of another run's checkpoint.pt (same --creation), "
+        "with a new optimizer, schedule and history: e.g. to go on with other --loss-weight",
+    )
+    p.add_argument(
         "--max-minutes",
         type=float,
         help="stop after the epoch that passes this many minutes of this run (resume later)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip curves.png and molecules.png")
     args = p.parse_args(argv)
+    if args.init_from is not None and args.resume:
+        p.error("--init-from starts a run, --resume continues one: give one of them")
+    if args.init_from is not None and not args.init_from.is_file():
+        p.error(f"--init-from: no checkpoint file {args.init_from}")
     for name in ("epochs", "batch_size", "n_generated", "eval_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -352,12 +365,22 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"{ckpt_path} was trained with --pred-order {ckpt['args'].get('pred_order')}; "
                 f"resume with the same order, not {args.pred_order}"
             )
+        args.init_from = ckpt["args"].get("init_from")  # the run's origin, for metrics.json
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         torch.set_rng_state(ckpt["rng"])
         batch_gen.set_state(ckpt["batch_rng"])
+    elif args.init_from is not None:
+        init = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        if init.get("config") != model.cfg.as_dict():
+            raise SystemExit(
+                f"--init-from {args.init_from}: its model ({init.get('config')}) is not this "
+                f"run's ({model.cfg.as_dict()})"
+            )
+        model.load_state_dict(init["model"])
+        print(f"model weights from {args.init_from} (after {init['epoch'] + 1} epochs)")
     print(
         f"creation {args.creation}: {sum(p.numel() for p in model.parameters())} parameters; "
         f"{len(train)} training molecules, batch {args.batch_size}, "

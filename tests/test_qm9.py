@@ -573,6 +573,21 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert history[1]["validity"] <= history[1]["authors_validity"] <= 1
     run = _program([*cmd, "--epochs", "3", "--resume", "--pred-order", "type"])
     assert run.returncode != 0 and "--pred-order" in run.stderr  # not the run's own order
+    # a new run from the trained weights, with another KL weight
+    tuned = tmp_path / "tuned"
+    init = ["--init-from", str(out / "checkpoint.pt"), "--out", str(tuned), "--no-plots"]
+    run = _program([*cmd[:-2], *init, "--epochs", "1", "--loss-weight", "kl=0.003"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    started = json.loads((tuned / "metrics.json").read_text())
+    assert started["args"]["init_from"] == str(out / "checkpoint.pt")
+    assert started["epochs"] == 1 and started["loss"]["kl"] == 0.003
+    # trained weights: its first epoch fits the atom types better than the first run's
+    assert started["train_losses"]["atoms"] < history[0]["atoms"]
+    run = _program([*cmd[:-2], *init, "--epochs", "2", "--resume"])
+    assert run.returncode != 0 and "--init-from" in run.stderr
+    other = [*init[:-3], "--out", str(tmp_path / "other")]
+    run = _program([*cmd[:-2], *other, "--creation", "firstn", "--epochs", "1"])
+    assert run.returncode != 0 and "--init-from" in run.stderr  # another model
     diagnosis = _program(["python/qm9_diagnose.py", str(out), "--molecules", "50"])
     assert diagnosis.returncode == 0, diagnosis.stdout[-3000:] + diagnosis.stderr[-3000:]
     row = json.loads(diagnosis.stdout.splitlines()[-1])
