@@ -12,12 +12,15 @@ For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``
   share of atom pairs whose bond / no-bond decision (bond probability > 1/2) is right, the
   base rate of no-bond pairs, the bond cross-entropy per pair, and the share of molecules
   reconstructed exactly (most likely atom types, bonds and bond types);
-- the latent codes: KL per molecule (nats), the encoder's mean sigma and the spread of its
-  means across molecules;
+- the latent codes: KL per molecule (nats), the encoder's mean sigma, the spread of its
+  means across molecules, and the active dimensions (those whose mean varies across molecules
+  with a variance above 0.01, Burda et al. 2016);
 - molecules drawn as ``GraphVAE.generate`` draws them, with the sizes of those molecules, from
   z = mu (the encoder's mean), z = mu + sigma * eps (the posterior) and z ~ N(0, I) (the
   prior, as the run's ``validity`` draws them, there with sizes drawn from the training
-  distribution): valid % (the strict check: RDKit sanitizes, one connected molecule) and
+  distribution), and from a diagonal Gaussian fitted to the codes of those molecules (the mean
+  of mu, per dimension the variance of mu plus the mean of sigma^2: the aggregate posterior's
+  first two moments): valid % (the strict check: RDKit sanitizes, one connected molecule) and
   sanitizes % (fragments allowed).
 
 Prints one JSON object per run; ``--json PATH`` also writes them as a list.
@@ -113,11 +116,15 @@ def diagnose(run: Path, splits_by_source: dict, args) -> dict:
             "kl_per_molecule": float(kl.mean()),
             "mean_sigma": float(sigma.mean()),
             "mean_std_of_mu": float(mu.std(0).mean()),
+            "active_dims": int((mu.var(0) > 0.01).sum()),
         }
+        # the aggregate posterior's mean and per-dimension variance, as one diagonal Gaussian
+        spread = (mu.var(0) + sigma.pow(2).mean(0)).sqrt()
         row["drawn"] = {
             "mu": drawn_validity(model, mu, lengths),
             "posterior": drawn_validity(model, mu + sigma * torch.randn_like(mu), lengths),
             "prior": drawn_validity(model, torch.randn_like(mu), lengths),
+            "fitted": drawn_validity(model, mu.mean(0) + spread * torch.randn_like(mu), lengths),
         }
     return row
 
