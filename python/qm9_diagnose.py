@@ -112,14 +112,15 @@ def diagnose(run: Path, splits_by_source: dict, args) -> dict:
         mu, log_var = model.encoder(x, e, mask)
         sigma = (0.5 * log_var).exp()
         kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum(1)
+        mu_var = mu.var(0)
         row["latent"] = {
             "kl_per_molecule": float(kl.mean()),
             "mean_sigma": float(sigma.mean()),
             "mean_std_of_mu": float(mu.std(0).mean()),
-            "active_dims": int((mu.var(0) > 0.01).sum()),
+            "active_dims": int((mu_var > 0.01).sum()),
         }
         # the aggregate posterior's mean and per-dimension variance, as one diagonal Gaussian
-        spread = (mu.var(0) + sigma.pow(2).mean(0)).sqrt()
+        spread = (mu_var + sigma.pow(2).mean(0)).sqrt()
         row["drawn"] = {
             "mu": drawn_validity(model, mu, lengths),
             "posterior": drawn_validity(model, mu + sigma * torch.randn_like(mu), lengths),

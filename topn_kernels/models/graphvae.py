@@ -23,7 +23,6 @@ matching score (:func:`matching_score`) and compares them position by position.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -143,7 +142,12 @@ class GraphDecoding(NamedTuple):
         )
 
     def _log_softmax(self, x: Tensor) -> Tensor:
-        return short_rows.log_softmax(x) if self.short_rows else F.log_softmax(x, dim=-1)
+        return _log_softmax(x, self.short_rows)
+
+
+def _log_softmax(x: Tensor, short: bool) -> Tensor:
+    """Log-softmax over the last dimension, with :mod:`.short_rows` when ``short``."""
+    return short_rows.log_softmax(x) if short else F.log_softmax(x, dim=-1)
 
 
 class GraphVAEOutput(NamedTuple):
@@ -319,8 +323,7 @@ class GraphDecoder(nn.Module):
         lengths = mask.sum(1)
         edge_logits = self.edge_head(feats, lengths)
         # expected number of bonds of each type at each atom, over the other real atoms
-        log_softmax = short_rows.log_softmax if fast else partial(F.log_softmax, dim=-1)
-        logp = log_softmax(edge_logits)[..., :-1].exp()
+        logp = _log_softmax(edge_logits, fast)[..., :-1].exp()
         n = mask.shape[1]
         pair = (
             mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=z.device)

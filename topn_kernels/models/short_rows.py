@@ -95,11 +95,11 @@ def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor, mask: Tensor
             "self-attention (no bias_k/bias_v, no add_zero_attn, no kdim/vdim)"
         )
     b, n, c = x.shape
-    heads = attn.num_heads
+    heads, d = attn.num_heads, attn.head_dim
     train = layer.training
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # each (B, h, n, d)
-    scores = (q * (c // heads) ** -0.5) @ k.transpose(-1, -2)  # (B, h, n, n)
+    q, k, v = qkv.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # each (B, h, n, d)
+    scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, h, n, n)
     scores = scores.masked_fill(~mask[:, None, None, :], -torch.inf)
     weights = dropout(softmax(scores), attn.dropout, train)
     out = (weights @ v).transpose(1, 2).reshape(b, n, c)

@@ -145,10 +145,8 @@ def _resolve(
 ) -> str:
     choices = _CHOICES[op]
     backend = _checks.choice(backend, "backend", choices)
-    if backend == "auto":
-        forced = _forced()
-        if forced:
-            backend = _checks.choice(forced, ENV_VAR, choices)
+    if (forced := requested(backend)) != backend:  # "auto" under TOPN_KERNELS_BACKEND
+        backend = _checks.choice(forced, ENV_VAR, choices)
     if backend != "auto":
         if backend in unsupported:
             raise ValueError(
