@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
+from .fused_adam import FusedAdam
 from .setvae import VAEOutput
 
 __all__ = ["LOSS_TERMS", "LossConfig", "make_adam", "setvae_loss", "train_step"]
@@ -75,8 +76,10 @@ def setvae_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: LossConfig
 
 def make_adam(parameters, lr: float) -> torch.optim.Adam:
     """Adam with PyTorch's fused implementation (one kernel over all parameters, on CPU and
-    CUDA): the training programs' optimizer."""
-    return torch.optim.Adam(parameters, lr=lr, fused=True)
+    CUDA), its per-step Python bookkeeping cut short (:class:`.fused_adam.FusedAdam`: the same
+    updates and state dicts as ``torch.optim.Adam(fused=True)``): the training programs'
+    optimizer."""
+    return FusedAdam(parameters, lr=lr)
 
 
 def train_step(
@@ -135,7 +138,7 @@ def _scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     float64 factor), with no scale set by anyone else (a GradScaler), and some gradient."""
     groups = optimizer.param_groups
     if (
-        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
+        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, FusedAdam)
         or not all(g.get("fused") for g in groups)
         or getattr(optimizer, "grad_scale", None) is not None
         or getattr(optimizer, "found_inf", None) is not None

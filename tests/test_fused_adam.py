@@ -1,0 +1,123 @@
+"""FusedAdam (topn_kernels/models/fused_adam.py) against torch.optim.Adam(fused=True): the same
+parameters and state, bit for bit, on its shortcut and on its fallbacks, and interchangeable
+state dicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from topn_kernels.models.fused_adam import FusedAdam
+
+
+def _params(dtype=torch.float32) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2), (1,)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+
+
+def _grads(params, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+def _pair(dtype=torch.float32, groups: bool = False, **kwargs):
+    a, b = _params(dtype), _params(dtype)
+    if groups:  # two groups, the second with its own learning rate
+        a = [{"params": a[:2]}, {"params": a[2:], "lr": 3e-2}]
+        b = [{"params": b[:2]}, {"params": b[2:], "lr": 3e-2}]
+    ref = torch.optim.Adam(a, lr=1e-2, fused=True, **kwargs)
+    ours = FusedAdam(b, lr=1e-2, **kwargs)
+    return ref, ours
+
+
+def _all(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _step_both(ref, ours, seed: int, scale=None, found_inf=None, skip=()):
+    for opt in (ref, ours):
+        for i, (p, grad) in enumerate(zip(_all(opt), _grads(_all(opt), seed), strict=True)):
+            p.grad = None if i in skip else grad
+        if scale is not None:
+            opt.grad_scale = torch.tensor(scale)
+        if found_inf is not None:
+            opt.found_inf = torch.tensor(found_inf)
+        opt.step()
+        for name in ("grad_scale", "found_inf"):
+            if hasattr(opt, name):
+                delattr(opt, name)
+
+
+def _assert_same(ref, ours):
+    for p, q in zip(_all(ref), _all(ours), strict=True):
+        assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref.state[p][key], ours.state[q][key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"weight_decay": 0.1, "betas": (0.8, 0.95)}, {"maximize": True, "eps": 1e-3}],
+    ids=["default", "decay-betas", "maximize-eps"],
+)
+def test_steps_match_torch_fused_adam_bit_for_bit(dtype, kwargs):
+    ref, ours = _pair(dtype, groups=True, **kwargs)
+    for seed in range(5):
+        _step_both(ref, ours, seed, scale=[None, 2.5, 1.0, 0.25, None][seed])
+        _assert_same(ref, ours)
+    assert ours._lists is not None  # the shortcut ran after the first step
+    for group in (ref.param_groups[0], ours.param_groups[0]):
+        group["lr"] = 1e-3  # a schedule's change is read at every step
+    _step_both(ref, ours, 9)
+    _assert_same(ref, ours)
+    assert float(ours.state[_all(ours)[0]]["step"]) == 6
+
+
+def test_a_skipped_step_found_inf_and_a_missing_gradient_match_torch():
+    ref, ours = _pair()
+    _step_both(ref, ours, 0)
+    _step_both(ref, ours, 1, scale=2.0, found_inf=1.0)  # GradScaler's skipped step
+    _assert_same(ref, ours)
+    assert float(ours.state[_all(ours)[0]]["step"]) == 1
+    _step_both(ref, ours, 2, skip=(1,))  # falls back to Adam's step, counters shared
+    _assert_same(ref, ours)
+    _step_both(ref, ours, 3)
+    _assert_same(ref, ours)
+    assert [float(ours.state[p]["step"]) for p in _all(ours)] == [3, 2, 3, 3]
+
+
+def test_state_dicts_load_either_way_and_training_goes_on_alike():
+    ref, ours = _pair(groups=True)
+    for seed in range(3):
+        _step_both(ref, ours, seed)
+    # ours -> a fresh torch Adam, torch's -> a fresh FusedAdam; both go on as the originals
+    fresh_ref, fresh_ours = _pair(groups=True)
+    for fresh, source in ((fresh_ref, ours), (fresh_ours, ref)):
+        with torch.no_grad():
+            for p, q in zip(_all(fresh), _all(source), strict=True):
+                p.copy_(q)
+        fresh.load_state_dict(copy.deepcopy(source.state_dict()))
+    for seed in range(3, 6):
+        _step_both(ref, fresh_ours, seed)
+        _step_both(fresh_ref, ours, seed)
+    _assert_same(ref, fresh_ours)
+    _assert_same(fresh_ref, ours)
+    _assert_same(ref, ours)
+
+
+def test_rejects_the_options_it_fixes():
+    for key in ("fused", "foreach", "capturable", "differentiable"):
+        with pytest.raises(TypeError, match=key):
+            FusedAdam(_params(), lr=1e-3, **{key: False})
+
+
+def test_amsgrad_takes_adams_own_step():
+    ref, ours = _pair(amsgrad=True)
+    for seed in range(3):
+        _step_both(ref, ours, seed)
+    _assert_same(ref, ours)
+    assert ours._lists is None
