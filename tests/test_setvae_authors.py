@@ -134,8 +134,9 @@ def test_loss_is_the_released_sum_over_the_batch():
 
 @pytest.mark.parametrize("creation", ["topn", "firstn", "iid", "mlp"])
 def test_mixed_sizes_run_each_size_alone(creation):
-    """In eval, a batch of several sizes gives each set what a batch of its size alone gives;
-    the output is zero past each length, and every parameter gets a gradient in training."""
+    """In eval, a batch of several sizes gives each set what a batch of its size alone gives,
+    trimmed to its size or padded; the output is zero past each length, and every parameter
+    gets a gradient in training."""
     torch.manual_seed(4)
     data = generate_sets(10, seed=4)
     points, lengths = collate_sets([data[i] for i in range(10)])
@@ -150,6 +151,10 @@ def test_mixed_sizes_run_each_size_alone(creation):
             torch.manual_seed(0)
             alone = model.reconstruct(points[idx, :n], lengths[idx])
             torch.testing.assert_close(rec[idx, :n], alone)
+            torch.manual_seed(0)
+            padded = model.reconstruct(points[idx], lengths[idx])  # one size, wider padding
+            torch.testing.assert_close(padded[:, :n], alone)
+            assert padded.shape[1] == points.shape[1] and (padded[:, n:] == 0).all()
         assert all((rec[lengths == n, n:] == 0).all() for n in sizes)
     model.train()
     batch = size_grouped_batches(lengths, 128)[-1]

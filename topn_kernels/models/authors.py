@@ -359,11 +359,20 @@ class Decoder(nn.Module):
         return self.head(h)
 
 
-def _by_size(fn: Callable[[Tensor, int], Tensor], lengths: Tensor, width: int) -> Tensor:
+def _by_size(fn: Callable[[Tensor | slice, int], Tensor], lengths: Tensor, width: int) -> Tensor:
     """Runs ``fn(index, n)`` -> (len(index), n, C) on the sets of each size n and pads the
-    results into (B, width, C)."""
+    results into (B, width, C). A batch of one size (every training batch) is one call with
+    ``index = slice(None)``: no gather, and no scatter where ``n == width``."""
+    sizes = torch.unique(lengths).tolist()
+    if len(sizes) == 1:
+        part = fn(slice(None), sizes[0])
+        if part.shape[1] == width:
+            return part
+        out = part.new_zeros(lengths.shape[0], width, part.shape[-1])
+        out[:, : sizes[0]] = part
+        return out
     out: Tensor | None = None
-    for n in torch.unique(lengths).tolist():
+    for n in sizes:
         index = (lengths == n).nonzero().squeeze(1)
         part = fn(index, n)
         if out is None:
