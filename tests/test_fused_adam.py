@@ -121,3 +121,24 @@ def test_amsgrad_takes_adams_own_step():
         _step_both(ref, ours, seed)
     _assert_same(ref, ours)
     assert ours._lists is None
+
+
+def test_a_non_fused_state_dict_keeps_adams_non_fused_step():
+    """load_state_dict takes ``fused`` from the saved groups: after loading a plain Adam's
+    state, FusedAdam steps as torch's Adam then does (the for-loop update), not the kernel."""
+    a, b = _params(), _params()
+    plain = torch.optim.Adam(a, lr=1e-2)
+    for seed in range(2):
+        for p, grad in zip(a, _grads(a, seed), strict=True):
+            p.grad = grad
+        plain.step()
+    ref, ours = torch.optim.Adam(_params(), lr=1e-2, fused=True), FusedAdam(b, lr=1e-2)
+    for opt in (ref, ours):
+        with torch.no_grad():
+            for p, q in zip(_all(opt), a, strict=True):
+                p.copy_(q)
+        opt.load_state_dict(copy.deepcopy(plain.state_dict()))
+    for seed in range(2, 4):
+        _step_both(ref, ours, seed)
+        _assert_same(ref, ours)
+    assert ours._lists is None and not ours.param_groups[0]["fused"]

@@ -251,3 +251,29 @@ def test_authors_model_native_switch():
     assert len(blocks) == 7 and not any(m.native for m in blocks)  # 6 blocks and the pooling
     assert model.use_native() is model and all(m.native for m in blocks)
     assert all(m.native for m in AuthorsSetVAE().modules() if hasattr(m, "native"))
+
+
+def test_authors_model_runs_a_hooked_layer_as_the_module():
+    """A hook on a layer's submodule, or a global module hook, sends the layer through the
+    module, so that the hook runs; the output is the native model's, up to rounding."""
+    torch.manual_seed(0)
+    model = AuthorsSetVAE()  # training mode, gradients on: the module takes its plain path
+    x, n, noise = torch.randn(4, 6, 3), torch.full((4,), 6), torch.zeros(4, 30)
+    before = model(x, n, noise=noise).recon
+    shapes = []
+    linear1 = model.encoder.blocks[1].attn.linear1
+    handle = linear1.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    hooked = model(x, n, noise=noise).recon
+    handle.remove()
+    assert shapes == [(4, 6, 256)]
+    torch.testing.assert_close(hooked, before, rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__)
+    )
+    model(x, n, noise=noise)
+    handle.remove()
+    assert seen.count("TransformerEncoderLayer") == 6
+    shapes.clear()
+    model(x, n, noise=noise)
+    assert shapes == []  # the hook is gone, and so is the module path

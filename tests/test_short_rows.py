@@ -189,3 +189,20 @@ def test_graph_decoder_takes_the_plain_path_under_the_reference_environment(monk
     assert model.decoder(z, sizes).short_rows
     monkeypatch.setenv("TOPN_KERNELS_BACKEND", "reference")
     assert not model.decoder(z, sizes).short_rows
+
+
+def test_graph_decoder_runs_a_hooked_layer_as_the_module():
+    """A hook on a transformer layer sends it through the module (the hook runs, the values are
+    those of the short-row path up to rounding); the short-row layer calls the layer's
+    submodules, so their hooks run either way."""
+    torch.manual_seed(0)
+    model = GraphVAE(GraphVAEConfig()).eval()
+    z, sizes = torch.randn(3, model.cfg.latent_dim), torch.tensor([3, 5, 9])
+    before = model.decoder(z, sizes).edge_logits
+    shapes = []
+    block = model.decoder.blocks[0]
+    handle = block.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    hooked = model.decoder(z, sizes).edge_logits
+    handle.remove()
+    assert len(shapes) == 1 and shapes[0][:2] == (3, 9)
+    torch.testing.assert_close(hooked, before, rtol=1e-5, atol=1e-5)

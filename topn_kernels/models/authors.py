@@ -49,6 +49,7 @@ if _NATIVE_AVAILABLE:
 else:
     native_layer = None
 from ..ops import repulsion_penalty, valency_penalty
+from ._hooks import has_hooks
 from .setvae import CREATIONS, VAEOutput
 
 __all__ = [
@@ -213,7 +214,8 @@ class SetBlock(nn.Module):
 
     With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the transformer layer runs as one
     native op (:func:`topn_kernels.native.set_transformer.transformer_layer`) where that op
-    supports the layer and input (float32/float64 CPU tensors), else as the module.
+    supports the layer and input (float32/float64 CPU tensors) and no hook is registered on the
+    layer or its submodules (nor a global module hook), else as the module.
     """
 
     def __init__(self, channels: int, heads: int, feedforward: int) -> None:
@@ -225,7 +227,12 @@ class SetBlock(nn.Module):
         self.native = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.native and native_layer is not None and native_layer.supports(self.attn, x):
+        if (
+            self.native
+            and native_layer is not None
+            and native_layer.supports(self.attn, x)
+            and not has_hooks(self.attn)
+        ):
             t = native_layer.transformer_layer(self.attn, x)
         else:
             t = self.attn(x)

@@ -14,7 +14,9 @@ either.
 
 Anything the shortcut does not cover takes ``torch.optim.Adam.step`` unchanged: a closure, a
 parameter without a gradient, the first step (no state yet), ``amsgrad``, tensor betas, sparse
-gradients, or parameters of several devices or dtypes in one group.
+gradients, parameters of several devices or dtypes in one group, or a group that a loaded state
+dict of a non-fused Adam turned non-fused (``load_state_dict`` takes the groups' options from
+the state dict, ``fused`` among them).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class FusedAdam(torch.optim.Adam):
             if not params:
                 continue
             if (
-                group["amsgrad"]
+                not group.get("fused")  # a state dict of a non-fused Adam loaded into this one
+                or group["amsgrad"]
                 or group.get("decoupled_weight_decay", False)
                 or isinstance(group["lr"], Tensor)
                 or any(isinstance(b, Tensor) for b in group["betas"])

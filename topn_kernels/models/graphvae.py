@@ -33,6 +33,7 @@ from .._ragged import lengths_mask
 from ..nn import Set2GraphHead, make_creation, mlp
 from ..ops._dispatch import requested
 from . import short_rows
+from ._hooks import has_hooks
 
 __all__ = [
     "GRAPH_CREATIONS",
@@ -70,7 +71,8 @@ class GraphVAEConfig:
     ``topn_create`` and ``set2graph_logits``, and on CPU any backend but ``"reference"``
     (given here, or ``"auto"`` with ``TOPN_KERNELS_BACKEND=reference``) runs the decoder's
     transformer layers and softmaxes with :mod:`.short_rows` (faster at these shapes; its
-    dropout draws other random numbers than ``nn.Dropout``)."""
+    dropout draws other random numbers than ``nn.Dropout``), except a layer with a hook on it or
+    its submodules (or a global module hook), which runs as the module."""
 
     creation: str = "topn"
     num_atom_types: int = 4
@@ -314,7 +316,7 @@ class GraphDecoder(nn.Module):
         h = torch.relu(self.merge_out(torch.relu(self.merge_x(x) + self.merge_z(z)[:, None])))
         h = h.masked_fill(pad, 0.0)
         for block in self.blocks:
-            if fast:
+            if fast and not has_hooks(block):
                 t = short_rows.transformer_layer(block, h, mask)
             else:
                 t = block(h, src_key_padding_mask=~mask)

@@ -77,8 +77,9 @@ def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor, mask: Tensor
     feed-forward block; each with the layer's own probability, in training mode only).
 
     x (B, n, C) float, mask (B, n) bool with True on real atoms; every row needs a real atom
-    (a row without one gives NaN). Returns (B, n, C). The layer's and its submodules' forward
-    hooks do not run. Raises ``ValueError`` for a layer of another kind (pre-norm, another
+    (a row without one gives NaN). Returns (B, n, C). Hooks on the layer itself and on its
+    self-attention do not run (the graph decoder runs a layer with hooks as the module). Raises
+    ``ValueError`` for a layer of another kind (pre-norm, another
     activation, separate key/value widths, ``bias_k``/``bias_v`` or ``add_zero_attn``).
     """
     attn = layer.self_attn
