@@ -142,3 +142,67 @@ def test_a_non_fused_state_dict_keeps_adams_non_fused_step():
         _step_both(ref, ours, seed)
         _assert_same(ref, ours)
     assert ours._lists is None and not ours.param_groups[0]["fused"]
+
+
+def test_a_rollback_and_a_group_added_mid_run_match_torch():
+    """load_state_dict and add_param_group after the cache is built (a rollback of the
+    optimizer, a new group): both drop the cache, and training goes on as torch's."""
+    ref, ours = _pair()
+    for seed in range(2):
+        _step_both(ref, ours, seed)
+    saved = [copy.deepcopy(opt.state_dict()) for opt in (ref, ours)]
+    for seed in range(2, 4):
+        _step_both(ref, ours, seed)
+    for opt, state in zip((ref, ours), saved, strict=True):
+        opt.load_state_dict(state)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1})
+    for seed in range(4, 7):
+        _step_both(ref, ours, seed)
+    _assert_same(ref, ours)
+    assert [float(ours.state[p]["step"]) for p in _all(ours)] == [5, 5, 5, 5, 3]
+
+
+def test_changed_state_or_groups_rebuild_the_cache():
+    """A state cleared or replaced by hand, a parameter appended to a group, or a group added,
+    after the cache is built: the step sees it, as torch's does."""
+
+    def append(opt):
+        opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.ones(2)))
+
+    def replace(opt):
+        p = opt.param_groups[0]["params"][0]
+        opt.state[p]["exp_avg"] = torch.ones_like(p)
+
+    def add_group(opt):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1})
+
+    for change in (lambda opt: opt.state.clear(), replace, append, add_group):
+        ref, ours = _pair()
+        for seed in range(2):
+            _step_both(ref, ours, seed)
+        change(ref)
+        change(ours)
+        for seed in range(2, 5):
+            _step_both(ref, ours, seed)
+        _assert_same(ref, ours)
+        assert len(ours.state) == len(ref.state) and ours._lists is not None
+
+
+def test_copies_and_pickles_step_and_hooks_run_once_a_step():
+    import pickle
+
+    ref, ours = _pair()
+    torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])  # torch then wraps Adam.step too
+    calls = []
+    ours.register_step_pre_hook(lambda *a: calls.append("pre"))
+    ours.register_step_post_hook(lambda *a: calls.append("post"))
+    for seed in range(3):  # the first step falls back to Adam's, the others take the shortcut
+        _step_both(ref, ours, seed)
+    assert calls == ["pre", "post"] * 3
+    for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        twin = copy.deepcopy(ref)
+        for p, q in zip(_all(twin), _all(clone), strict=True):
+            p.grad = q.grad = torch.full_like(p, 0.5)
+        twin.step()
+        clone.step()
+        _assert_same(twin, clone)

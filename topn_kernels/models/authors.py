@@ -369,7 +369,9 @@ class Decoder(nn.Module):
 def _by_size(fn: Callable[[Tensor | slice, int], Tensor], lengths: Tensor, width: int) -> Tensor:
     """Runs ``fn(index, n)`` -> (len(index), n, C) on the sets of each size n and pads the
     results into (B, width, C). A batch of one size (every training batch) is one call with
-    ``index = slice(None)``: no gather, and no scatter where ``n == width``."""
+    ``index = slice(None)``: no gather, and no scatter where ``n == width``. ``fn`` makes what
+    it takes contiguous, as a gather would (a float64 matrix product may round a strided input
+    differently)."""
     sizes = torch.unique(lengths).tolist()
     if len(sizes) == 1:
         part = fn(slice(None), sizes[0])
@@ -445,9 +447,10 @@ class AuthorsSetVAE(nn.Module):
         return points, lengths.to(points.device, torch.int64)
 
     def _encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        stats = _by_size(
-            lambda i, n: torch.cat(self.encoder(points[i, :n]), -1)[:, None], lengths, 1
-        )
+        def stats_of(i: Tensor | slice, n: int) -> Tensor:
+            return torch.cat(self.encoder(points[i, :n].contiguous()), -1)[:, None]
+
+        stats = _by_size(stats_of, lengths, 1)
         return stats[:, 0].chunk(2, dim=-1)
 
     def encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -462,7 +465,7 @@ class AuthorsSetVAE(nn.Module):
         if noise is None:
             noise = torch.randn_like(mu)
         z = mu + noise.to(mu) * (0.5 * log_var).exp()
-        recon = _by_size(lambda i, n: self.decoder(z[i], n), lengths, points.shape[1])
+        recon = _by_size(lambda i, n: self.decoder(z[i].contiguous(), n), lengths, points.shape[1])
         mask = torch.arange(points.shape[1], device=points.device) < lengths[:, None]
         return VAEOutput(recon, mask, mu, log_var)
 
@@ -470,7 +473,7 @@ class AuthorsSetVAE(nn.Module):
         """Decodes the latent mean: (B, N, point_dim), zero on padding."""
         points, lengths = self._inputs(points, lengths)
         mu, _ = self._encode(points, lengths)
-        return _by_size(lambda i, n: self.decoder(mu[i], n), lengths, points.shape[1])
+        return _by_size(lambda i, n: self.decoder(mu[i].contiguous(), n), lengths, points.shape[1])
 
     @torch.no_grad()
     def set_size_distribution(self, lengths: Tensor) -> None:
@@ -498,7 +501,7 @@ class AuthorsSetVAE(nn.Module):
         sizes = sizes.to(device, torch.int64)
         z = torch.randn(sizes.shape[0], self.cfg.latent_dim, device=device, dtype=dtype)
         width = int(sizes.max())
-        x = _by_size(lambda i, n: self.decoder(z[i], n), sizes, width)
+        x = _by_size(lambda i, n: self.decoder(z[i].contiguous(), n), sizes, width)
         return x, torch.arange(width, device=device) < sizes[:, None]
 
 
