@@ -42,16 +42,8 @@ class FusedAdam(torch.optim.Adam):
             if key in kwargs:
                 raise TypeError(f"FusedAdam does not take {key!r}")
         self._lists: list[tuple] | None = None
-        self._groups = 0
+        self._groups: tuple[dict, ...] = ()  # the param_groups the cache was built from
         super().__init__(params, lr=lr, fused=True, **kwargs)
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        self._lists = None
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self._lists = None
 
     def __setstate__(self, state: dict) -> None:  # copies and pickles keep no cache
         super().__setstate__(state)
@@ -105,12 +97,14 @@ class FusedAdam(torch.optim.Adam):
         return step(self, closure)
 
     def _current(self) -> bool:
-        """False, and the cache dropped, if the groups' parameter lists or the state entries
-        changed since the cache was built (a group added, a parameter appended to a group, a
-        state replaced or cleared); True otherwise, or with no cache."""
+        """False, and the cache dropped, if the groups, their parameter lists or the state
+        entries changed since the cache was built (a state dict loaded, a group added, a
+        parameter appended to a group, a state replaced or cleared); True otherwise, or with no
+        cache."""
         if self._lists is None:
             return True
-        if len(self.param_groups) != self._groups:
+        groups = self.param_groups  # load_state_dict and add_param_group change these
+        if len(groups) != len(self._groups) or not all(map(is_, groups, self._groups)):
             self._lists = None
             return False
         state = self.state
@@ -165,5 +159,5 @@ class FusedAdam(torch.optim.Adam):
                     states,
                 )
             )
-        self._lists, self._groups = lists, len(self.param_groups)
+        self._lists, self._groups = lists, tuple(self.param_groups)
         return True
