@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_graphvae
 
 from topn_kernels.data import qm9pack_csv_files
-from topn_kernels.metrics_graph import graphs_sanitize, graphs_to_smiles
+from topn_kernels.metrics_graph import check_graphs
 from topn_kernels.models import GraphLossConfig, GraphVAE, GraphVAEConfig
 from topn_kernels.models.graphvae import _pair_mask, match_graphs
 
@@ -71,8 +71,8 @@ def reconstruction(model: GraphVAE, atoms, lengths, bonds, pred_order: str) -> d
 
 def drawn_validity(model: GraphVAE, z, lengths) -> dict:
     atoms, _, bonds = model.generate(z.shape[0], lengths, z=z)
-    valid = sum(s is not None for s in graphs_to_smiles(atoms, bonds))
-    sanitizes = sum(graphs_sanitize(atoms, bonds))
+    smiles, sanitized = check_graphs(atoms, bonds)
+    valid, sanitizes = sum(s is not None for s in smiles), sum(sanitized)
     return {"valid": valid / z.shape[0], "sanitizes": sanitizes / z.shape[0]}
 
 

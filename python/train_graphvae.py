@@ -51,7 +51,7 @@ from topn_kernels.data import (
     qm9pack_csv_files,
     split_qm9,
 )
-from topn_kernels.metrics_graph import INVALID, graphs_sanitize, graphs_to_smiles, molecule_metrics
+from topn_kernels.metrics_graph import INVALID, check_graphs, molecule_metrics
 from topn_kernels.models import (
     GRAPH_CREATIONS,
     GRAPH_LOSS_TERMS,
@@ -247,8 +247,9 @@ def generate(
         torch.manual_seed(seed)
         for start in range(0, num, 500):
             atoms, _, bonds = model.generate(min(500, num - start), authors_clip=authors_sizes)
-            out += graphs_to_smiles(atoms, bonds)
-            sanitized += graphs_sanitize(atoms, bonds)
+            smiles, sanitizes = check_graphs(atoms, bonds)
+            out += smiles
+            sanitized += sanitizes
     return out, sanitized
 
 

@@ -24,6 +24,7 @@ from topn_kernels.data import (
 )
 from topn_kernels.metrics_graph import (
     canonical_smiles,
+    check_graphs,
     graph_to_mol,
     graphs_sanitize,
     graphs_to_smiles,
@@ -495,6 +496,10 @@ def test_graphs_to_molecules():
         torch.stack([bonds, apart_bonds[:4, :4], five_bonds[:4, :4]]),
     )
     assert sanitized == [True, True, True]
+    # both checks on one build of each molecule
+    three = torch.stack([atoms, apart[:4], five[:4]])
+    three_bonds = torch.stack([bonds, apart_bonds[:4, :4], five_bonds[:4, :4]])
+    assert check_graphs(three, three_bonds) == (["CCO", None, "CC(C)C"], [True, True, True])
     assert graphs_sanitize(five[None], five_bonds[None]) == [False]
     with pytest.raises(ValueError, match="bonds"):
         graphs_sanitize(atoms[None], bonds)

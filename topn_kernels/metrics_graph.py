@@ -26,6 +26,7 @@ from .data.qm9 import ATOM_SYMBOLS, BOND_NAMES, PAD_ATOM
 __all__ = [
     "INVALID",
     "canonical_smiles",
+    "check_graphs",
     "graph_to_mol",
     "graphs_sanitize",
     "graphs_to_smiles",
@@ -165,3 +166,10 @@ def sanitizes(mol) -> bool:
 def graphs_sanitize(atoms: Tensor, bonds: Tensor) -> list[bool]:
     """:func:`sanitizes` of each graph of a batch, inputs as :func:`graphs_to_smiles`."""
     return [sanitizes(mol) for mol in _batch_mols(atoms, bonds)]
+
+
+def check_graphs(atoms: Tensor, bonds: Tensor) -> tuple[list[str | None], list[bool]]:
+    """:func:`graphs_to_smiles` and :func:`graphs_sanitize` of a batch, each molecule built
+    once: (canonical SMILES or None per graph, whether each sanitizes)."""
+    mols = _batch_mols(atoms, bonds)
+    return [valid_smiles(mol) for mol in mols], [sanitizes(mol) for mol in mols]
