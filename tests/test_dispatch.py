@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+import topn_kernels as tk
 from topn_kernels.ops import _dispatch
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -150,3 +151,23 @@ def test_record_backends_counts_what_ran():
     assert calls == {"chamfer_loss": {"native": 1, "keops": 1}, "topn_create": {"native": 1}}
     tk.chamfer_loss(x, x)  # no longer recorded
     assert sum(calls["chamfer_loss"].values()) == 2
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y, b: tk.chamfer_loss(x, y, backend=b),
+        lambda x, y, b: tk.sinkhorn_loss(x, y, backend=b),
+        lambda x, y, b: tk.repulsion_penalty(x, backend=b, min_dist=1.5),
+        lambda x, y, b: tk.valency_penalty(x, backend=b),
+    ],
+    ids=["chamfer", "sinkhorn", "repulsion", "valency"],
+)
+def test_keops_points_without_coordinates_give_the_reference(call):
+    """KeOps formulas need a coordinate: points of dimension 0 (every distance 0) take the
+    reference's path, value and gradient, instead of an error from inside KeOps."""
+    x = torch.randn(2, 4, 0, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 0, dtype=torch.float64)
+    got, want = call(x, y, "keops"), call(x, y, "reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.requires_grad

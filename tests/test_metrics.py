@@ -177,6 +177,24 @@ def test_matched_distance_rejects_unequal_sizes():
         metrics.matched_distance(x, torch.randn(2, 4, 2))
     with pytest.raises(TypeError, match="x"):
         metrics.matched_distance(x.long(), y)
+    with pytest.raises(TypeError, match="dtype"):
+        metrics.matched_distance(x, y.double())
+    with pytest.raises(TypeError, match="lengths of x"):
+        metrics.matched_distance(x, y, torch.tensor([True, True]), torch.tensor([4, 4]))
+
+
+def test_matched_distance_nonfinite_sets_and_empty_batch():
+    """A NaN or infinite coordinate makes its set's value NaN and leaves the others; an empty
+    batch gives an empty result in the inputs' dtype."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
+    clean = metrics.matched_distance(x, y)
+    x[0, 1, 0], y[2, 0, 1] = float("nan"), float("inf")
+    got = metrics.matched_distance(x, y)
+    assert got[0].isnan() and got[2].isnan()
+    assert got[1] == clean[1]
+    empty = metrics.matched_distance(x[:0].half(), y[:0].half())
+    assert empty.shape == (0,) and empty.dtype == torch.float16
 
 
 def test_bad_inputs():

@@ -236,3 +236,16 @@ def test_validation_nan_points_give_nan(penalty, backend):
     x[1, 2, 0] = float("nan")
     values = penalty(x, backend=backend)
     assert values.isnan().tolist() == [i == 1 for i in range(x.shape[0])]
+
+
+def test_keops_valency_larger_than_any_set():
+    """A max_valency beyond n - 1 neighbours leaves nothing to subtract: KeOps asks for at most
+    n - 1 nearest points (an argKmin of 2**40 would crash)."""
+    lengths = torch.tensor([7, 3, 1])
+    x = (padded_sets(3, 7, 3, lengths, seed=8) * 0.8).requires_grad_()
+    for max_valency in (6, 2**40):
+
+        def fn(backend, x, max_valency=max_valency):
+            return tk.valency_penalty(x, lengths, max_valency=max_valency, backend=backend)
+
+        assert_loss_matches_reference(fn, [x], 1e-12, "keops")

@@ -280,6 +280,15 @@ def test_native_sinkhorn_opcheck(with_grad):
     torch.library.opcheck(torch.ops.topn_kernels.sinkhorn.default, args)
 
 
+@pytest.mark.parametrize("backend", ["native", "auto"])
+def test_native_sinkhorn_empty_batch_has_a_zero_gradient(backend):
+    """B = 0: no points, so the op's gradient output has 0 rows although it was asked for."""
+    x = torch.randn(0, 5, 3, requires_grad=True)
+    y = torch.randn(0, 4, 3, requires_grad=True)
+    tk.sinkhorn_loss(x, y, backend=backend, batch_reduction="sum").backward()
+    assert x.grad.shape == x.shape and y.grad.shape == y.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # input validation (docs/operators.md, Errors)
 # ---------------------------------------------------------------------------------------------

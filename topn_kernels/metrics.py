@@ -63,7 +63,12 @@ def _check_sets(points: object, lengths: object, name: str = "points") -> None:
     if not isinstance(points, Tensor) or not points.dtype.is_floating_point or points.dim() != 3:
         got = points.shape if isinstance(points, Tensor) else type(points).__name__
         raise TypeError(f"{name} must be a floating-point tensor (B, N, D), got {got}")
-    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point or lengths.dim() != 1:
+    if (
+        not isinstance(lengths, Tensor)
+        or lengths.dtype.is_floating_point
+        or lengths.dtype in (torch.bool, torch.complex64, torch.complex128)
+        or lengths.dim() != 1
+    ):
         raise TypeError(f"lengths of {name} must be an integer tensor (B,)")
     if lengths.shape[0] != points.shape[0]:
         raise ValueError(
@@ -218,8 +223,9 @@ def matched_distance(
 
     x (B, N, D), y (B, M, D) float, padded; x_lengths, y_lengths (B,) integer or None (all
     rows). The sets of a pair must have equal sizes (a ``ValueError`` otherwise), at least one
-    point each. The assignment is exact (the Hungarian algorithm, scipy's
-    ``linear_sum_assignment``, in float64); the value is differentiable with respect to x and
+    point each; a set whose distances are not all finite (a NaN or infinite coordinate) gets
+    NaN. The assignment is exact (the Hungarian algorithm, scipy's ``linear_sum_assignment``,
+    in float64); the value is differentiable with respect to x and
     y, through the distances of the matched pairs (the assignment itself is piecewise constant).
     Returns x's dtype. This is the reconstruction loss and the "W2" column of the authors'
     released code; it is not a Wasserstein-2 distance (which averages squared distances).
@@ -228,10 +234,12 @@ def matched_distance(
 
     _check_sets(x, x_lengths if x_lengths is not None else _full(x), "x")
     _check_sets(y, y_lengths if y_lengths is not None else _full(y), "y")
-    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2] or x.dtype != y.dtype:
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(
-            f"x and y must have the same number of sets, dimension and dtype, got "
-            f"{x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}"
+            f"x and y must have the same number of sets and dimension, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
     dtype = x.dtype
     nx = (x_lengths if x_lengths is not None else _full(x)).cpu().tolist()
@@ -243,6 +251,8 @@ def matched_distance(
             f"x_lengths and y_lengths must be equal and >= 1 for every set, got "
             f"{nx[b]} and {ny[b]} for set {b}"
         )
+    if not nx:
+        return x.sum((1, 2))  # (0,), x's dtype
     # one batched distance matrix (float64, computed without the |x|^2 + |y|^2 - 2xy expansion,
     # and with a zero gradient at coincident points); one assignment per set
     lengths = torch.tensor(nx, device=x.device)
@@ -251,15 +261,19 @@ def matched_distance(
     )  # padding rows, never matched, must not turn gradients into NaN either
     dist = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
     cost = dist.detach().cpu().numpy()
-    if not nx:
-        return x.new_zeros(0)
-    pairs = [linear_sum_assignment(cost[b, :n, :n]) for b, n in enumerate(nx)]
+    finite = [bool(np.isfinite(cost[b, :n, :n]).all()) for b, n in enumerate(nx)]
+    # a set with a non-finite coordinate has no assignment: any pairing, then a NaN value
+    pairs = [
+        linear_sum_assignment(cost[b, :n, :n]) if ok else (np.arange(n), np.arange(n))
+        for b, (n, ok) in enumerate(zip(nx, finite, strict=True))
+    ]
     rows, cols = (
         torch.from_numpy(np.concatenate(p)).to(x.device) for p in zip(*pairs, strict=True)
     )
     sets = torch.repeat_interleave(torch.arange(len(nx), device=x.device), lengths)
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     total = total.index_add(0, sets, dist[sets, rows, cols])
+    total = torch.where(torch.tensor(finite, device=x.device), total, torch.nan)
     return (total / lengths).to(dtype)
 
 

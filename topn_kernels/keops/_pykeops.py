@@ -23,6 +23,23 @@ def pykeops() -> ModuleType:
     return module
 
 
+def needs_coordinates(reference_impl):
+    """Decorator of a KeOps loss ``fn(x, ...)``: KeOps formulas need points of at least one
+    coordinate, so a call whose points ``x`` (..., D) have D = 0 (every distance 0) runs
+    ``reference_impl`` with the same arguments instead."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(x, *args, **kwargs):
+            if x.shape[-1] == 0:
+                return reference_impl(x, *args, **kwargs)
+            return fn(x, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 def lazy_tensor(*args, **kwargs):
     """pykeops.torch.LazyTensor."""
     pykeops()

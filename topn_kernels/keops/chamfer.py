@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import reference
 from .._ragged import block_ranges, compute_dtype, lengths_mask, pack, reduce_weighted_batch
-from ._pykeops import lazy_tensor
+from ._pykeops import lazy_tensor, needs_coordinates
 
 
 def nearest(
@@ -108,6 +109,7 @@ def _real(x: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(mask[..., None], x.to(dtype), 0.0)
 
 
+@needs_coordinates(reference.chamfer_loss)
 def chamfer_loss(
     x: Tensor,
     y: Tensor,

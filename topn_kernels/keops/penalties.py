@@ -10,8 +10,9 @@ import functools
 import torch
 from torch import Tensor
 
+from .. import reference
 from .._ragged import Packed, block_ranges, pack
-from ._pykeops import pykeops
+from ._pykeops import needs_coordinates, pykeops
 
 # |x - y|, 0 with a zero gradient at x = y (as torch.linalg.vector_norm)
 _DIST = "IfElse(-SqDist(X,Y), Zero(1), Sqrt(SqDist(X,Y)))"
@@ -51,6 +52,7 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.tensor([value], dtype=like.dtype, device=like.device)
 
 
+@needs_coordinates(reference.repulsion_penalty)
 def repulsion_penalty(x: Tensor, lengths: Tensor | None, *, min_dist: float) -> Tensor:
     """As :func:`topn_kernels.reference.repulsion_penalty`; inputs already validated."""
     px, position, ranges = _packed(x, lengths)
@@ -60,6 +62,7 @@ def repulsion_penalty(x: Tensor, lengths: Tensor | None, *, min_dist: float) -> 
     return (px.segment_sum(per_point) / 2).to(x.dtype)  # each pair counted from both ends
 
 
+@needs_coordinates(reference.valency_penalty)
 def valency_penalty(
     x: Tensor, lengths: Tensor | None, *, neighbor_dist: float, max_valency: int
 ) -> Tensor:
@@ -77,7 +80,7 @@ def valency_penalty(
     close = _sum(f"IfElse({_SELF}, Zero(1), ReLU(C - {_DIST}))", pts.shape[1])
     total = close(pts, pts, position, position, nd, ranges=ranges).view(-1)
 
-    k = max(max_valency, 1)
+    k = max(min(max_valency, x.shape[1] - 1), 1)  # a point has at most n - 1 neighbours
     nearest = _nearest_others(pts.shape[1], k)
     inf = _scalar(float("inf"), pts)
     index = nearest(pts.detach(), pts.detach(), position, position, inf, ranges=ranges).long()

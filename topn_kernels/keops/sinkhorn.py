@@ -13,9 +13,10 @@ import functools
 import torch
 from torch import Tensor
 
+from .. import reference
 from .._ragged import Packed, block_ranges, pack, reduce_batch
 from .._schedule import prepare
-from ._pykeops import pykeops
+from ._pykeops import needs_coordinates, pykeops
 
 # cost |x - y|^p / p; the distance for p=1 is 0 (with a zero gradient) at x = y
 _COSTS = {
@@ -56,6 +57,7 @@ def _probabilities(
     return w, w.detach().log().clamp_min(-1e30)
 
 
+@needs_coordinates(reference.sinkhorn_loss)
 def sinkhorn_loss(
     x: Tensor,
     y: Tensor,

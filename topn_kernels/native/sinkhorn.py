@@ -28,15 +28,16 @@ def _sinkhorn_fake(x, y, x_offsets, y_offsets, eps_list, p, debias, with_grad):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _x, _y, x_offsets, y_offsets, *_ = inputs
+    _x, _y, x_offsets, y_offsets, *_, with_grad = inputs
     _value, grad_x, grad_y = output
     ctx.mark_non_differentiable(grad_x, grad_y)
     ctx.save_for_backward(grad_x, grad_y, x_offsets, y_offsets)
+    ctx.with_grad = with_grad
 
 
 def _backward(ctx, grad_value, _grad_grad_x, _grad_grad_y):
     grad_x, grad_y, x_offsets, y_offsets = ctx.saved_tensors
-    if grad_x.shape[0] == 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+    if not ctx.with_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         raise RuntimeError("topn_kernels::sinkhorn was called with with_grad=False")
     per_x = grad_value.repeat_interleave(x_offsets.diff())[:, None]
     per_y = grad_value.repeat_interleave(y_offsets.diff())[:, None]
