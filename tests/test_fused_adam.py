@@ -123,6 +123,26 @@ def test_amsgrad_takes_adams_own_step():
     assert ours._lists is None
 
 
+def test_options_changed_mid_run_match_torch():
+    """Group options read at every step: switching decoupled weight decay on, or the learning
+    rate to a tensor, after the cache was built, gives Adam's own update."""
+    ref, ours = _pair(weight_decay=0.1)
+    for seed in range(2):
+        _step_both(ref, ours, seed)
+    assert ours._lists is not None
+    for opt in (ref, ours):
+        opt.param_groups[0]["decoupled_weight_decay"] = True
+    for seed in range(2, 4):
+        _step_both(ref, ours, seed)
+    _assert_same(ref, ours)
+    for opt in (ref, ours):
+        opt.param_groups[0]["decoupled_weight_decay"] = False
+        opt.param_groups[0]["lr"] = torch.tensor(3e-3)
+    for seed in range(4, 6):
+        _step_both(ref, ours, seed)
+    _assert_same(ref, ours)
+
+
 def test_a_non_fused_state_dict_keeps_adams_non_fused_step():
     """load_state_dict takes ``fused`` from the saved groups: after loading a plain Adam's
     state, FusedAdam steps as torch's Adam then does (the for-loop update), not the kernel."""

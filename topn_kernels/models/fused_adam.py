@@ -16,7 +16,9 @@ Anything the shortcut does not cover takes ``torch.optim.Adam.step`` unchanged: 
 parameter without a gradient, the first step (no state yet), ``amsgrad``, tensor betas, sparse
 gradients, parameters of several devices or dtypes in one group, or a group that a loaded state
 dict of a non-fused Adam turned non-fused (``load_state_dict`` takes the groups' options from
-the state dict, ``fused`` among them).
+the state dict, ``fused`` among them). The groups' options are read at every step, so one
+changed between steps (``decoupled_weight_decay`` switched on, a tensor learning rate) takes
+Adam's step from then on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class FusedAdam(torch.optim.Adam):
         if closure is not None or not self._current() or not self._gather():
             return self._adam_step(closure)
         assert self._lists is not None
+        if not all(_options_allow(entry[0]) for entry in self._lists):  # changed since gathered
+            return self._adam_step(None)
         all_grads = [[p.grad for p in entry[1]] for entry in self._lists]
         if any(g is None or g.is_sparse for grads in all_grads for g in grads):
             return self._adam_step(None)  # the cached lists stay valid
@@ -134,11 +138,7 @@ class FusedAdam(torch.optim.Adam):
             if not params:
                 continue
             if (
-                not group.get("fused")  # a state dict of a non-fused Adam loaded into this one
-                or group["amsgrad"]
-                or group.get("decoupled_weight_decay", False)
-                or isinstance(group["lr"], Tensor)
-                or any(isinstance(b, Tensor) for b in group["betas"])
+                not _options_allow(group)
                 or len({(p.device, p.dtype) for p in params}) != 1
                 or params[0].is_complex()
                 or any(len(self.state.get(p, {})) == 0 for p in params)
@@ -161,3 +161,15 @@ class FusedAdam(torch.optim.Adam):
             )
         self._lists, self._groups = lists, tuple(self.param_groups)
         return True
+
+
+def _options_allow(group: dict) -> bool:
+    """Whether a parameter group's options are those the shortcut implements (checked at every
+    step: a user may change them between steps)."""
+    return (
+        bool(group.get("fused"))  # False: a state dict of a non-fused Adam was loaded
+        and not group["amsgrad"]
+        and not group.get("decoupled_weight_decay", False)
+        and not isinstance(group["lr"], Tensor)
+        and not any(isinstance(b, Tensor) for b in group["betas"])
+    )
