@@ -93,23 +93,38 @@ def test_layer_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "names"),
     [
-        {"norm_first": True},
-        {"activation": "gelu"},
-        {"dropout": 0.1},
-        {"batch_first": False},
-        {"bias": False},
+        ({"norm_first": True}, "post-norm"),
+        ({"activation": "gelu"}, "activation"),
+        ({"dropout": 0.1}, "dropouts"),
+        ({"batch_first": False}, "batch-first"),
+        ({"bias": False}, "bias"),
     ],
-    ids=lambda c: next(iter(c)),
+    ids=lambda c: next(iter(c)) if isinstance(c, dict) else "",
 )
-def test_unsupported_layers_fall_back(change):
+def test_unsupported_layers_fall_back(change, names):
     kwargs = {"dropout": 0.0, "batch_first": True, **change}
     layer = nn.TransformerEncoderLayer(16, 4, 32, **kwargs).double()
     x = torch.randn(2, 5, 16, dtype=F64)
     assert not supports(layer, x)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match=f"transformer_layer: layer.*{names}"):
         transformer_layer(layer, x)
+
+
+def test_inputs_the_layer_cannot_take_are_refused_naming_the_argument():
+    """Channels other than the layer's, or heads that do not divide them, fall back to the
+    module (which raises its own error) and are a ValueError of the op naming x or layer."""
+    layer = _layer()
+    x = torch.randn(3, 5, 4, dtype=F64)
+    assert not supports(layer, x)
+    with pytest.raises(ValueError, match="x must have the layer's 16 channels, got 4"):
+        transformer_layer(layer, x)
+    layer.self_attn.num_heads = 3
+    with pytest.raises(ValueError, match="layer: num_heads=3 must divide"):
+        transformer_layer(layer, torch.randn(3, 5, 16, dtype=F64))
+    with pytest.raises(ValueError, match="x must be a float32 or float64"):
+        transformer_layer(_layer(), torch.randn(3, 5, 16).half())
 
 
 def _gelu_after_construction(layer):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["supports", "transformer_layer"]
+__all__ = ["supports", "transformer_layer", "unsupported"]
 
 _OPS = torch.ops.topn_kernels
 
@@ -82,32 +82,50 @@ def supports(layer: nn.TransformerEncoderLayer, x: Tensor) -> bool:
     """Whether :func:`transformer_layer` computes ``layer(x)``: a batch-first, post-norm ReLU
     layer whose dropouts are off (p = 0, or their modules in eval mode), with every bias and
     affine norm and the default attention (one in-projection, no bias_k/bias_v or zero
-    attention), on a strided float32 or float64 CPU tensor x (B, n, C) with n >= 1 and the
-    layer's dtype, outside autocast."""
+    attention), on a strided float32 or float64 CPU tensor x (B, n, C) with n >= 1, the
+    layer's C channels and dtype, outside autocast (:func:`unsupported` says why not)."""
+    return unsupported(layer, x) is None
+
+
+def unsupported(layer: nn.TransformerEncoderLayer, x: Tensor) -> str | None:
+    """Why :func:`transformer_layer` cannot compute ``layer(x)``, naming the argument at fault,
+    or None when it can (:func:`supports`)."""
+    if (
+        not isinstance(x, Tensor)
+        or x.is_nested
+        or x.layout != torch.strided
+        or x.dim() != 3
+        or x.shape[1] < 1
+    ):
+        got = tuple(x.shape) if isinstance(x, Tensor) and not x.is_nested else type(x).__name__
+        return f"x must be a strided tensor (B, n, C) with n >= 1, got {got}"
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return f"x must be a float32 or float64 CPU tensor, got {x.dtype} on {x.device}"
+    if torch.is_autocast_enabled("cpu"):
+        return "x: CPU autocast must be off"
     attn = layer.self_attn
+    if x.shape[2] != attn.embed_dim:
+        return f"x must have the layer's {attn.embed_dim} channels, got {x.shape[2]}"
+    if attn.embed_dim % attn.num_heads:
+        return f"layer: num_heads={attn.num_heads} must divide its {attn.embed_dim} channels"
+    if not attn.batch_first or layer.norm_first:
+        return "layer must be batch-first and post-norm (batch_first=True, norm_first=False)"
+    if not (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU)):
+        return "layer's activation must be ReLU"
     dropouts = ((layer.dropout, layer.dropout.p), (layer.dropout1, layer.dropout1.p))
     dropouts += ((layer.dropout2, layer.dropout2.p), (attn, attn.dropout))
+    if any(p > 0 and module.training for module, p in dropouts):
+        return "layer's dropouts must be off (p = 0, or the modules in eval mode)"
+    if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+        return "layer must use the default attention (one in-projection, no bias_k/v, no zero attn)"
+    if layer.norm1.eps != layer.norm2.eps:
+        return "layer's two layer norms must have the same eps"
     weights = _weights(layer)
-    return (
-        isinstance(x, Tensor)
-        and not x.is_nested
-        and x.layout == torch.strided
-        and x.dim() == 3
-        and x.shape[1] >= 1
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_autocast_enabled("cpu")
-        and attn.batch_first
-        and not layer.norm_first
-        and (layer.activation is F.relu or isinstance(layer.activation, nn.ReLU))
-        and not any(p > 0 and module.training for module, p in dropouts)
-        and attn._qkv_same_embed_dim
-        and attn.bias_k is None
-        and not attn.add_zero_attn
-        and layer.norm1.eps == layer.norm2.eps
-        and all(w is not None for w in weights)
-        and all(w.dtype == x.dtype and w.device == x.device for w in weights)
-    )
+    if any(w is None for w in weights):
+        return "layer must have every bias and affine layer-norm weights"
+    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        return f"layer's parameters must have x's dtype and device ({x.dtype}, {x.device})"
+    return None
 
 
 def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
@@ -115,6 +133,6 @@ def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
 
     The layer must pass :func:`supports`; gradients reach x and the layer's parameters.
     """
-    if not supports(layer, x):
-        raise ValueError("transformer_layer: this layer or input is not supported (see supports)")
+    if (reason := unsupported(layer, x)) is not None:
+        raise ValueError(f"transformer_layer: {reason}")
     return _Layer.apply(x, layer.self_attn.num_heads, layer.norm1.eps, *_weights(layer))
