@@ -101,6 +101,18 @@ def integer(value: object, name: str, *, minimum: int | None = None) -> int:
     return value
 
 
+def output_length(value: object, name: str, rows: int, width: int, dtype: torch.dtype) -> None:
+    """A padded length ``value`` whose output (rows, value, width) of ``dtype`` torch can
+    allocate the size of (its bytes below 2^63), checked in eager mode."""
+    if isinstance(value, int) and (
+        value >= 2**63 or rows * value * width * dtype.itemsize >= 2**63
+    ):
+        raise ValueError(
+            f"{name}={value} is too large: an output ({rows}, {value}, {width}) of {dtype} "
+            f"has more than 2^63 bytes"
+        )
+
+
 def positive_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

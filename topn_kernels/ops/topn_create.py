@@ -57,11 +57,13 @@ def _validate(query, angles, table, bias, n, film, n_max, score_norm, sorted, ba
     chosen = _dispatch.resolve("topn_create", backend, query.device)
     if chosen != "reference" and not isinstance(n, Tensor):  # checked as for B = 0 sets
         n_max = _checks.fixed_size(n, n_max, n0, "n0")
+        _checks.output_length(n_max, "n_max", batch, d, query.dtype)
         return _no_sizes(query.device), n_max, chosen, n
     check_values = host_checks_sizes(chosen, query.device, n_max)
     sizes, n_max = _checks.set_sizes(
         n, n_max, batch, n0, "n0", query.device, check_values=check_values
     )
+    _checks.output_length(n_max, "n_max", batch, d, query.dtype)
     return sizes, n_max, chosen, -1
 
 
