@@ -534,6 +534,8 @@ def test_weights_in_low_precision(backend, dtype):
         ({"a": [[1.0] * 6] * 3}, TypeError, "a"),
         ({"a": torch.ones(3, 6).index_fill(1, torch.tensor([2]), -1.0)}, ValueError, "a"),
         ({"b": torch.ones(3, 5).index_fill(0, torch.tensor([1]), 0.0)}, ValueError, "b"),
+        ({"a": torch.ones(3, 6).index_fill(1, torch.tensor([0]), torch.inf)}, ValueError, "a"),
+        ({"b": torch.full((3, 5), 3e38)}, ValueError, "b: .* finite sum"),
         ({"a": torch.ones(3, 6), "backend": "native"}, ValueError, "backend"),
     ],
 )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import native, reference
-from .._ragged import lengths_mask, reduce_batch
+from .._ragged import compute_dtype, lengths_mask, reduce_batch
 from ..keops import chamfer as keops_chamfer
 from ..keops import penalties as keops_penalties
 from ..keops import sinkhorn as keops_sinkhorn
@@ -266,7 +266,8 @@ def _point_weights(
     w: object, name: str, points: Tensor, points_name: str, lengths: Tensor | None, unbatched: bool
 ) -> Tensor | None:
     """Validates per-point weights (B, N) of ``points`` (B, N, D) ((N,) if unbatched): >= 0
-    on the real points with a positive sum per set (padding ignored whatever it holds).
+    on the real points with a positive sum per set, finite in the compute dtype (padding
+    ignored whatever it holds).
     Returns them as (B, N), or None."""
     if w is None:
         return None
@@ -282,10 +283,16 @@ def _point_weights(
         real = w if lengths is None else torch.where(lengths_mask(lengths, size), w, 0.0)
         if bool((real < 0).any()):
             raise ValueError(f"{name} must be >= 0 on the real points, got a negative weight")
-        if bool((real.sum(1) <= 0).any()):
+        sums = real.to(compute_dtype(real.dtype)).sum(1)
+        if bool((sums <= 0).any()):
             raise ValueError(
                 f"{name}: the weights of each set's real points must have a positive sum, "
                 f"got a set whose weights are all 0"
+            )
+        if not bool(sums.isfinite().all()):
+            raise ValueError(
+                f"{name}: the weights of each set's real points must have a finite sum, got "
+                f"an infinite weight or a sum beyond {compute_dtype(real.dtype)}'s range"
             )
     return w
 
