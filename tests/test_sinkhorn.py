@@ -289,6 +289,13 @@ def test_native_sinkhorn_empty_batch_has_a_zero_gradient(backend):
     assert x.grad.shape == x.shape and y.grad.shape == y.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", "keops", "native"])
+def test_mean_of_an_empty_batch_is_zero(backend):
+    """As Chamfer's: the mean over no set is 0, not 0/0."""
+    x, y = torch.randn(0, 5, 3), torch.randn(0, 4, 3)
+    assert tk.sinkhorn_loss(x, y, backend=backend).item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # input validation (docs/operators.md, Errors)
 # ---------------------------------------------------------------------------------------------

@@ -86,9 +86,9 @@ def block_ranges(rows: Packed, cols: Packed) -> tuple[Tensor, ...]:
 
 
 def reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
-    """(B,) per-set values -> their mean, their sum, or themselves ("none")."""
+    """(B,) per-set values -> their mean (0 for B = 0), their sum, or themselves ("none")."""
     if batch_reduction == "mean":
-        return values.mean()
+        return values.mean() if values.numel() else values.sum()
     if batch_reduction == "sum":
         return values.sum()
     return values

@@ -96,7 +96,7 @@ def ranking_tolerance(a: int, dtype: torch.dtype) -> float:
 
 def _reduce_batch(values: Tensor, batch_reduction: str) -> Tensor:
     if batch_reduction == "mean":
-        return values.mean()
+        return values.mean() if values.numel() else values.sum()  # no set: 0, not 0/0
     if batch_reduction == "sum":
         return values.sum()
     return values
