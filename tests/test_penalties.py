@@ -213,6 +213,9 @@ def test_native_ops_check_their_inputs():
         (tk.repulsion_penalty, {"lengths": torch.tensor([1, 7, 2])}, ValueError, "lengths"),
         (tk.repulsion_penalty, {"min_dist": 0.0}, ValueError, "min_dist"),
         (tk.valency_penalty, {"neighbor_dist": -1.0}, ValueError, "neighbor_dist"),
+        (tk.valency_penalty, {"neighbor_dist": float("inf")}, ValueError, "neighbor_dist"),
+        (tk.valency_penalty, {"neighbor_dist": float("nan")}, ValueError, "neighbor_dist"),
+        (tk.repulsion_penalty, {"min_dist": float("inf")}, ValueError, "min_dist"),
         (tk.valency_penalty, {"max_valency": -1}, ValueError, "max_valency"),
         (tk.valency_penalty, {"max_valency": 2.5}, TypeError, "max_valency"),
         (tk.valency_penalty, {"x": torch.randn(6, 2)}, ValueError, "x"),
@@ -249,3 +252,15 @@ def test_keops_valency_larger_than_any_set():
             return tk.valency_penalty(x, lengths, max_valency=max_valency, backend=backend)
 
         assert_loss_matches_reference(fn, [x], 1e-12, "keops")
+
+
+def test_native_ops_check_their_distances():
+    """min_dist and neighbor_dist finite and > 0 in the ops themselves (a NaN made valency 0)."""
+    needs_native()
+    x = torch.randn(2, 4, 3)
+    ops = torch.ops.topn_kernels
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(RuntimeError, match="min_dist must be finite"):
+            ops.repulsion_sets(x, None, bad, False)
+        with pytest.raises(RuntimeError, match="neighbor_dist must be finite"):
+            ops.valency_sets(x, None, bad, 1, False)

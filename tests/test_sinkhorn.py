@@ -280,6 +280,20 @@ def test_native_sinkhorn_opcheck(with_grad):
     torch.library.opcheck(torch.ops.topn_kernels.sinkhorn.default, args)
 
 
+def test_native_sinkhorn_op_checks_its_eps():
+    """Every eps a normal, finite number of the points' dtype (1e-50 underflows in float32, and
+    the values were NaN)."""
+    x, y = torch.randn(5, 2), torch.randn(4, 2)
+    xo, yo = torch.tensor([0, 2, 5]), torch.tensor([0, 1, 4])
+    for eps in ([1.0, 1e-50], [1e39, 1.0], [float("inf")], [float("nan")], [0.0]):
+        with pytest.raises(RuntimeError, match="every eps"):
+            torch.ops.topn_kernels.sinkhorn(x, y, xo, yo, eps, 2, True, True)
+    value = torch.ops.topn_kernels.sinkhorn(
+        x.double(), y.double(), xo, yo, [1.0, 1e-50], 2, True, True
+    )
+    assert value[0].isfinite().all()
+
+
 @pytest.mark.parametrize("backend", ["native", "auto"])
 def test_native_sinkhorn_empty_batch_has_a_zero_gradient(backend):
     """B = 0: no points, so the op's gradient output has 0 rows although it was asked for."""

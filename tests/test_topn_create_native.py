@@ -16,6 +16,7 @@ import topn_kernels as tk
 from topn_kernels import native, reference
 
 from .helpers import (
+    F64,
     assert_close_scaled,
     assert_topn_matches_reference,
     assert_valid_selection,
@@ -146,3 +147,30 @@ def test_an_int_n_reaches_the_kernel_as_n_fixed():
             op(query, angles, table, bias, empty, film, 13, "selected", True, bad)
     with pytest.raises(ValueError, match="n_max=9"):
         op(query, angles, table, bias, empty, film, 9, "selected", True, 10)
+
+
+def test_backward_op_checks_the_selection_and_gradient_dtypes():
+    """Called directly, the backward op refuses an index that is not a selection followed by
+    -1 padding, and gradients that are not floating point (it converted them silently)."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 4), (10, 4), (10, 5), (3, 5), (4, 5)]  # query, angles, table, bias, film
+    query, angles, table, bias, film = (torch.randn(s, generator=g, dtype=F64) for s in shapes)
+    sizes = torch.tensor([1, 3, 10])
+    ops = torch.ops.topn_kernels
+    x, _, index, weight = ops._topn_create_cpu(
+        query, angles, table, bias, sizes, film, 10, "selected", True
+    )
+
+    def backward(index, gx=None):
+        gx = torch.ones_like(x) if gx is None else gx
+        args = (query, angles, table, bias, film, index, "selected", [True] * 5)
+        return ops._topn_create_backward_cpu(gx, torch.ones_like(weight), *args)
+
+    backward(index)  # the forward's own index is accepted
+    for b, j, value in ((0, 2, 10**12), (1, 0, -5), (2, 4, 10)):
+        bad = index.clone()
+        bad[b, j] = value
+        with pytest.raises(RuntimeError, match="topn_create_backward: index"):
+            backward(bad)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        backward(index, gx=torch.ones_like(x, dtype=torch.int64))

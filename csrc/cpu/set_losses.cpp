@@ -297,6 +297,8 @@ std::tuple<Tensor, Tensor> penalty_sets(const char* op, const Tensor& x_,
 std::tuple<Tensor, Tensor> repulsion_sets_cpu(const Tensor& x,
                                               const c10::optional<Tensor>& lengths,
                                               double min_dist, bool with_grad) {
+  TORCH_CHECK(std::isfinite(min_dist) && min_dist > 0,
+              "repulsion_sets: min_dist must be finite and > 0, got ", min_dist);
   return penalty_sets("repulsion_sets", x, lengths, with_grad,
                       [&](const auto* points, int64_t n, int64_t dim, auto* gx, auto& s) {
                         using T = std::remove_pointer_t<decltype(gx)>;
@@ -310,6 +312,8 @@ std::tuple<Tensor, Tensor> valency_sets_cpu(const Tensor& x,
                                             double neighbor_dist, int64_t max_valency,
                                             bool with_grad) {
   TORCH_CHECK(max_valency >= 0, "valency_sets: max_valency must be >= 0");
+  TORCH_CHECK(std::isfinite(neighbor_dist) && neighbor_dist > 0,
+              "valency_sets: neighbor_dist must be finite and > 0, got ", neighbor_dist);
   return penalty_sets("valency_sets", x, lengths, with_grad,
                       [&](const auto* points, int64_t n, int64_t dim, auto* gx, auto& s) {
                         using T = std::remove_pointer_t<decltype(gx)>;

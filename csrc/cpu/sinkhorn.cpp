@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -159,7 +160,12 @@ std::tuple<Tensor, Tensor, Tensor> sinkhorn_cpu(const Tensor& x_, const Tensor& 
   TORCH_CHECK(x_.device().is_cpu() && y_.device().is_cpu(), "sinkhorn: CPU tensors only");
   TORCH_CHECK(p == 1 || p == 2, "sinkhorn: p must be 1 or 2");
   TORCH_CHECK(!eps_list.empty(), "sinkhorn: empty eps schedule");
-  for (const double e : eps_list) TORCH_CHECK(e > 0, "sinkhorn: eps must be > 0");
+  // every eps a normal, finite number of the kernel's type (the Python side checks blur**p)
+  const bool single = x_.scalar_type() == at::kFloat;
+  const double tiny = single ? FLT_MIN : DBL_MIN, huge = single ? FLT_MAX : DBL_MAX;
+  for (const double e : eps_list)
+    TORCH_CHECK(e >= tiny && e <= huge, "sinkhorn: every eps must be a normal, finite number > 0 "
+                                        "of the points' dtype, got ", e);
   const Tensor x = x_.contiguous(), y = y_.contiguous();
   const Tensor xo = x_offsets_.contiguous(), yo = y_offsets_.contiguous();
   check_offsets(xo, x, "x");

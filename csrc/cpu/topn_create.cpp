@@ -597,11 +597,14 @@ topn_create_backward_cpu(const Tensor& grad_x_, const Tensor& grad_weight_, cons
   TORCH_CHECK(grad_x_.sizes() == at::IntArrayRef({B, n_max, d}) &&
                   grad_weight_.sizes() == at::IntArrayRef({B, n_max}),
               "topn_create_backward: grad_x must be (B, n_max, d) and grad_weight (B, n_max)");
+  TORCH_CHECK(at::isFloatingType(grad_x_.scalar_type()) &&
+                  at::isFloatingType(grad_weight_.scalar_type()),
+              "topn_create_backward: grad_x and grad_weight must be floating-point tensors");
   const Tensor index = index_.contiguous();
   const Tensor grad_x = grad_x_.to(query.scalar_type()).contiguous();
   const Tensor grad_weight = grad_weight_.to(query.scalar_type()).contiguous();
 
-  // Selected slots of set b: the prefix of valid indices (the forward pads with -1).
+  // Selected slots of set b: the prefix of valid indices; the forward pads the rest with -1.
   std::vector<int64_t> nsel(B, 0);
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -611,6 +614,9 @@ topn_create_backward_cpu(const Tensor& grad_x_, const Tensor& grad_weight_, cons
       ++j;
     }
     nsel[b] = j;
+    for (; j < n_max; ++j)
+      TORCH_CHECK(idx[b * n_max + j] == -1,
+                  "topn_create_backward: index must hold each set's selection, then -1 only");
   }
 
   const Wanted want{output_mask[0], output_mask[1], output_mask[2], output_mask[3],

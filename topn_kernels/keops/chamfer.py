@@ -42,6 +42,8 @@ def nearest_padded(
     of its pair: x (B, N, D), y (B, M, D) -> (B, N), (B, M) int64, -1 on padding and where the
     other set is empty. A custom op (with a fake kernel), so that torch.compile traces the
     loss around it: the packing and KeOps run inside."""
+    if norm not in (1, 2):
+        raise ValueError(f"norm must be 1 or 2, got {norm}")
     px, py = pack(x.detach(), x_lengths), pack(y.detach(), y_lengths)
     if px.points.shape[0] == 0 or py.points.shape[0] == 0:  # KeOps takes no empty input
         return x.new_full(x.shape[:2], -1, dtype=torch.int64), y.new_full(

@@ -108,6 +108,8 @@ def _set_loss(
     params: Sequence[float],
     with_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     fn = KINDS[kind]
     inputs = [x, y, a, b]
     if not with_grad:
