@@ -9,6 +9,10 @@ test_topn_create.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -62,6 +66,17 @@ def test_cache_limit_and_empty_cache():
         assert native.cached_bytes() == 0
     finally:
         native.set_cache_limit(previous)
+
+
+@pytest.mark.parametrize(("mb", "limit"), [("3", 3 << 20), (str(2**50), (2**63 - 1) >> 20 << 20)])
+def test_cache_limit_from_the_environment(mb, limit):
+    """TOPN_KERNELS_CPU_CACHE_MB in MiB; a bound beyond what bytes can count is the largest
+    one (it wrapped around to a small limit before)."""
+    code = "from topn_kernels import native; print(native.set_cache_limit(0))"
+    env = {**os.environ, "TOPN_KERNELS_CPU_CACHE_MB": mb}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == limit
 
 
 def test_pooled_outputs_behave_as_tensors():

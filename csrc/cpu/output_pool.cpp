@@ -17,7 +17,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -47,7 +49,8 @@ size_t cache_limit_from_env() {
   const long long mb = std::strtoll(env, &end, 10);
   TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
               "TOPN_KERNELS_CPU_CACHE_MB must be a non-negative integer, got '", env, "'");
-  return size_t(mb) << 20;
+  // a larger bound than bytes can count means no bound (not a shift that wraps around)
+  return size_t(std::min<long long>(mb, INT64_MAX >> 20)) << 20;
 }
 
 struct Block {
