@@ -179,3 +179,20 @@ def test_bad_arguments():
         generate_sets(2, seed=0, sizes=np.array([1, 3]))
     with pytest.raises(ValueError, match="sizes must be an integer array"):
         generate_sets(2, seed=0, sizes=np.array([3.0, 3.0]))
+
+
+@pytest.mark.parametrize(
+    ("config", "sizes", "names"),
+    [
+        (SyntheticConfig(low=0.0, high=0.1), None, "config"),  # no second point fits the box
+        (SyntheticConfig(low=0.0, high=0.1), torch.tensor([3, 3]), "sizes"),
+        (
+            SyntheticConfig(valencies=(1,), valency_probs=(1.0,), max_rejections=5),
+            torch.tensor([3, 3]),  # a chain of 3 needs a point of valency 2
+            "sizes",
+        ),
+    ],
+)
+def test_impossible_configs_are_an_error_not_a_hang(config, sizes, names):
+    with pytest.raises(ValueError, match=names):
+        generate_sets(2, seed=0, config=config, sizes=sizes)

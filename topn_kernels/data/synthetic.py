@@ -304,13 +304,24 @@ def generate_sets(
     return _generate_targeted(targets.astype(np.int64), rng, config, candidates)
 
 
+# rounds in a row that keep no set before a config is taken to be unable to make one (a valid
+# config keeps most sets of every round)
+_FUTILE_ROUNDS = 100
+
+
 def _generate_free(num_sets, rng, config, candidates) -> SyntheticSets:
-    rounds, kept = [], 0
+    rounds, kept, futile = [], 0, 0
     while kept < num_sets:  # sets of one point are dropped and replaced
         state = _grow(rng, np.full(num_sets - kept, config.n_max), config, True, candidates)
         keep = np.flatnonzero(state.count >= 2)
         rounds.append((state, keep))
         kept += len(keep)
+        futile = 0 if len(keep) else futile + 1
+        if futile == _FUTILE_ROUNDS:
+            raise ValueError(
+                f"config: no set reached 2 points in {_FUTILE_ROUNDS} rounds in a row (can a "
+                f"second point be placed at all? {config})"
+            )
     return _to_dataset(rounds, config, config.n_max)
 
 
@@ -318,12 +329,19 @@ def _generate_targeted(targets, rng, config, candidates) -> SyntheticSets:
     width = max(config.n_max, int(targets.max()))
     order = np.arange(len(targets))  # output position of each set of the current round
     rounds, slots = [], []
+    futile = 0
     while len(order):  # stuck sets are regenerated with the same target
         state = _grow(rng, targets[order], config, False, candidates)
         keep = np.flatnonzero(~state.stuck)
         rounds.append((state, keep))
         slots.append(order[keep])
         order = order[state.stuck]
+        futile = 0 if len(keep) else futile + 1
+        if futile == _FUTILE_ROUNDS:
+            raise ValueError(
+                f"sizes: no set reached its target size in {_FUTILE_ROUNDS} rounds in a row "
+                f"(targets {sorted(set(targets[order].tolist()))} under {config})"
+            )
     data = _to_dataset(rounds, config, width)
     inverse = torch.from_numpy(np.argsort(np.concatenate(slots)))  # back to the targets' order
     return SyntheticSets(
