@@ -296,3 +296,21 @@ def test_train_step_leaves_no_scale_behind_and_refuses_a_bad_clip():
         train_step(model, optimizer, points, lengths, cfg, loss=authors_loss)
     assert not hasattr(optimizer, "grad_scale")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_train_step_with_a_non_finite_loss_leaves_the_model_as_it_was():
+    """The FloatingPointError comes before the update, and the batch norms' running statistics
+    that the forward wrote (NaN from a NaN point) are restored."""
+    from topn_kernels.models import make_adam, train_step
+
+    data = generate_sets(8, seed=3)
+    points, lengths = collate_sets([data[i] for i in range(8)])
+    points[0, 0, 0] = float("nan")
+    torch.manual_seed(0)
+    model = AuthorsSetVAE(AuthorsConfig())
+    optimizer = make_adam(model.parameters(), 1e-3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        cfg = AuthorsLossConfig(backend="reference")
+        train_step(model, optimizer, points, lengths, cfg, loss=authors_loss)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -107,13 +107,19 @@ def train_step(
     :class:`LossConfig`, or :func:`.authors.authors_loss` with its own config).
 
     Returns the loss terms as floats. A non-finite loss is a ``FloatingPointError``, raised
-    before the update.
+    before the update, with the model's buffers (batch norms' running statistics, which the
+    forward updated) restored: the model is left as the step found it.
     """
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
     optimizer.zero_grad(set_to_none=True)
+    buffers = list(model.buffers()) if isinstance(model, nn.Module) else []
+    saved = [b.clone() for b in buffers]  # about 70 us for the set VAEs' 25 buffers
     terms = loss(model(points, lengths), points, lengths, cfg)
     if not torch.isfinite(terms["loss"]):
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
         raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in terms.items()} }")
     terms["loss"].backward()
     if clip is None:
