@@ -209,3 +209,19 @@ def test_bad_inputs():
         metrics.diversity(pts[:1], lengths[:1])
     with pytest.raises(ValueError, match="p must be 1 or 2"):
         metrics.exact_ot(pts, pts, lengths, lengths, p=3)
+
+
+def test_exact_ot_checks_its_inputs_and_gives_nan_for_nan():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 4, 2, generator=g), torch.randn(2, 3, 2, generator=g)
+    nx, ny = torch.tensor([4, 2]), torch.tensor([3, 3])
+    clean = metrics.exact_ot(x, y, nx, ny, p=2)
+    x[0, 1, 0] = float("nan")
+    got = metrics.exact_ot(x, y, nx, ny, p=2)
+    assert got[0].isnan() and got[1] == clean[1]  # it was 0.0 for the NaN set
+    with pytest.raises(ValueError, match="x_lengths and y_lengths must be >= 1"):
+        metrics.exact_ot(x, y, torch.tensor([0, 2]), ny, p=2)
+    with pytest.raises(ValueError, match="lengths of x"):
+        metrics.exact_ot(x, y, torch.tensor([5, 2]), ny, p=2)
+    with pytest.raises(ValueError, match="dimension"):
+        metrics.exact_ot(x, y[..., :1], nx, ny, p=2)

@@ -113,6 +113,7 @@ def test_generation_sizes():
     share5 = (train.lengths == 5).double().mean()
     assert abs((sizes == 5).double().mean() - share5) < 0.03  # the training distribution
     shifted = net.sample_sizes(4000, shift=10, generator=gen)
+    assert net.sample_sizes(100, shift=-100).eq(1).all()  # clamped to [1, n_max], never < 1
     assert shifted.min() >= 12 and shifted.max() == 35  # +10, capped at n_max
     x, mask = net.eval().generate(torch.tensor([2, 35, 7]))
     assert x.shape == (3, 35, 3) and mask.sum(1).tolist() == [2, 35, 7]

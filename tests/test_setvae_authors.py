@@ -314,3 +314,15 @@ def test_train_step_with_a_non_finite_loss_leaves_the_model_as_it_was():
         cfg = AuthorsLossConfig(backend="reference")
         train_step(model, optimizer, points, lengths, cfg, loss=authors_loss)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_noise_and_size_draws_are_checked():
+    model = AuthorsSetVAE(AuthorsConfig())
+    points, lengths = torch.randn(2, 5, 3), torch.tensor([5, 5])
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 30\)"):
+        model(points, lengths, noise=torch.randn(30))  # broadcast to every set before
+    with pytest.raises(TypeError, match="shift"):
+        model.sample_sizes(4, shift=0.5)
+    with pytest.raises(ValueError, match="num"):
+        model.sample_sizes(-1)
+    assert model.sample_sizes(100, shift=-40).eq(2).all()  # clamped to [2, size_cap]

@@ -194,6 +194,8 @@ def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: i
 
     ``p=2``: the W2 distance ``sqrt(min_P sum P_ij |x_i - y_j|^2)``; ``p=1``: the cost with
     ground cost ``|x_i - y_j|``. One linear program per pair: for checks, not for training.
+    x (B, N, D), y (B, M, D) float, lengths (B,) integer, each >= 1; a pair with a NaN or
+    infinite cost gets NaN.
     """
     if importlib.util.find_spec("pykeops") is not None:
         pykeops()  # POT imports pykeops when it is installed: import it quietly first
@@ -201,11 +203,23 @@ def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: i
 
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
+    _check_sets(x, x_lengths, "x")
+    _check_sets(y, y_lengths, "y")
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(
+            f"x and y must have the same number of sets and dimension, got {tuple(x.shape)} "
+            f"and {tuple(y.shape)}"
+        )
+    if x.shape[0] and min(int(x_lengths.min()), int(y_lengths.min())) < 1:
+        raise ValueError("x_lengths and y_lengths must be >= 1: an empty set has no measure")
     out = []
     for b in range(x.shape[0]):
         xb = x[b, : int(x_lengths[b])].detach().double().cpu()
         yb = y[b, : int(y_lengths[b])].detach().double().cpu()
         cost = torch.cdist(xb, yb, compute_mode="donot_use_mm_for_euclid_dist") ** p
+        if not bool(cost.isfinite().all()):
+            out.append(math.nan)
+            continue
         value = ot.emd2(
             torch.full((xb.shape[0],), 1.0 / xb.shape[0], dtype=torch.float64).numpy(),
             torch.full((yb.shape[0],), 1.0 / yb.shape[0], dtype=torch.float64).numpy(),

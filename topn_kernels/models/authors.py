@@ -50,7 +50,7 @@ else:
     native_layer = None
 from ..ops import repulsion_penalty, valency_penalty
 from ._hooks import has_hooks
-from .setvae import CREATIONS, VAEOutput
+from .setvae import CREATIONS, VAEOutput, _check_draw
 
 __all__ = [
     "AuthorsConfig",
@@ -464,6 +464,9 @@ class AuthorsSetVAE(nn.Module):
         mu, log_var = self._encode(points, lengths)
         if noise is None:
             noise = torch.randn_like(mu)
+        elif not isinstance(noise, Tensor) or noise.shape != mu.shape:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have shape {tuple(mu.shape)}, got {got}")
         z = mu + noise.to(mu) * (0.5 * log_var).exp()
         recon = _by_size(lambda i, n: self.decoder(z[i].contiguous(), n), lengths, points.shape[1])
         mask = torch.arange(points.shape[1], device=points.device) < lengths[:, None]
@@ -487,6 +490,7 @@ class AuthorsSetVAE(nn.Module):
     def sample_sizes(self, num: int, *, shift: int = 0, generator=None) -> Tensor:
         """(num,) int64 sizes drawn from the training distribution, plus ``shift``, clamped to
         ``[2, size_cap]`` (the released code's extrapolation: ``shift=10``)."""
+        _check_draw(num, shift)
         sizes = torch.multinomial(self.size_probs.cpu(), num, replacement=True, generator=generator)
         return (sizes + shift).clamp(2, self.cfg.size_cap).to(self.size_probs.device)
 

@@ -228,9 +228,11 @@ class SetVAE(nn.Module):
         self.size_probs.copy_(counts / counts.sum())
 
     def sample_sizes(self, num: int, *, shift: int = 0, generator=None) -> Tensor:
-        """(num,) int64 sizes from the training distribution, plus ``shift``, capped at n_max."""
+        """(num,) int64 sizes from the training distribution, plus ``shift``, clamped to
+        ``[1, n_max]``."""
+        _check_draw(num, shift)
         sizes = torch.multinomial(self.size_probs.cpu(), num, replacement=True, generator=generator)
-        return (sizes + shift).clamp(max=self.cfg.n_max).to(self.size_probs.device)
+        return (sizes + shift).clamp(1, self.cfg.n_max).to(self.size_probs.device)
 
     def generate(self, sizes: Tensor) -> tuple[Tensor, Tensor]:
         """New sets from z ~ N(0, I) (global RNG) with the given sizes (B,) in [1, n_max]:
@@ -242,3 +244,12 @@ class SetVAE(nn.Module):
         device, dtype = self.size_probs.device, self.size_probs.dtype
         z = torch.randn(sizes.shape[0], self.cfg.latent_dim, device=device, dtype=dtype)
         return self.decoder(z, sizes.to(device, torch.int64))
+
+
+def _check_draw(num: object, shift: object) -> None:
+    """The arguments of ``sample_sizes``: ints (not bools), num >= 0."""
+    for name, value in (("num", num), ("shift", shift)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
