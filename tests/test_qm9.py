@@ -395,6 +395,16 @@ def test_model_rejects_bad_input():
         model(atoms, lengths, bonds + 4)
     with pytest.raises(ValueError, match="atoms"):
         model(torch.tensor([[C, 7, PAD_ATOM]]), lengths, bonds)
+    one_way = bonds.clone()
+    one_way[0, 1, 0] = 0  # a bond in one direction only changed the loss silently
+    with pytest.raises(ValueError, match="bonds must be symmetric"):
+        model(atoms, lengths, one_way)
+    with pytest.raises(ValueError, match="diagonal"):
+        model(atoms, lengths, bonds + torch.diag(torch.tensor([2, 0, 0])))
+    with pytest.raises(TypeError, match="bonds"):
+        model(atoms, lengths, bonds.bool())
+    with pytest.raises(TypeError, match="atoms"):
+        model(atoms.bool(), lengths, bonds)
     with pytest.raises(ValueError, match="creation"):
         GraphVAEConfig(creation="topk")
     with pytest.raises(ValueError, match="n_ref"):
@@ -505,6 +515,24 @@ def test_graphs_to_molecules():
         graphs_sanitize(atoms[None], bonds)
     with pytest.raises(ValueError, match="atoms"):
         graph_to_mol([C, 9], torch.zeros(2, 2, dtype=torch.int64))
+    # padding in the middle, one-way or self bonds, and non-integer types are refused (they
+    # were truncated, read on one triangle, or rounded)
+    chain = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    assert valid_smiles(graph_to_mol([C, C, O], chain)) == "CCO"
+    with pytest.raises(ValueError, match="padding"):
+        graph_to_mol([C, PAD_ATOM, O], chain)
+    with pytest.raises(ValueError, match="symmetric"):
+        graph_to_mol([C, C, O], chain.tril())
+    with pytest.raises(ValueError, match="diagonal"):
+        graph_to_mol([C, C, O], chain + torch.eye(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="bonds"):
+        graph_to_mol([C, C, O], chain * 1.7)
+    with pytest.raises(TypeError, match="atoms"):
+        graph_to_mol([True, False, True], chain)
+    with pytest.raises(TypeError, match="generated"):
+        molecule_metrics([1, 2.0, b"CC"])
+    with pytest.raises(TypeError, match="training_smiles"):
+        molecule_metrics(["CCO"], "CCO")
     with pytest.raises(ValueError, match="bonds"):
         graph_to_mol([C, C], torch.tensor([[0, 5], [5, 0]]))
 

@@ -45,19 +45,28 @@ def _chem():
 
 
 def graph_to_mol(atoms: Sequence[int] | Tensor, bonds: Tensor):
-    """An unsanitized RDKit ``RWMol`` from atom types (n,) (entries equal to -1 are padding and
-    must come last) and a symmetric bond-type matrix (>= n, >= n), read on its upper triangle
-    over the real atoms."""
+    """An unsanitized RDKit ``RWMol`` from integer atom types (n,) (entries equal to -1 are
+    padding and must come last) and an integer bond-type matrix (>= n, >= n), symmetric with a
+    zero diagonal over the real atoms."""
     chem = _chem()
-    atoms = torch.as_tensor(atoms).tolist()
+    atoms_t, bonds = torch.as_tensor(atoms), torch.as_tensor(bonds)
+    for name, t in (("atoms", atoms_t), ("bonds", bonds)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    atoms = atoms_t.tolist()
     if PAD_ATOM in atoms:
-        atoms = atoms[: atoms.index(PAD_ATOM)]
-    bonds = torch.as_tensor(bonds)
+        real = atoms.index(PAD_ATOM)
+        if any(a != PAD_ATOM for a in atoms[real:]):
+            raise ValueError(f"atoms: padding (-1) must come last, got {atoms}")
+        atoms = atoms[:real]
     if bonds.dim() != 2 or min(bonds.shape) < len(atoms):
         raise ValueError(
             f"bonds must be a matrix of at least {len(atoms)} x {len(atoms)}, got "
             f"{tuple(bonds.shape)}"
         )
+    square = bonds[: len(atoms), : len(atoms)]
+    if not torch.equal(square, square.T) or bool(square.diagonal().any()):
+        raise ValueError("bonds must be symmetric with a zero diagonal over the real atoms")
     mol = chem.RWMol()
     for a in atoms:
         if not 0 <= a < len(ATOM_SYMBOLS):
@@ -131,8 +140,14 @@ def molecule_metrics(
     ``uniqueness`` (0 without any valid molecule), ``novelty``, ``num_generated``,
     ``num_valid`` and ``num_unique``.
     """
-    if isinstance(generated, str) or not isinstance(generated, Sequence):
+    if (
+        isinstance(generated, str)
+        or not isinstance(generated, Sequence)
+        or not all(s is None or isinstance(s, str) for s in generated)
+    ):
         raise TypeError("generated must be a sequence of SMILES strings or None")
+    if isinstance(training_smiles, str):
+        raise TypeError("training_smiles must be an iterable of SMILES strings, not one string")
     if len(generated) == 0:
         raise ValueError("generated must hold at least one molecule")
     valid = [s for s in generated if s is not None and s != INVALID]

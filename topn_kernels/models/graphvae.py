@@ -163,14 +163,14 @@ class GraphVAEOutput(NamedTuple):
 def _check_graphs(atoms, lengths, bonds, num_atom_types: int, num_edge_types: int, max_atoms):
     """Validates a padded graph batch; returns (atoms clamped to >= 0, lengths int64, bonds,
     mask (B, n))."""
-    if not isinstance(atoms, Tensor) or atoms.dim() != 2 or atoms.dtype.is_floating_point:
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2 or not _integer(atoms):
         raise TypeError("atoms must be an integer tensor (B, n)")
     b, n = atoms.shape
-    if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point:
+    if not isinstance(lengths, Tensor) or not _integer(lengths):
         raise TypeError("lengths must be an integer tensor (B,)")
     if tuple(lengths.shape) != (b,):
         raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
-    if not isinstance(bonds, Tensor) or bonds.dtype.is_floating_point:
+    if not isinstance(bonds, Tensor) or not _integer(bonds):
         raise TypeError("bonds must be an integer tensor (B, n, n)")
     if tuple(bonds.shape) != (b, n, n):
         raise ValueError(f"bonds must have shape ({b}, {n}, {n}), got {tuple(bonds.shape)}")
@@ -188,7 +188,17 @@ def _check_graphs(atoms, lengths, bonds, num_atom_types: int, num_edge_types: in
         raise ValueError(f"atoms must be in [0, {num_atom_types}) on real atoms")
     if int(bonds.min()) < 0 or int(bonds.max()) > num_edge_types:
         raise ValueError(f"bonds must be in [0, {num_edge_types}]")
+    pairs = mask[:, :, None] & mask[:, None, :]
+    if bool(((bonds != bonds.transpose(1, 2)) & pairs).any()):
+        raise ValueError("bonds must be symmetric over each molecule's atoms")
+    if bool((bonds.diagonal(dim1=1, dim2=2)[mask] != 0).any()):
+        raise ValueError("bonds must be 0 on the diagonal (no atom bonds to itself)")
     return atoms.clamp(min=0).masked_fill(~mask, 0), lengths, bonds, mask
+
+
+def _integer(t: Tensor) -> bool:
+    """An integer dtype: not floating point, complex or bool."""
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 class DenseNNConv(nn.Module):
