@@ -102,3 +102,34 @@ def test_iid_creation():
     _check_padding(x, mask, n, 40)
     noise = (x - module.W2(z)[:, None, :])[mask]  # the standard normal part of real points
     assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        TopNCreation(4, 3, 6),
+        FirstNCreation(4, 3, 6),
+        IIDCreation(4, 3),
+        MLPCreation(4, 3, 6, hidden=8),
+    ],
+    ids=["topn", "firstn", "iid", "mlp"],
+)
+def test_creation_modules_check_z_and_n_max_first(module):
+    """z of another width or dtype than the module's, or of another rank, and an n_max whose
+    output could not be allocated, are errors naming the argument (torch's matmul or allocator
+    errors before, and an error naming topn_create's query)."""
+    z = torch.randn(2, 4)
+    module(z, 2)
+    with pytest.raises(ValueError, match="z must have latent_dim=4"):
+        module(torch.randn(2, 7), 2)
+    with pytest.raises(TypeError, match="z must have the module's dtype"):
+        module(z.double(), 2)
+    with pytest.raises(ValueError, match="z must be 2-D"):
+        module(torch.randn(2, 4, 1), 2)
+    with pytest.raises(TypeError, match="z must be"):
+        module(z.long(), 2)
+    with pytest.raises(ValueError, match="n_max"):
+        module(z, 2, n_max=2**62)
+    if not isinstance(module, TopNCreation):  # (Top-n's query and angles would differ)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts z: no dtype error
+            module(z.bfloat16(), 2)

@@ -326,3 +326,18 @@ def test_noise_and_size_draws_are_checked():
     with pytest.raises(ValueError, match="num"):
         model.sample_sizes(-1)
     assert model.sample_sizes(100, shift=-40).eq(2).all()  # clamped to [2, size_cap]
+
+
+def test_inputs_and_config_the_model_cannot_take():
+    """Sets larger than the creation module makes, an empty batch and configs without heads or
+    with a non-positive PNA degree are errors naming the argument (kernel errors, a division
+    by zero or NaN outputs before)."""
+    cfg = AuthorsConfig(creation="topn", n_ref=5, size_cap=4)
+    with pytest.raises(ValueError, match="lengths must be <= n_ref=5"):
+        AuthorsSetVAE(cfg)(torch.randn(2, 7, 3), torch.tensor([7, 7]))
+    with pytest.raises(ValueError, match="at least one set"):
+        AuthorsSetVAE(AuthorsConfig())(torch.randn(0, 5, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="heads"):
+        AuthorsConfig(heads=0)
+    with pytest.raises(ValueError, match="pna_average_n"):
+        AuthorsConfig(pna_average_n=0.0)

@@ -33,12 +33,25 @@ def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
+def _latent(z: object, first: nn.Linear) -> Tensor:
+    """z checked against the module's first layer on it: a float tensor (B, latent_dim) of the
+    layer's dtype (outside autocast)."""
+    z = _checks.float_tensor(z, "z", "(B, latent_dim)")
+    if z.shape[1] != first.in_features:
+        raise ValueError(
+            f"z must have latent_dim={first.in_features} columns, got shape {tuple(z.shape)}"
+        )
+    if z.dtype != first.weight.dtype and not torch.is_autocast_enabled(z.device.type):
+        raise TypeError(f"z must have the module's dtype {first.weight.dtype}, got {z.dtype}")
+    return z
+
+
 def _sizes_and_mask(
-    z: Tensor, n: int | Tensor, n_max: int | None, capacity: int | None
+    z: Tensor, n: int | Tensor, n_max: int | None, capacity: int | None, set_dim: int
 ) -> tuple[Tensor, int]:
     """The mask (B, n_max) of validated sizes n <= capacity (None: any), and n_max."""
-    z = _checks.float_tensor(z, "z", "(B, latent_dim)")
     sizes, n_max = _checks.set_sizes(n, n_max, z.shape[0], capacity, "capacity", z.device)
+    _checks.output_length(n_max, "n_max", z.shape[0], set_dim, z.dtype)
     return lengths_mask(sizes, n_max), n_max
 
 
@@ -76,6 +89,7 @@ class TopNCreation(nn.Module):
     def forward(
         self, z: Tensor, n: int | Tensor, n_max: int | None = None
     ) -> tuple[Tensor, Tensor]:
+        z = _latent(z, self.W2)
         table = self.W1(self.points)  # (n_ref, set_dim) = R W1, shared by every set
         out = topn_create(
             self.angle_mlp(z),
@@ -102,7 +116,8 @@ class FirstNCreation(nn.Module):
     def forward(
         self, z: Tensor, n: int | Tensor, n_max: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        mask, n_max = _sizes_and_mask(z, n, n_max, self.points.shape[0])
+        z = _latent(z, self.W2)
+        mask, n_max = _sizes_and_mask(z, n, n_max, self.points.shape[0], self.W2.out_features)
         points = F.pad(self.points[:n_max], (0, 0, 0, n_max - min(n_max, self.points.shape[0])))
         x = points[None] + self.W2(z)[:, None, :]
         return x.masked_fill(~mask[..., None], 0.0), mask
@@ -119,7 +134,8 @@ class IIDCreation(nn.Module):
     def forward(
         self, z: Tensor, n: int | Tensor, n_max: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        mask, n_max = _sizes_and_mask(z, n, n_max, None)
+        z = _latent(z, self.W2)
+        mask, n_max = _sizes_and_mask(z, n, n_max, None, self.W2.out_features)
         noise = torch.randn(z.shape[0], n_max, self.set_dim, device=z.device, dtype=z.dtype)
         x = noise + self.W2(z)[:, None, :]
         return x.masked_fill(~mask[..., None], 0.0), mask
@@ -136,7 +152,8 @@ class MLPCreation(nn.Module):
     def forward(
         self, z: Tensor, n: int | Tensor, n_max: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        mask, n_max = _sizes_and_mask(z, n, n_max, self.n_max)
+        z = _latent(z, self.mlp[0])
+        mask, n_max = _sizes_and_mask(z, n, n_max, self.n_max, self.set_dim)
         x = self.mlp(z).view(z.shape[0], self.n_max, self.set_dim)
         x = F.pad(x[:, :n_max], (0, 0, 0, n_max - min(n_max, self.n_max)))
         return x.masked_fill(~mask[..., None], 0.0), mask

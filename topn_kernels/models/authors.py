@@ -98,10 +98,12 @@ class AuthorsConfig:
     def __post_init__(self) -> None:
         if self.creation not in CREATIONS:
             raise ValueError(f"creation must be one of {list(CREATIONS)}, got {self.creation!r}")
-        if self.hidden % self.heads:
+        if not self.heads >= 1 or self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if not 2 <= self.size_cap <= self.n_ref:
             raise ValueError(f"size_cap={self.size_cap} must be in [2, n_ref={self.n_ref}]")
+        if not self.pna_average_n > 0:  # its log(n + 1) divides the degree scalers
+            raise ValueError(f"pna_average_n must be > 0, got {self.pna_average_n}")
 
     @property
     def n_max(self) -> int:
@@ -441,9 +443,13 @@ class AuthorsSetVAE(nn.Module):
             raise TypeError("lengths must be an integer tensor (B,)")
         if tuple(lengths.shape) != (points.shape[0],):
             raise ValueError(f"lengths must have shape ({points.shape[0]},), got {lengths.shape}")
+        if points.shape[0] == 0:
+            raise ValueError("points must hold at least one set")
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 2 or hi > points.shape[1]:
             raise ValueError(f"lengths must be in [2, N={points.shape[1]}], got [{lo}, {hi}]")
+        if hi > self.cfg.n_ref and self.cfg.creation != "iid":  # at most n_ref points made
+            raise ValueError(f"lengths must be <= n_ref={self.cfg.n_ref}, got {hi}")
         return points, lengths.to(points.device, torch.int64)
 
     def _encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

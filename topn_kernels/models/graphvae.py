@@ -104,7 +104,7 @@ class GraphVAEConfig:
             raise ValueError(
                 f"creation must be one of {list(GRAPH_CREATIONS)}, got {self.creation!r}"
             )
-        if self.decoder_hidden % self.heads:
+        if not self.heads >= 1 or self.decoder_hidden % self.heads:
             raise ValueError(
                 f"decoder_hidden={self.decoder_hidden} must be divisible by heads={self.heads}"
             )

@@ -67,7 +67,7 @@ class SetVAEConfig:
     def __post_init__(self) -> None:
         if self.creation not in CREATIONS:
             raise ValueError(f"creation must be one of {list(CREATIONS)}, got {self.creation!r}")
-        if self.hidden % self.heads:
+        if not self.heads >= 1 or self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.creation == "topn" and self.n_ref < self.n_max:
             raise ValueError(f"n_ref={self.n_ref} must be >= n_max={self.n_max} for Top-n")
