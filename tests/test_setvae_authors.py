@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from topn_kernels.data import collate_sets, generate_sets
-from topn_kernels.models import AuthorsConfig, AuthorsLossConfig, AuthorsSetVAE, authors_loss
+from topn_kernels.models import (
+    AuthorsConfig,
+    AuthorsLossConfig,
+    AuthorsSetVAE,
+    VAEOutput,
+    authors_loss,
+)
 from topn_kernels.models.authors import (
     AuthorsMLP,
     PNAPooling,
@@ -106,7 +112,7 @@ def test_loss_is_the_released_sum_over_the_batch():
     points = torch.randn(b, n, 3, dtype=F64) * 2
     recon = torch.randn(b, n, 3, dtype=F64) * 2
     mu, log_var = torch.randn(b, 30, dtype=F64), torch.randn(b, 30, dtype=F64) * 0.1
-    out = type("Out", (), {"recon": recon, "mu": mu, "log_var": log_var})
+    out = VAEOutput(recon, torch.ones(b, n, dtype=torch.bool), mu, log_var)
     lengths = torch.full((b,), n)
     cfg = AuthorsLossConfig(backend="reference")
     terms = authors_loss(out, points, lengths, cfg)
@@ -341,3 +347,23 @@ def test_inputs_and_config_the_model_cannot_take():
         AuthorsConfig(heads=0)
     with pytest.raises(ValueError, match="pna_average_n"):
         AuthorsConfig(pna_average_n=0.0)
+
+
+def test_losses_refuse_lengths_other_than_the_outputs():
+    """A loss of an output made at other sizes was a silently wrong number."""
+    from topn_kernels.models import LossConfig, SetVAE, setvae_loss
+
+    torch.manual_seed(0)
+    points = torch.randn(2, 5, 3)
+    model = AuthorsSetVAE(AuthorsConfig())
+    out = model(points, torch.tensor([5, 5]))
+    cfg = AuthorsLossConfig(backend="reference")
+    with pytest.raises(ValueError, match="lengths must be the sizes"):
+        authors_loss(out, points, torch.tensor([3, 5]), cfg)
+    authors_loss(out, points, torch.tensor([5, 5]), cfg)
+    plain = SetVAE()
+    out = plain(points, torch.tensor([5, 4]))
+    with pytest.raises(ValueError, match="lengths must be the sizes"):
+        setvae_loss(out, points, torch.tensor([5, 5]), LossConfig(backend="reference"))
+    with pytest.raises(TypeError, match="lengths"):
+        model.set_size_distribution(torch.tensor([2.9, 3.9]))

@@ -50,7 +50,7 @@ else:
     native_layer = None
 from ..ops import repulsion_penalty, valency_penalty
 from ._hooks import has_hooks
-from .setvae import CREATIONS, VAEOutput, _check_draw
+from .setvae import CREATIONS, VAEOutput, _check_draw, _training_sizes, check_output_lengths
 
 __all__ = [
     "AuthorsConfig",
@@ -487,7 +487,7 @@ class AuthorsSetVAE(nn.Module):
     @torch.no_grad()
     def set_size_distribution(self, lengths: Tensor) -> None:
         """Stores the distribution of the training sizes ``lengths`` (S,), each in [2, n_ref]."""
-        lengths = lengths.to(self.size_probs.device, torch.int64)
+        lengths = _training_sizes(lengths, self.size_probs.device)
         if lengths.numel() == 0 or int(lengths.min()) < 2 or int(lengths.max()) > self.cfg.n_ref:
             raise ValueError(f"training sizes must be in [2, n_ref={self.cfg.n_ref}]")
         counts = torch.bincount(lengths, minlength=self.cfg.n_ref + 1).to(self.size_probs)
@@ -540,8 +540,9 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     """The released code's loss, each term summed over the sets of the batch (0-d tensors):
     ``loss`` (to backpropagate) = ``reconstruction + kl * KL + repulsion * R + valency * V``
     with ``reconstruction`` the matched distances, ``KL`` summed over latent dimensions, ``R``
-    the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted)."""
-    lengths = lengths.to(points.device)
+    the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted). ``lengths``
+    must be the sizes ``out`` was made with (``ValueError`` otherwise)."""
+    lengths = check_output_lengths(out, points, lengths)
     rec = matched_distance(out.recon, points, lengths, lengths).sum()
     kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
     rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)

@@ -396,7 +396,7 @@ class GraphVAE(nn.Module):
     def set_size_distribution(self, lengths: Tensor) -> None:
         """Stores the distribution of the training molecules' sizes ``lengths`` (M,), each in
         [1, max_atoms], for :meth:`sample_sizes`."""
-        if not isinstance(lengths, Tensor) or lengths.dtype.is_floating_point:
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or not _integer(lengths):
             raise TypeError("lengths must be an integer tensor (M,)")
         lengths = lengths.to(self.size_probs.device, torch.int64)
         if (

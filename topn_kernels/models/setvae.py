@@ -221,7 +221,7 @@ class SetVAE(nn.Module):
     def set_size_distribution(self, lengths: Tensor) -> None:
         """Stores the distribution of the training set sizes ``lengths`` (S,) (each in [2, n_max])
         for :meth:`sample_sizes`."""
-        lengths = lengths.to(self.size_probs.device, torch.int64)
+        lengths = _training_sizes(lengths, self.size_probs.device)
         if lengths.numel() == 0 or int(lengths.min()) < 2 or int(lengths.max()) > self.cfg.n_max:
             raise ValueError(f"training sizes must be in [2, n_max={self.cfg.n_max}]")
         counts = torch.bincount(lengths, minlength=self.cfg.n_max + 1).to(self.size_probs)
@@ -253,3 +253,25 @@ def _check_draw(num: object, shift: object) -> None:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
+
+
+def check_output_lengths(out: VAEOutput, points: Tensor, lengths: Tensor) -> Tensor:
+    """``lengths`` (B,) on ``points``' device, checked to be the sizes ``out`` was made with
+    (its mask): a loss of an output against other sizes would be silently wrong."""
+    lengths = lengths.to(points.device)
+    if out.mask.shape != points.shape[:2] or not torch.equal(out.mask.sum(1), lengths):
+        raise ValueError("lengths must be the sizes the model's output was made with (out.mask)")
+    return lengths
+
+
+def _training_sizes(lengths: object, device: torch.device) -> Tensor:
+    """``set_size_distribution``'s sizes: an integer tensor (S,), as int64 on ``device``."""
+    if (
+        not isinstance(lengths, Tensor)
+        or lengths.dim() != 1
+        or lengths.dtype.is_floating_point
+        or lengths.dtype.is_complex
+        or lengths.dtype == torch.bool
+    ):
+        raise TypeError("lengths must be an integer tensor (S,)")
+    return lengths.to(device, torch.int64)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
 from .fused_adam import FusedAdam
-from .setvae import VAEOutput
+from .setvae import VAEOutput, check_output_lengths
 
 __all__ = ["LOSS_TERMS", "LossConfig", "make_adam", "setvae_loss", "train_step"]
 
@@ -48,9 +48,10 @@ def setvae_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: LossConfig
     names: ``loss`` (the weighted total, to backpropagate), ``reconstruction``, ``kl``,
     ``repulsion``, ``valency`` (unweighted).
 
-    out: the model's output on ``points`` (B, N, D) with ``lengths`` (B,).
+    out: the model's output on ``points`` (B, N, D) with ``lengths`` (B,) (other lengths are a
+    ``ValueError``).
     """
-    lengths = lengths.to(points.device)
+    lengths = check_output_lengths(out, points, lengths)
     rec = sinkhorn_loss(
         out.recon,
         points,
