@@ -161,6 +161,10 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert sorted(seen) == list(range(len(graphs)))
     with pytest.raises(ValueError, match="fractions"):
         split_qm9(graphs, fractions=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError, match="fractions"):  # NaN passed every comparison
+        split_qm9(graphs, fractions=(float("nan"), 0.5, 0.5))
+    with pytest.raises(TypeError, match="column"):
+        load_qm9(ROOT / "tests" / "data" / "qm9_sample.csv", column=None)
 
 
 def test_batches_cover_every_molecule_cut_to_width():
@@ -461,6 +465,10 @@ def test_generation_from_given_latents_is_generation_from_those_prior_draws():
         model.generate(4, sizes, z=z[:3])
     with pytest.raises(TypeError, match="z must be a float tensor"):
         model.generate(4, sizes, z=z.long())
+    with pytest.raises(ValueError, match="z must be finite"):
+        model.generate(4, sizes, z=z.index_fill(0, torch.tensor([1]), float("nan")))
+    with pytest.raises(ValueError, match="sizes must have shape"):
+        model.generate(4, sizes[:3], z=z)
 
 
 def test_validity_of_hand_made_smiles():

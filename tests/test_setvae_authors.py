@@ -99,6 +99,10 @@ def test_size_grouped_batches():
         torch.testing.assert_close(x, points[index, : int(n[0])])
     with pytest.raises(ValueError, match="batch_size"):
         size_grouped_batches(lengths, 0)
+    with pytest.raises(TypeError, match="batch_size"):
+        size_grouped_batches(lengths, 2.5)
+    with pytest.raises(TypeError, match="lengths"):  # float sizes were grouped as distinct
+        size_grouped_batches(torch.tensor([2.5, 2.7, 3.0]), 2)
 
 
 def _pair_sum(x: torch.Tensor, f) -> torch.Tensor:

@@ -289,6 +289,8 @@ def load_qm9(
         FileNotFoundError: ``csv_path`` does not exist, or it is None and qm9pack is not
             installed (the message names both options).
     """
+    if not isinstance(column, str):
+        raise TypeError(f"column must be a str, got {type(column).__name__}")
     if csv_path is not None:
         files = [Path(csv_path)]
         if not files[0].is_file():
@@ -345,7 +347,12 @@ def split_qm9(
 ) -> dict[str, QM9Graphs]:
     """A fixed split into "train", "val" and "test": a permutation drawn from ``seed`` (its own
     generator; the global RNG is untouched) cut at the cumulative ``fractions``."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if (
+        isinstance(fractions, str)
+        or len(fractions) != 3
+        or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in fractions)
+        or abs(sum(fractions) - 1) > 1e-6
+    ):
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1, got {fractions}")
     m = len(graphs)
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))

@@ -561,12 +561,15 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
 def size_grouped_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
     """The released code's batches: set indices sorted by size (stable), cut into runs of at
     most ``batch_size`` sets of one size. Returns a list of int64 index tensors, in order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = torch.argsort(lengths.cpu(), stable=True)
+    lengths = _training_sizes(lengths, torch.device("cpu"))
+    order = torch.argsort(lengths, stable=True)
     batches = []
-    for n in torch.unique(lengths.cpu()).tolist():
-        same = order[lengths.cpu()[order] == n]
+    for n in torch.unique(lengths).tolist():
+        same = order[lengths[order] == n]
         batches.extend(same.split(batch_size))
     return batches
 

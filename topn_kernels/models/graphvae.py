@@ -446,12 +446,14 @@ class GraphVAE(nn.Module):
                 raise ValueError(
                     f"z must have shape ({num}, {self.cfg.latent_dim}), got {tuple(z.shape)}"
                 )
+            if not bool(z.isfinite().all()):
+                raise ValueError("z must be finite (its softmaxes are drawn from)")
         if sizes is None:
             sizes = self.sample_sizes(num, authors_clip=authors_clip)
-        elif (
-            not isinstance(sizes, Tensor) or sizes.shape != (num,) or sizes.dtype.is_floating_point
-        ):
+        elif not isinstance(sizes, Tensor) or not _integer(sizes):
             raise TypeError(f"sizes must be an integer tensor ({num},) or None")
+        elif sizes.shape != (num,):
+            raise ValueError(f"sizes must have shape ({num},), got {tuple(sizes.shape)}")
         elif int(sizes.min()) < 1 or int(sizes.max()) > self.cfg.max_atoms:
             raise ValueError(f"sizes must be in [1, {self.cfg.max_atoms}]")
         device, dtype = self.size_probs.device, self.size_probs.dtype
