@@ -36,6 +36,7 @@ from torch import Tensor
 from ._ragged import lengths_mask
 from .keops._pykeops import pykeops
 from .ops import sinkhorn_loss
+from .ops._checks import integer_dtype
 
 __all__ = [
     "diversity",
@@ -63,12 +64,7 @@ def _check_sets(points: object, lengths: object, name: str = "points") -> None:
     if not isinstance(points, Tensor) or not points.dtype.is_floating_point or points.dim() != 3:
         got = points.shape if isinstance(points, Tensor) else type(points).__name__
         raise TypeError(f"{name} must be a floating-point tensor (B, N, D), got {got}")
-    if (
-        not isinstance(lengths, Tensor)
-        or lengths.dtype.is_floating_point
-        or lengths.dtype in (torch.bool, torch.complex64, torch.complex128)
-        or lengths.dim() != 1
-    ):
+    if not isinstance(lengths, Tensor) or not integer_dtype(lengths.dtype) or lengths.dim() != 1:
         raise TypeError(f"lengths of {name} must be an integer tensor (B,)")
     if lengths.shape[0] != points.shape[0]:
         raise ValueError(

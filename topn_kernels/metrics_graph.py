@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .data.qm9 import ATOM_SYMBOLS, BOND_NAMES, PAD_ATOM
+from .ops._checks import integer_dtype
 
 __all__ = [
     "INVALID",
@@ -51,7 +52,7 @@ def graph_to_mol(atoms: Sequence[int] | Tensor, bonds: Tensor):
     chem = _chem()
     atoms_t, bonds = torch.as_tensor(atoms), torch.as_tensor(bonds)
     for name, t in (("atoms", atoms_t), ("bonds", bonds)):
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        if not integer_dtype(t.dtype):
             raise TypeError(f"{name} must hold integers, got {t.dtype}")
     atoms = atoms_t.tolist()
     if PAD_ATOM in atoms:

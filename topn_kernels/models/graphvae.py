@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .._ragged import lengths_mask
 from ..nn import Set2GraphHead, make_creation, mlp
+from ..ops._checks import integer_dtype
 from ..ops._dispatch import requested
 from . import short_rows
 from ._hooks import has_hooks
@@ -163,14 +164,14 @@ class GraphVAEOutput(NamedTuple):
 def _check_graphs(atoms, lengths, bonds, num_atom_types: int, num_edge_types: int, max_atoms):
     """Validates a padded graph batch; returns (atoms clamped to >= 0, lengths int64, bonds,
     mask (B, n))."""
-    if not isinstance(atoms, Tensor) or atoms.dim() != 2 or not _integer(atoms):
+    if not isinstance(atoms, Tensor) or atoms.dim() != 2 or not integer_dtype(atoms.dtype):
         raise TypeError("atoms must be an integer tensor (B, n)")
     b, n = atoms.shape
-    if not isinstance(lengths, Tensor) or not _integer(lengths):
+    if not isinstance(lengths, Tensor) or not integer_dtype(lengths.dtype):
         raise TypeError("lengths must be an integer tensor (B,)")
     if tuple(lengths.shape) != (b,):
         raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
-    if not isinstance(bonds, Tensor) or not _integer(bonds):
+    if not isinstance(bonds, Tensor) or not integer_dtype(bonds.dtype):
         raise TypeError("bonds must be an integer tensor (B, n, n)")
     if tuple(bonds.shape) != (b, n, n):
         raise ValueError(f"bonds must have shape ({b}, {n}, {n}), got {tuple(bonds.shape)}")
@@ -194,11 +195,6 @@ def _check_graphs(atoms, lengths, bonds, num_atom_types: int, num_edge_types: in
     if bool((bonds.diagonal(dim1=1, dim2=2)[mask] != 0).any()):
         raise ValueError("bonds must be 0 on the diagonal (no atom bonds to itself)")
     return atoms.clamp(min=0).masked_fill(~mask, 0), lengths, bonds, mask
-
-
-def _integer(t: Tensor) -> bool:
-    """An integer dtype: not floating point, complex or bool."""
-    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 class DenseNNConv(nn.Module):
@@ -396,7 +392,11 @@ class GraphVAE(nn.Module):
     def set_size_distribution(self, lengths: Tensor) -> None:
         """Stores the distribution of the training molecules' sizes ``lengths`` (M,), each in
         [1, max_atoms], for :meth:`sample_sizes`."""
-        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or not _integer(lengths):
+        if (
+            not isinstance(lengths, Tensor)
+            or lengths.dim() != 1
+            or not integer_dtype(lengths.dtype)
+        ):
             raise TypeError("lengths must be an integer tensor (M,)")
         lengths = lengths.to(self.size_probs.device, torch.int64)
         if (
@@ -450,7 +450,7 @@ class GraphVAE(nn.Module):
                 raise ValueError("z must be finite (its softmaxes are drawn from)")
         if sizes is None:
             sizes = self.sample_sizes(num, authors_clip=authors_clip)
-        elif not isinstance(sizes, Tensor) or not _integer(sizes):
+        elif not isinstance(sizes, Tensor) or not integer_dtype(sizes.dtype):
             raise TypeError(f"sizes must be an integer tensor ({num},) or None")
         elif sizes.shape != (num,):
             raise ValueError(f"sizes must have shape ({num},), got {tuple(sizes.shape)}")

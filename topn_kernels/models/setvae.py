@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .._ragged import lengths_mask
 from ..metrics import valency_counts
 from ..nn import make_creation, mlp
+from ..ops._checks import integer, integer_dtype
 from .backends import OpBackends
 from .layers import MaskedBatchNorm, PNAPooling, SetBlock
 
@@ -248,11 +249,8 @@ class SetVAE(nn.Module):
 
 def _check_draw(num: object, shift: object) -> None:
     """The arguments of ``sample_sizes``: ints (not bools), num >= 0."""
-    for name, value in (("num", num), ("shift", shift)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+    integer(num, "num", minimum=0)
+    integer(shift, "shift")
 
 
 def check_output_lengths(out: VAEOutput, points: Tensor, lengths: Tensor) -> Tensor:
@@ -266,12 +264,6 @@ def check_output_lengths(out: VAEOutput, points: Tensor, lengths: Tensor) -> Ten
 
 def _training_sizes(lengths: object, device: torch.device) -> Tensor:
     """``set_size_distribution``'s sizes: an integer tensor (S,), as int64 on ``device``."""
-    if (
-        not isinstance(lengths, Tensor)
-        or lengths.dim() != 1
-        or lengths.dtype.is_floating_point
-        or lengths.dtype.is_complex
-        or lengths.dtype == torch.bool
-    ):
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or not integer_dtype(lengths.dtype):
         raise TypeError("lengths must be an integer tensor (S,)")
     return lengths.to(device, torch.int64)

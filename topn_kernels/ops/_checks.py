@@ -137,9 +137,14 @@ def power_in_range(value: float, name: str, p: int, dtype: torch.dtype) -> float
     return value
 
 
+def integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds integers: not floating point, complex or bool."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def int_vector(value: Tensor, name: str, batch: int, device: torch.device) -> Tensor:
     """An integer tensor (B,) (or 0-d, broadcast) on ``device``, returned as int64 (B,)."""
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+    if not integer_dtype(value.dtype):
         raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
