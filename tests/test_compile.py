@@ -168,6 +168,65 @@ def test_the_loss_custom_ops_pass_opcheck():
         torch.library.opcheck(ops.set_loss.default, args)
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "match"),
+    [
+        (
+            "sinkhorn_native",
+            [2, 0.05, 1.5, NAN, 1.0],
+            r"params\[2\] \(scaling\) must be in \(0, 1\)",
+        ),
+        (
+            "sinkhorn_keops",
+            [2, 0.05, 1.0, NAN, 1.0],
+            r"params\[2\] \(scaling\) must be in \(0, 1\)",
+        ),
+        ("sinkhorn_native", [2, 0.05, 0.0, NAN, 1.0], r"params\[2\] \(scaling\) must be finite"),
+        (
+            "sinkhorn_native",
+            [2, 0.0, 0.5, NAN, 1.0],
+            r"params\[1\] \(blur\) must be finite and > 0",
+        ),
+        (
+            "sinkhorn_keops",
+            [2, -1.0, 0.5, NAN, 1.0],
+            r"params\[1\] \(blur\) must be finite and > 0",
+        ),
+        (
+            "sinkhorn_native",
+            [2, NAN, 0.5, NAN, 1.0],
+            r"params\[1\] \(blur\) must be finite and > 0",
+        ),
+        ("sinkhorn_native", [1.5, 0.05, 0.5, NAN, 1.0], r"params\[0\] \(p\) must be 1 or 2"),
+        ("sinkhorn_native", [2, 0.05, 0.5, -1.0, 1.0], r"params\[3\] \(diameter\) must be finite"),
+        ("sinkhorn_native", [2, 0.05, 0.5, NAN, 0.5], r"params\[4\] \(debias\) must be 0 or 1"),
+        ("sinkhorn_native", [2, 0.05], "params of sinkhorn_native must be the 5 values"),
+        ("repulsion_keops", [0.0], r"params\[0\] \(min_dist\) must be finite and > 0"),
+        ("valency_keops", [0.0, 4.0], r"params\[0\] \(neighbor_dist\) must be finite and > 0"),
+        ("valency_keops", [2.0, -1.0], r"params\[1\] \(max_valency\) must be an integer >= 0"),
+        ("valency_keops", [2.0, 2.5], r"params\[1\] \(max_valency\) must be an integer >= 0"),
+        ("chamfer", [1.0], "kind must be one of"),
+    ],
+)
+def test_the_loss_op_checks_its_params_when_called_directly(kind, params, match):
+    # the public losses check these; a direct call gave a value silently (scaling >= 1 or 0,
+    # p 1.5, a negative diameter, min_dist <= 0, ...) or numpy's error from the eps schedule
+    x, y, xl, yl = _batch()
+    y = y if kind.startswith("sinkhorn") else None
+    yl = yl if kind.startswith("sinkhorn") else None
+    for with_grad in (False, True):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.topn_kernels.set_loss(x, y, xl, yl, None, None, kind, params, with_grad)
+    with torch._subclasses.FakeTensorMode() as mode:  # the fake kernel, at trace time
+        fx = mode.from_tensor(x)
+        fy = None if y is None else mode.from_tensor(y)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.topn_kernels.set_loss(fx, fy, None, None, None, None, kind, params, False)
+
+
 def test_the_native_loss_ops_pass_opcheck():
     """Schema, fake kernel and autograd registration of the native losses' C++ ops, with and
     without gradients, with and without lengths."""

@@ -172,6 +172,67 @@ def test_bad_config_is_a_value_error(kwargs, match):
         SyntheticConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(n_max=5.5), TypeError, "n_max must be an int, got float"),
+        (dict(n_max=True), TypeError, "n_max must be an int, got bool"),
+        (dict(patience=2.5), TypeError, "patience must be an int"),
+        (dict(min_stop_size=4.0), TypeError, "min_stop_size must be an int"),
+        (dict(min_stop_size=-1), ValueError, "min_stop_size must be >= 0"),
+        (dict(max_rejections=10.0), TypeError, "max_rejections must be an int"),
+        (dict(max_rejections=0), ValueError, "max_rejections must be >= 1"),
+        (dict(extrapolation_n=1.5), TypeError, "extrapolation_n must be an int"),
+        (dict(extrapolation_n=-3), ValueError, "extrapolation_n must be >= 0"),
+        (dict(valencies=(1.5, 2, 3, 4)), TypeError, r"valencies\[0\] must be an int"),
+        (dict(valencies=(1, 2, 0, 4)), ValueError, r"valencies\[2\] must be >= 1"),
+        (dict(low=float("-inf")), ValueError, "low must be finite"),
+        (dict(high="6"), TypeError, "high must be a number"),
+    ],
+)
+def test_config_integer_fields_are_checked(kwargs, error, match):
+    # a float n_max failed in numpy's indexing, float caps and counts were used as is
+    with pytest.raises(error, match=match):
+        SyntheticConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "seed, error, match",
+    [
+        (-1, ValueError, "seed must be >= 0, got -1"),
+        (1.5, TypeError, "seed must be an int"),
+        (None, TypeError, "seed must be an int.*NoneType"),
+        (True, TypeError, "seed must be an int.*bool"),
+    ],
+)
+def test_seeds_are_checked(seed, error, match):
+    # numpy's errors before (no name), and None drew an unseeded, irreproducible stream
+    with pytest.raises(error, match=match):
+        generate_sets(2, seed=seed)
+    with pytest.raises(error, match=match):
+        make_datasets(2, 2, seed=seed)
+    with pytest.raises(error, match=match):
+        make_extrapolation_dataset(generate_sets(2, seed=0), 2, seed=seed)
+    seq = np.random.SeedSequence(5)  # generate_sets also takes a SeedSequence
+    assert torch.equal(generate_sets(2, seed=seq).points, generate_sets(2, seed=5).points)
+    assert torch.equal(generate_sets(2, seed=np.int64(5)).points, generate_sets(2, seed=5).points)
+
+
+def test_make_datasets_names_its_own_arguments():
+    with pytest.raises(ValueError, match="n_train must be >= 1, got 0"):
+        make_datasets(0, 2)
+    with pytest.raises(ValueError, match="n_test must be >= 1, got 0"):
+        make_datasets(2, 0)
+    with pytest.raises(TypeError, match="n_train must be an int, got float"):
+        make_datasets(2.0, 2)
+    with pytest.raises(ValueError, match="num_sets must be >= 1"):
+        make_extrapolation_dataset(generate_sets(2, seed=0), 0)
+    with pytest.raises(TypeError, match="num_sets must be an int"):
+        generate_sets(2.0, seed=0)
+    with pytest.raises(TypeError, match="candidates must be an int"):
+        generate_sets(2, seed=0, candidates=1.5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_sets"):
         generate_sets(0, seed=0)

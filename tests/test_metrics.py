@@ -211,6 +211,56 @@ def test_bad_inputs():
         metrics.exact_ot(pts, pts, lengths, lengths, p=3)
 
 
+@pytest.mark.parametrize("fn", ["incorrect_valency_pct", "valency_histogram"])
+def test_valency_metrics_check_counts_and_lengths(fn):
+    # lengths were not checked against counts: lengths past N counted padding, negative
+    # lengths counted nothing, float lengths were used as is
+    counts = torch.tensor([[1, 2, -1], [0, 5, 3]])
+    call = getattr(metrics, fn)
+    args = (5,) if fn == "valency_histogram" else ()
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, N=3\], got 7"):
+        call(counts, torch.tensor([2, 7]), *args)
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, N=3\], got -1"):
+        call(counts, torch.tensor([-1, 2]), *args)
+    with pytest.raises(ValueError, match="lengths has 3 entries but counts has 2 sets"):
+        call(counts, torch.tensor([2, 3, 1]), *args)
+    with pytest.raises(TypeError, match=r"lengths must be an integer tensor \(B,\)"):
+        call(counts, torch.tensor([2.0, 3.0]), *args)
+    with pytest.raises(TypeError, match=r"lengths must be an integer tensor \(B,\)"):
+        call(counts, torch.tensor(2), *args)
+    with pytest.raises(TypeError, match=r"counts must be an integer tensor \(B, N\)"):
+        call(counts.double(), torch.tensor([2, 3]), *args)
+    with pytest.raises(ValueError, match="counts of real points must be >= 0"):
+        call(counts, torch.tensor([3, 3]), *args)  # the padding marker -1 as a valency
+    call(counts, torch.tensor([2, 3]), *args)
+
+
+def test_valency_metric_arguments_are_checked():
+    counts, lengths = torch.tensor([[1, 2, -1]]), torch.tensor([2])
+    with pytest.raises(TypeError, match="max_valency must be an int"):
+        metrics.incorrect_valency_pct(counts, lengths, max_valency=4.5)
+    with pytest.raises(ValueError, match="num_bins must be >= 0"):
+        metrics.valency_histogram(counts, lengths, -1)
+    one = torch.tensor([0.0, 1.0])
+    # a negative entry summing to 1 was a silently wrong loss; NaN a misleading message
+    for bad in ([1.5, -0.5], [float("nan"), 1.0], [float("inf"), 0.0]):
+        with pytest.raises(ValueError, match=r"probs must be finite and >= 0"):
+            metrics.valency_loss(torch.tensor(bad), one)
+        with pytest.raises(ValueError, match=r"reference_probs must be finite and >= 0"):
+            metrics.valency_loss(one, torch.tensor(bad))
+    with pytest.raises(TypeError, match="probs must be a floating-point tensor"):
+        metrics.valency_loss([0.0, 1.0], one)
+
+
+def test_diversity_needs_a_pair():
+    pts, lengths = batch(line(0, 1), line(0, 1, 2))
+    for num_pairs in (0, -3):  # the mean of no pair was NaN
+        with pytest.raises(ValueError, match=f"num_pairs must be >= 1, got {num_pairs}"):
+            metrics.diversity(pts, lengths, num_pairs=num_pairs)
+    with pytest.raises(TypeError, match="num_pairs must be an int"):
+        metrics.diversity(pts, lengths, num_pairs=2.0)
+
+
 def test_exact_ot_checks_its_inputs_and_gives_nan_for_nan():
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(2, 4, 2, generator=g), torch.randn(2, 3, 2, generator=g)

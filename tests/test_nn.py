@@ -130,6 +130,23 @@ def test_creation_modules_check_z_and_n_max_first(module):
         module(z.long(), 2)
     with pytest.raises(ValueError, match="n_max"):
         module(z, 2, n_max=2**62)
-    if not isinstance(module, TopNCreation):  # (Top-n's query and angles would differ)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts z: no dtype error
-            module(z.bfloat16(), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts z: no dtype error
+        module(z.bfloat16(), 2)
+
+
+def test_topn_creation_under_cpu_autocast():
+    """Under autocast the query, table and bias come out of linear layers in bfloat16 while
+    angles and film stay float32: the module promotes them to one dtype (topn_create refused
+    the mix before). The result is the float32 one up to bfloat16 rounding of those layers,
+    and the gradients reach every parameter."""
+    torch.manual_seed(7)
+    module = TopNCreation(latent_dim=6, set_dim=4, n_ref=12)
+    z = torch.randn(5, 6)
+    n = torch.tensor([1, 3, 12, 7, 5])
+    x32, mask32 = module(z, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, mask = module(z, n)
+    assert x.dtype == torch.float32 and torch.equal(mask, mask32)
+    torch.testing.assert_close(x, x32, rtol=0.05, atol=0.05)
+    x.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

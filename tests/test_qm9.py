@@ -109,6 +109,20 @@ def test_parse_smiles_pads_and_counts_skipped():
     assert int(graphs.bonds[1].sum()) == 2 * (3 * 1 + 3 * 2)  # kekulé benzene
 
 
+def test_hydrogen_only_smiles_are_empty_not_element():
+    # RemoveHs keeps hydrogens bonded to hydrogens (and lone ones): no heavy atom is left, the
+    # report's "empty", not "element"; a hydrogen kept beside a heavy atom stays an "element"
+    hydrogens = ["[H][H]", "[HH]", "[H]", "[H+]", "[2H][2H]", "[H].[H]"]
+    for smiles in hydrogens:
+        with pytest.raises(ValueError, match=r"^empty: "):
+            smiles_to_graph(smiles)
+    with pytest.raises(ValueError, match=r"^element: .* contains H"):
+        smiles_to_graph("[2H]C")
+    graphs, report = parse_smiles([*hydrogens, "[2H]C", "C"])
+    assert report.skipped == {"empty": len(hydrogens), "element": 1}
+    assert report.kept == 1 and graphs.smiles == ["C"]
+
+
 def test_sample_cache_round_trip_and_errors(tmp_path):
     graphs, report = load_qm9(SAMPLE, cache_dir=tmp_path)
     assert report.total == 400 and report.kept == len(graphs) > 390
@@ -413,6 +427,36 @@ def test_model_rejects_bad_input():
         GraphVAEConfig(creation="topk")
     with pytest.raises(ValueError, match="n_ref"):
         GraphVAEConfig(n_ref=5)
+
+
+def test_max_atoms_below_1_is_refused_at_config():
+    # the size distribution over 1..max_atoms was NaN with max_atoms=0
+    with pytest.raises(ValueError, match="max_atoms must be >= 1, got 0"):
+        GraphVAEConfig(max_atoms=0, n_ref=12)
+    with pytest.raises(TypeError, match="max_atoms must be an int"):
+        GraphVAEConfig(max_atoms=9.0)
+
+
+@pytest.mark.parametrize("max_atoms", [1, 2])
+def test_smallest_max_atoms_work_and_authors_clip_needs_3(max_atoms):
+    torch.manual_seed(0)
+    model = GraphVAE(GraphVAEConfig(max_atoms=max_atoms, **SMALL))
+    assert model.size_probs.isfinite().all()
+    sizes = model.sample_sizes(20)
+    assert sizes.min() >= 1 and sizes.max() <= max_atoms
+    atoms = torch.zeros(2, max_atoms, dtype=torch.int64)
+    bonds = torch.zeros(2, max_atoms, max_atoms, dtype=torch.int64)
+    terms = graph_vae_loss(
+        model(atoms, torch.full((2,), max_atoms), bonds), atoms, torch.full((2,), max_atoms), bonds
+    )
+    assert all(torch.isfinite(v) for v in terms.values())
+    _, lengths, _ = model.eval().generate(4)
+    assert lengths.min() >= 1 and lengths.max() <= max_atoms
+    # clamp(2, max_atoms - 1) gave sizes max_atoms - 1 (0 or 1), not 2
+    with pytest.raises(ValueError, match="authors_clip needs max_atoms >= 3"):
+        model.sample_sizes(5, authors_clip=True)
+    with pytest.raises(ValueError, match="authors_clip needs max_atoms >= 3"):
+        model.generate(5, authors_clip=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,26 @@ def test_bad_inputs():
         OpBackends.from_name("fast")
 
 
+@pytest.mark.parametrize("n_max", [0, 1])
+def test_n_max_below_2_is_refused_at_config(n_max):
+    # sets have 2..n_max points: the default size distribution was NaN, and sample_sizes a
+    # multinomial error
+    with pytest.raises(ValueError, match=f"n_max must be >= 2, got {n_max}"):
+        SetVAEConfig(n_max=n_max, n_ref=35)
+    with pytest.raises(TypeError, match="n_max must be an int"):
+        SetVAEConfig(n_max=5.0)
+
+
+def test_smallest_n_max_works():
+    net = model("topn", n_max=2, n_ref=4).eval()
+    assert net.size_probs.tolist() == [0.0, 0.0, 1.0]
+    assert net.sample_sizes(5).eq(2).all()
+    x, mask = net.generate(net.sample_sizes(3))
+    assert x.isfinite().all() and mask.all()
+    out = net(torch.randn(3, 2, 3), torch.full((3,), 2))
+    assert out.recon.isfinite().all()
+
+
 def test_backend_names_resolve_per_op():
     cpu = torch.device("cpu")
     ref = OpBackends.from_name("reference")

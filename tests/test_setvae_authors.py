@@ -105,6 +105,25 @@ def test_size_grouped_batches():
         size_grouped_batches(torch.tensor([2.5, 2.7, 3.0]), 2)
 
 
+def test_iterate_batches_refuses_batches_of_several_sizes():
+    # a batch of sizes [3, 5] was cut to its first set's size 3, the 5-set's lengths still 5
+    lengths = torch.tensor([3, 5, 3, 3, 2, 5])
+    points = torch.randn(6, 6, 3)
+    good = [torch.tensor([0, 2]), torch.tensor([1, 5])]
+    with pytest.raises(ValueError, match=r"batches\[2\] holds sets of sizes \[2, 3\]"):
+        iterate_batches(points, lengths, [*good, torch.tensor([3, 4])])  # at the call
+    with pytest.raises(ValueError, match=r"batches\[0\] is empty"):
+        iterate_batches(points, lengths, [torch.tensor([], dtype=torch.int64)])
+    with pytest.raises(TypeError, match=r"batches\[0\] must be a 1-D integer tensor"):
+        iterate_batches(points, lengths, [torch.tensor([0.0, 2.0])])
+    with pytest.raises(ValueError, match="batches must be in"):
+        iterate_batches(points, lengths, [torch.tensor([6])])
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        iterate_batches(points, lengths.float(), good)
+    got = [(x.shape, n.tolist()) for x, n in iterate_batches(points, lengths, good)]
+    assert got == [((2, 3, 3), [3, 3]), ((2, 5, 3), [5, 5])]
+
+
 def _pair_sum(x: torch.Tensor, f) -> torch.Tensor:
     n = x.shape[0]
     return sum(f((x[i] - x[j]).norm()) for i in range(n) for j in range(n) if i != j)

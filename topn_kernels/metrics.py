@@ -36,7 +36,7 @@ from torch import Tensor
 from ._ragged import lengths_mask
 from .keops._pykeops import pykeops
 from .ops import sinkhorn_loss
-from .ops._checks import integer_dtype
+from .ops._checks import integer, integer_dtype, values_in_range
 
 __all__ = [
     "diversity",
@@ -105,13 +105,37 @@ def valency_counts(points: Tensor, mask: Tensor, neighbor_dist: float) -> Tensor
     return torch.where(mask, counts, -1)
 
 
+def _real_counts(counts: object, lengths: object) -> Tensor:
+    """The valencies of the real points of ``counts`` (B, N) integer, each >= 0, with
+    ``lengths`` (B,) integer in [0, N]: a 1-D tensor."""
+    if not isinstance(counts, Tensor) or not integer_dtype(counts.dtype) or counts.dim() != 2:
+        got = (counts.dtype, tuple(counts.shape)) if isinstance(counts, Tensor) else counts
+        raise TypeError(f"counts must be an integer tensor (B, N), got {got}")
+    if not isinstance(lengths, Tensor) or not integer_dtype(lengths.dtype) or lengths.dim() != 1:
+        got = (lengths.dtype, tuple(lengths.shape)) if isinstance(lengths, Tensor) else lengths
+        raise TypeError(f"lengths must be an integer tensor (B,), got {got}")
+    if lengths.shape[0] != counts.shape[0]:
+        raise ValueError(
+            f"lengths has {lengths.shape[0]} entries but counts has {counts.shape[0]} sets"
+        )
+    lengths = lengths.to(counts.device)
+    values_in_range(lengths, "lengths", 0, counts.shape[1], "N")
+    real = counts[lengths_mask(lengths, counts.shape[1])]
+    if real.numel() and int(real.min()) < 0:
+        raise ValueError(
+            f"counts of real points must be >= 0 (valencies; -1 marks padding only), got "
+            f"{int(real.min())}"
+        )
+    return real
+
+
 def valency_histogram(counts: Tensor, lengths: Tensor, num_bins: int) -> Tensor:
     """Fraction of real points with each valency: (max(num_bins, max valency + 1),) float64.
 
-    counts (B, N) integer (as :func:`valency` returns), lengths (B,).
+    counts (B, N) integer (as :func:`valency` returns), lengths (B,) integer in [0, N].
     """
-    mask = lengths_mask(lengths.to(counts.device), counts.shape[1])
-    real = counts[mask]
+    integer(num_bins, "num_bins", minimum=0)
+    real = _real_counts(counts, lengths)
     if real.numel() == 0:
         raise ValueError("valency_histogram needs at least one real point")
     hist = torch.bincount(real.cpu(), minlength=num_bins).double()
@@ -125,6 +149,11 @@ def valency_loss(probs: Tensor, reference_probs: Tensor) -> float:
     the shorter histogram is padded with zeros.
     """
     for name, p in (("probs", probs), ("reference_probs", reference_probs)):
+        if not isinstance(p, Tensor) or not p.dtype.is_floating_point:
+            got = p.dtype if isinstance(p, Tensor) else type(p).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+        if p.numel() and not bool(((p >= 0) & p.isfinite()).all()):
+            raise ValueError(f"{name} must be finite and >= 0 (probabilities), got {p.tolist()}")
         if p.dim() != 1 or p.numel() == 0 or not math.isclose(float(p.sum()), 1.0, rel_tol=1e-6):
             raise ValueError(f"{name} must be a non-empty 1-D histogram summing to 1")
     size = max(probs.numel(), reference_probs.numel())
@@ -134,9 +163,12 @@ def valency_loss(probs: Tensor, reference_probs: Tensor) -> float:
 
 
 def incorrect_valency_pct(counts: Tensor, lengths: Tensor, max_valency: int = 4) -> float:
-    """Percentage of real points with valency 0 or above ``max_valency``."""
-    mask = lengths_mask(lengths.to(counts.device), counts.shape[1])
-    real = counts[mask]
+    """Percentage of real points with valency 0 or above ``max_valency``.
+
+    counts (B, N) integer (as :func:`valency` returns), lengths (B,) integer in [0, N].
+    """
+    integer(max_valency, "max_valency", minimum=0)
+    real = _real_counts(counts, lengths)
     if real.numel() == 0:
         raise ValueError("incorrect_valency_pct needs at least one real point")
     return 100.0 * float(((real == 0) | (real > max_valency)).double().mean())
@@ -310,10 +342,11 @@ def diversity(
 ) -> tuple[float, Tensor]:
     """Mean Euclidean-cost OT between ``num_pairs`` random pairs of distinct sets.
 
-    points (B, N, D), lengths (B,). All pairs go through one batched ``sinkhorn_loss`` (p=1).
-    Returns (the mean, the (num_pairs, 2) pairs used).
+    points (B, N, D), lengths (B,); ``num_pairs`` >= 1. All pairs go through one batched
+    ``sinkhorn_loss`` (p=1). Returns (the mean, the (num_pairs, 2) pairs used).
     """
     _check_sets(points, lengths)
+    integer(num_pairs, "num_pairs", minimum=1)  # the mean of no pair is NaN
     pairs = random_pairs(points.shape[0], num_pairs, generator).to(points.device)
     i, j = pairs[:, 0], pairs[:, 1]
     costs = ot_euclidean(points[i], points[j], lengths[i], lengths[j], backend=backend)

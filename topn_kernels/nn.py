@@ -91,18 +91,31 @@ class TopNCreation(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         z = _latent(z, self.W2)
         table = self.W1(self.points)  # (n_ref, set_dim) = R W1, shared by every set
+        query, angles, table, bias, film = _common_dtype(
+            self.angle_mlp(z), self.angles, table, self.W2(z), self.film
+        )
         out = topn_create(
-            self.angle_mlp(z),
-            self.angles,
+            query,
+            angles,
             table,
-            self.W2(z),
+            bias,
             n,
-            self.film,
+            film,
             n_max=n_max,
             score_norm=self.score_norm,
             backend=self.backend,
         )
         return out.x, out.mask
+
+
+def _common_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in their widest dtype: under autocast the linear layers' outputs are
+    bfloat16/float16 while the parameters used directly stay float32, and ``topn_create``
+    takes one dtype (it computes in float32 whatever its inputs)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 class FirstNCreation(nn.Module):

@@ -13,9 +13,10 @@ Sources: a CSV file with a SMILES column that the caller names, or, when none is
 CSV files shipped inside the wheel of the optional package ``qm9pack`` (pip install
 'topn_kernels[qm9]'), read directly (the package itself is never imported). RDKit parses each
 SMILES, removes the hydrogens and kekulizes; molecules it cannot parse, or with another
-element, more than 9 heavy atoms or another bond type, are counted in a :class:`ParseReport` by
-reason and skipped. Molecules with formal charges (580 zwitterions in QM9) are kept, as in the
-authors' data; their charges are not part of the graph, and the report counts them.
+element, more than 9 heavy atoms, another bond type or no heavy atom (hydrogens only, e.g.
+"[H][H]"), are counted in a :class:`ParseReport` by reason and skipped. Molecules with formal
+charges (580 zwitterions in QM9) are kept, as in the authors' data; their charges are not part
+of the graph, and the report counts them.
 
 Parsed tensors are cached on disk (``cache_dir``, default ``~/.cache/topn_kernels/qm9``), keyed
 by the source file's path, size and modification time. :func:`split_qm9` is a fixed, seeded
@@ -58,7 +59,7 @@ ATOM_SYMBOLS = ("C", "N", "O", "F")
 BOND_NAMES = ("SINGLE", "DOUBLE", "TRIPLE")  # bond types 1, 2, 3
 MAX_ATOMS = 9
 PAD_ATOM = -1
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: hydrogen-only molecules are counted "empty" (were "element")
 _QM9PACK_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 
 
@@ -153,7 +154,9 @@ def smiles_to_graph(smiles: str) -> tuple[list[int], list[tuple[int, int, int]],
     """One SMILES -> (atom types, bonds as (i, j, type) with i < j, canonical SMILES, charged).
 
     Hydrogens are removed and the molecule kekulized. Raises ValueError naming the reason
-    ("unparsable", "element", "too_many_atoms", "bond_type", "empty") as its first word.
+    ("unparsable", "element", "too_many_atoms", "bond_type", "empty") as its first word;
+    "empty" is a molecule of hydrogens only (no heavy atom, e.g. "[H][H]" or "[HH]"), and a
+    hydrogen RDKit keeps beside heavy atoms (an isotope, e.g. "[2H]C") is an "element".
     """
     if not isinstance(smiles, str):
         raise TypeError(f"smiles must be a str, got {type(smiles).__name__}")
@@ -167,7 +170,9 @@ def smiles_to_graph(smiles: str) -> tuple[list[int], list[tuple[int, int, int]],
         chem.Kekulize(mol, clearAromaticFlags=True)
     except Exception as err:
         raise ValueError(f"unparsable: {smiles!r} cannot be kekulized ({err})") from err
-    n = mol.GetNumAtoms()
+    # RemoveHs keeps hydrogens bonded only to hydrogens, and isotopes or lone ions ("[H][H]",
+    # "[HH]", "[H+]"): the heavy atoms are those that are not hydrogen
+    n = sum(atom.GetAtomicNum() != 1 for atom in mol.GetAtoms())
     if n == 0:
         raise ValueError(f"empty: {smiles!r} has no heavy atom")
     if n > MAX_ATOMS:

@@ -29,6 +29,7 @@ always in [1, cap] for a set of two points or more.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch.utils.data import Dataset
 
 from .._ragged import lengths_mask
 from ..metrics import valency, valency_histogram
+from ..ops._checks import integer
 
 __all__ = [
     "DatasetStatistics",
@@ -50,6 +52,27 @@ __all__ = [
     "make_datasets",
     "make_extrapolation_dataset",
 ]
+
+
+# the integer fields of SyntheticConfig and their minimums
+_INTEGER_FIELDS = {
+    "n_max": 2,
+    "patience": 1,
+    "min_stop_size": 0,
+    "max_rejections": 1,
+    "extrapolation_n": 0,
+}
+
+
+def _seed(value: object, name: str, sequence: bool = False) -> int | np.random.SeedSequence:
+    """A seed: an int >= 0 (a Python or numpy integer, bool refused), or with ``sequence`` a
+    numpy SeedSequence."""
+    if sequence and isinstance(value, np.random.SeedSequence):
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        kinds = "an int or a numpy.random.SeedSequence" if sequence else "an int"
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    return integer(int(value), name, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -69,6 +92,15 @@ class SyntheticConfig:
     extrapolation_n: int = 10
 
     def __post_init__(self) -> None:
+        # integer fields first: a float n_max or cap was truncated or failed deep in numpy
+        for name, minimum in _INTEGER_FIELDS.items():
+            integer(getattr(self, name), name, minimum=minimum)
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if not self.high > self.low:
             raise ValueError(f"high must be > low, got low={self.low}, high={self.high}")
         if not 0 < self.min_dist < self.neighbor_dist:
@@ -77,15 +109,10 @@ class SyntheticConfig:
             )
         if len(self.valencies) != len(self.valency_probs) or not self.valencies:
             raise ValueError("valencies and valency_probs must be non-empty and of equal length")
-        if min(self.valencies) < 1:
-            raise ValueError(f"valencies must be >= 1, got {self.valencies}")
+        for i, cap in enumerate(self.valencies):
+            integer(cap, f"valencies[{i}]", minimum=1)
         if min(self.valency_probs) < 0 or not math.isclose(sum(self.valency_probs), 1.0):
             raise ValueError(f"valency_probs must be >= 0 and sum to 1, got {self.valency_probs}")
-        for name in ("n_max", "patience", "max_rejections"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_max < 2:
-            raise ValueError(f"n_max must be >= 2, got {self.n_max}")
 
     @property
     def max_valency(self) -> int:
@@ -277,7 +304,7 @@ def generate_sets(
 
     Args:
         num_sets: number of sets returned (>= 1).
-        seed: an int or a ``numpy.random.SeedSequence``.
+        seed: an int >= 0 or a ``numpy.random.SeedSequence``.
         config: the generator's parameters (default: the paper's).
         sizes: None for the paper's stop rule; else an integer array (num_sets,) of exact target
             sizes in [2, max(n_max, ...)] (the extrapolation variant; the padded width is the
@@ -289,11 +316,11 @@ def generate_sets(
         A :class:`SyntheticSets` whose padded width is ``config.n_max`` (or the largest target).
     """
     config = SyntheticConfig() if config is None else config
-    if isinstance(num_sets, bool) or not isinstance(num_sets, int) or num_sets < 1:
-        raise ValueError(f"num_sets must be an int >= 1, got {num_sets!r}")
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ValueError(f"candidates must be an int >= 1, got {candidates!r}")
-    rng = np.random.default_rng(seed)
+    if not isinstance(config, SyntheticConfig):
+        raise TypeError(f"config must be a SyntheticConfig or None, got {type(config).__name__}")
+    integer(num_sets, "num_sets", minimum=1)
+    integer(candidates, "candidates", minimum=1)
+    rng = np.random.default_rng(_seed(seed, "seed", sequence=True))
     if sizes is None:
         return _generate_free(num_sets, rng, config, candidates)
     targets = np.asarray(sizes.cpu() if isinstance(sizes, Tensor) else sizes)
@@ -356,8 +383,11 @@ def _generate_targeted(targets, rng, config, candidates) -> SyntheticSets:
 def make_datasets(
     n_train: int = 2000, n_test: int = 500, *, seed: int = 0, config: SyntheticConfig | None = None
 ) -> tuple[SyntheticSets, SyntheticSets]:
-    """The train and test sets (the paper: 2000 and 500), from independent seeded streams."""
-    train_seed, test_seed = np.random.SeedSequence(seed).spawn(2)
+    """The train and test sets (the paper: 2000 and 500, each >= 1), from independent seeded
+    streams (``seed``: an int >= 0)."""
+    integer(n_train, "n_train", minimum=1)
+    integer(n_test, "n_test", minimum=1)
+    train_seed, test_seed = np.random.SeedSequence(_seed(seed, "seed")).spawn(2)
     return (
         generate_sets(n_train, seed=train_seed, config=config),
         generate_sets(n_test, seed=test_seed, config=config),
@@ -369,6 +399,7 @@ def extrapolation_sizes(
 ) -> Tensor:
     """(num,) int64 sizes drawn from ``train``'s size distribution plus ``extrapolation_n``,
     clipped to ``n_max`` (the largest set the decoders can make)."""
+    integer(num, "num", minimum=0)
     config = train.config
     picks = torch.randint(len(train), (num,), generator=generator)
     return (train.lengths[picks] + config.extrapolation_n).clamp(max=config.n_max)
@@ -378,8 +409,10 @@ def make_extrapolation_dataset(
     train: SyntheticSets, num_sets: int = 500, *, seed: int = 0
 ) -> SyntheticSets:
     """The extrapolation variant: ``num_sets`` sets whose sizes are those of ``train`` plus
-    ``extrapolation_n`` (about 10 more points on average), clipped to ``n_max``."""
-    size_seed, set_seed = np.random.SeedSequence([seed, 1]).spawn(2)
+    ``extrapolation_n`` (about 10 more points on average), clipped to ``n_max``; ``seed``: an
+    int >= 0."""
+    integer(num_sets, "num_sets", minimum=1)
+    size_seed, set_seed = np.random.SeedSequence([_seed(seed, "seed"), 1]).spawn(2)
     generator = torch.Generator().manual_seed(int(size_seed.generate_state(1)[0]))
     sizes = extrapolation_sizes(train, num_sets, generator=generator)
     return generate_sets(num_sets, seed=set_seed, config=train.config, sizes=sizes)

@@ -49,6 +49,7 @@ if _NATIVE_AVAILABLE:
 else:
     native_layer = None
 from ..ops import repulsion_penalty, valency_penalty
+from ..ops._checks import integer_dtype, values_in_range
 from ._hooks import has_hooks
 from .setvae import CREATIONS, VAEOutput, _check_draw, _training_sizes, check_output_lengths
 
@@ -577,7 +578,41 @@ def size_grouped_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:
 def iterate_batches(
     points: Tensor, lengths: Tensor, batches: list[Tensor]
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(points (b, n, D), lengths (b,)) of each batch, trimmed to its one size n."""
-    for index in batches:
-        n = int(lengths[index[0]])
-        yield points[index, :n], lengths[index]
+    """(points (b, n, D), lengths (b,)) of each batch, trimmed to its one size n.
+
+    Each of ``batches`` is a non-empty 1-D integer tensor of indices into ``lengths`` whose sets
+    all have one size (as :func:`size_grouped_batches` makes them); checked for every batch at
+    the call, before the first one is yielded (a batch of several sizes would have its larger
+    sets cut to the first one's size, with lengths that still say otherwise)."""
+    batches = list(batches)
+    sizes = _batch_sizes(lengths, batches)
+    return ((points[index, :n], lengths[index]) for index, n in zip(batches, sizes, strict=True))
+
+
+def _batch_sizes(lengths: object, batches: list[object]) -> list[int]:
+    """The one size of each batch of :func:`iterate_batches`, its arguments checked."""
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or not integer_dtype(lengths.dtype):
+        raise TypeError("lengths must be an integer tensor (S,)")
+    for i, index in enumerate(batches):
+        if not isinstance(index, Tensor) or index.dim() != 1 or not integer_dtype(index.dtype):
+            raise TypeError(f"batches[{i}] must be a 1-D integer tensor of set indices")
+        if index.numel() == 0:
+            raise ValueError(f"batches[{i}] is empty")
+    if not batches:
+        return []
+    flat = torch.cat([index.to(lengths.device) for index in batches])
+    values_in_range(flat, "batches", 0, len(lengths) - 1, "len(lengths) - 1")
+    sizes = lengths[flat]
+    counts = torch.tensor([len(index) for index in batches], device=lengths.device)
+    first = sizes[torch.cumsum(counts, 0) - counts]
+    mixed = sizes != first.repeat_interleave(counts, output_size=len(sizes))
+    if bool(mixed.any()):
+        i = int(
+            torch.arange(len(batches), device=lengths.device).repeat_interleave(counts)[mixed][0]
+        )
+        found = sorted(set(lengths[batches[i].to(lengths.device)].tolist()))
+        raise ValueError(
+            f"batches[{i}] holds sets of sizes {found}: each batch must hold sets of one size "
+            f"(size_grouped_batches makes such batches)"
+        )
+    return first.tolist()

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .._ragged import lengths_mask
 from ..nn import Set2GraphHead, make_creation, mlp
-from ..ops._checks import integer_dtype
+from ..ops._checks import integer, integer_dtype
 from ..ops._dispatch import requested
 from . import short_rows
 from ._hooks import has_hooks
@@ -105,6 +105,8 @@ class GraphVAEConfig:
             raise ValueError(
                 f"creation must be one of {list(GRAPH_CREATIONS)}, got {self.creation!r}"
             )
+        # the size distribution is over 1..max_atoms: with none, its probabilities are NaN
+        integer(self.max_atoms, "max_atoms", minimum=1)
         if not self.heads >= 1 or self.decoder_hidden % self.heads:
             raise ValueError(
                 f"decoder_hidden={self.decoder_hidden} must be divisible by heads={self.heads}"
@@ -411,9 +413,15 @@ class GraphVAE(nn.Module):
     def sample_sizes(self, num: int, *, authors_clip: bool = False, generator=None) -> Tensor:
         """(num,) int64 sizes drawn from the stored training distribution. ``authors_clip``
         applies the authors' rounding at generation: sizes <= 1 become 2 and sizes >= the
-        largest (9) become that minus one (8)."""
+        largest (9) become that minus one (8); it needs max_atoms >= 3."""
         if not isinstance(num, int) or num < 1:
             raise ValueError(f"num must be a positive int, got {num!r}")
+        if authors_clip and self.cfg.max_atoms < 3:
+            # clamp(2, max_atoms - 1) with an empty range gives max_atoms - 1 (0 or 1), not 2
+            raise ValueError(
+                f"authors_clip needs max_atoms >= 3 (sizes clipped to [2, max_atoms - 1]), "
+                f"got max_atoms={self.cfg.max_atoms}"
+            )
         sizes = torch.multinomial(self.size_probs.cpu(), num, replacement=True, generator=generator)
         if authors_clip:
             sizes = sizes.clamp(2, self.cfg.max_atoms - 1)

@@ -68,6 +68,8 @@ class SetVAEConfig:
     def __post_init__(self) -> None:
         if self.creation not in CREATIONS:
             raise ValueError(f"creation must be one of {list(CREATIONS)}, got {self.creation!r}")
+        # sets have 2..n_max points: below 2 the size distribution is empty (NaN probabilities)
+        integer(self.n_max, "n_max", minimum=2)
         if not self.heads >= 1 or self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.creation == "topn" and self.n_ref < self.n_max:

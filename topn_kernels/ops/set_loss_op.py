@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import _checks
+
 __all__ = ["KINDS", "set_loss"]
 
 
@@ -76,6 +78,47 @@ KINDS: dict[str, Callable] = {
 }
 
 
+def _whole(value: float, name: str, minimum: int) -> None:
+    """A params entry that holds an integer >= minimum (params are floats in the schema)."""
+    if not (math.isfinite(value) and float(value).is_integer() and value >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _check_params(kind: str, params: Sequence[float]) -> None:
+    """``kind`` and its ``params`` (see :data:`KINDS`), for a direct call of the op: the public
+    losses pass checked values, and a bad one (a scaling >= 1, a blur <= 0) gave a value
+    silently, or numpy's error from the eps schedule."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    names = {
+        "sinkhorn": ("p", "blur", "scaling", "diameter", "debias"),
+        "repulsion": ("min_dist",),
+        "valency": ("neighbor_dist", "max_valency"),
+    }[kind.split("_")[0]]
+    if len(params) != len(names):
+        raise ValueError(
+            f"params of {kind} must be the {len(names)} values ({', '.join(names)}), "
+            f"got {len(params)}: {list(params)}"
+        )
+    value = dict(zip(names, params, strict=True))
+    label = {name: f"params[{i}] ({name})" for i, name in enumerate(names)}
+    if kind.startswith("sinkhorn"):
+        if value["p"] not in (1, 2):
+            raise ValueError(f"{label['p']} must be 1 or 2, got {value['p']}")
+        _checks.positive_number(value["blur"], label["blur"])
+        if not _checks.positive_number(value["scaling"], label["scaling"]) < 1:
+            raise ValueError(f"{label['scaling']} must be in (0, 1), got {value['scaling']}")
+        if not math.isnan(value["diameter"]):  # NaN: the batch's diameter
+            _checks.positive_number(value["diameter"], label["diameter"])
+        if value["debias"] not in (0, 1):
+            raise ValueError(f"{label['debias']} must be 0 or 1, got {value['debias']}")
+    elif kind.startswith("repulsion"):
+        _checks.positive_number(value["min_dist"], label["min_dist"])
+    else:
+        _checks.positive_number(value["neighbor_dist"], label["neighbor_dist"])
+        _whole(value["max_valency"], label["max_valency"], 0)
+
+
 def _autograd_enabled():
     """A context in which autograd records again inside the op's kernel, which the dispatcher
     runs with the autograd keys excluded (and grad mode off)."""
@@ -108,8 +151,7 @@ def _set_loss(
     params: Sequence[float],
     with_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    _check_params(kind, params)
     fn = KINDS[kind]
     inputs = [x, y, a, b]
     if not with_grad:
@@ -130,6 +172,7 @@ def _set_loss(
 
 @_set_loss.register_fake
 def _set_loss_fake(x, y, x_lengths, y_lengths, a, b, kind, params, with_grad):
+    _check_params(kind, params)  # at trace time already
     value = x.new_empty((x.shape[0],))
     if not with_grad:
         return value, *(x.new_empty((0,)) for _ in range(4))
