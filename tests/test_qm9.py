@@ -682,7 +682,7 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert 0 <= rec["exact"] <= rec["atoms_exact"] <= 1
     assert row["latent"]["kl_per_molecule"] >= 0 and row["latent"]["mean_sigma"] > 0
     assert 0 <= row["latent"]["active_dims"] <= 256
-    assert set(row["drawn"]) == {"mu", "posterior", "prior", "fitted"}
+    assert set(row["drawn"]) == {"mu", "posterior", "prior", "fitted", "fitted_full"}
     for drawn in row["drawn"].values():
         assert 0 <= drawn["valid"] <= drawn["sanitizes"] <= 1
 
