@@ -62,6 +62,8 @@ def _params():
         marks = [pytest.mark.slow]
         if NATIVE_CAPABILITY == "DEFAULT" and setting.get("ATEN_CPU_CAPABILITY") == "avx2":
             marks.append(pytest.mark.skip(reason="this CPU has no AVX2"))
+        if NATIVE_CAPABILITY == "AVX2" and name == "avx2-cpu":
+            marks.append(pytest.mark.skip(reason="this CPU is one: the main run covers it"))
         yield pytest.param(setting, id=name, marks=marks)
 
 

@@ -196,6 +196,20 @@ def test_config_integer_fields_are_checked(kwargs, error, match):
         SyntheticConfig(**kwargs)
 
 
+def test_numpy_integers_are_integers():
+    """numpy integers (a size read from an array) are taken wherever an int is: the same sets
+    as with Python ints (the checks refused them once)."""
+    config = SyntheticConfig(
+        n_max=np.int64(12), valencies=(1, np.int32(2), 3, 4), low=np.float32(0)
+    )
+    plain = SyntheticConfig(n_max=12, valencies=(1, 2, 3, 4), low=0.0)
+    got, want = (
+        generate_sets(np.int64(3), seed=np.int64(1), config=config),
+        generate_sets(3, seed=1, config=plain),
+    )
+    assert torch.equal(got.points, want.points) and torch.equal(got.lengths, want.lengths)
+
+
 @pytest.mark.parametrize(
     "seed, error, match",
     [

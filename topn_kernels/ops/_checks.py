@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -94,8 +96,12 @@ def flag(value: object, name: str) -> bool:
 
 
 def integer(value: object, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as an int (a Python or numpy integer, or a SymInt; bool refused), checked
+    against ``minimum`` in eager mode."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints are
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        value = operator.index(value)
     if minimum is not None and _eager() and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
