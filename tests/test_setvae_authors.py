@@ -116,8 +116,10 @@ def test_iterate_batches_refuses_batches_of_several_sizes():
         iterate_batches(points, lengths, [torch.tensor([], dtype=torch.int64)])
     with pytest.raises(TypeError, match=r"batches\[0\] must be a 1-D integer tensor"):
         iterate_batches(points, lengths, [torch.tensor([0.0, 2.0])])
-    with pytest.raises(ValueError, match="batches must be in"):
-        iterate_batches(points, lengths, [torch.tensor([6])])
+    with pytest.raises(ValueError, match=r"batches\[1\] holds index 6: indices must be in"):
+        iterate_batches(points, lengths, [good[0], torch.tensor([1, 6])])
+    with pytest.raises(ValueError, match=r"batches\[0\] holds index -1"):
+        iterate_batches(points, lengths, [torch.tensor([-1])])
     with pytest.raises(TypeError, match="lengths must be an integer tensor"):
         iterate_batches(points, lengths.float(), good)
     got = [(x.shape, n.tolist()) for x, n in iterate_batches(points, lengths, good)]

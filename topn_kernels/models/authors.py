@@ -49,7 +49,7 @@ if _NATIVE_AVAILABLE:
 else:
     native_layer = None
 from ..ops import repulsion_penalty, valency_penalty
-from ..ops._checks import integer_dtype, values_in_range
+from ..ops._checks import integer_dtype
 from ._hooks import has_hooks
 from .setvae import CREATIONS, VAEOutput, _check_draw, _training_sizes, check_output_lengths
 
@@ -601,15 +601,20 @@ def _batch_sizes(lengths: object, batches: list[object]) -> list[int]:
     if not batches:
         return []
     flat = torch.cat([index.to(lengths.device) for index in batches])
-    values_in_range(flat, "batches", 0, len(lengths) - 1, "len(lengths) - 1")
-    sizes = lengths[flat]
     counts = torch.tensor([len(index) for index in batches], device=lengths.device)
+    owner = torch.arange(len(batches), device=lengths.device).repeat_interleave(counts)
+    outside = (flat < 0) | (flat >= len(lengths))
+    if bool(outside.any()):
+        i = int(owner[outside][0])
+        raise ValueError(
+            f"batches[{i}] holds index {int(flat[outside][0])}: indices must be in "
+            f"[0, len(lengths) - 1={len(lengths) - 1}]"
+        )
+    sizes = lengths[flat]
     first = sizes[torch.cumsum(counts, 0) - counts]
     mixed = sizes != first.repeat_interleave(counts, output_size=len(sizes))
     if bool(mixed.any()):
-        i = int(
-            torch.arange(len(batches), device=lengths.device).repeat_interleave(counts)[mixed][0]
-        )
+        i = int(owner[mixed][0])
         found = sorted(set(lengths[batches[i].to(lengths.device)].tolist()))
         raise ValueError(
             f"batches[{i}] holds sets of sizes {found}: each batch must hold sets of one size "
