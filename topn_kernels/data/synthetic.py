@@ -69,10 +69,7 @@ def _seed(value: object, name: str, sequence: bool = False) -> int | np.random.S
     numpy SeedSequence."""
     if sequence and isinstance(value, np.random.SeedSequence):
         return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        kinds = "an int or a numpy.random.SeedSequence" if sequence else "an int"
-        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
-    return integer(int(value), name, minimum=0)
+    return integer(value, name, minimum=0)
 
 
 @dataclass(frozen=True)

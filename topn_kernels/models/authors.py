@@ -612,7 +612,7 @@ def _batch_sizes(lengths: object, batches: list[object]) -> list[int]:
         )
     sizes = lengths[flat]
     first = sizes[torch.cumsum(counts, 0) - counts]
-    mixed = sizes != first.repeat_interleave(counts, output_size=len(sizes))
+    mixed = sizes != first[owner]
     if bool(mixed.any()):
         i = int(owner[mixed][0])
         found = sorted(set(lengths[batches[i].to(lengths.device)].tolist()))
