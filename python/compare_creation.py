@@ -360,7 +360,7 @@ def write_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
             "",
             f"{recipe} ({'mean' if n == 1 else 'mean ± 95% CI over the runs'}); in "
             "parentheses the paper's Table 4 (mean over 5 runs of thousands of epochs).",
-            f"Backends in training: {backends}.",
+            f"Backends in training (a resumed run's last chunk): {backends}.",
             f"Wall time of this invocation {seconds / 60:.1f} min.",
             *(["Not finished yet (rerun to resume): " + ", ".join(missing) + "."] * bool(missing)),
             *w2,
