@@ -21,8 +21,16 @@ For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``
   distribution), and from a diagonal Gaussian fitted to the codes of those molecules (the mean
   of mu, per dimension the variance of mu plus the mean of sigma^2: the aggregate posterior's
   first two moments), and from the Gaussian of its mean and full covariance (the covariance of
-  mu plus the mean of sigma^2 on the diagonal, ``fitted_full``): valid % (the strict check:
-  RDKit sanitizes, one connected molecule) and sanitizes % (fragments allowed).
+  mu plus the mean of sigma^2 on the diagonal, ``fitted_full``), and from one diagonal Gaussian
+  per molecule size fitted to the codes of the molecules of that size (``fitted_by_size``);
+  also from posterior samples decoded at the sizes of other molecules (``posterior_other_sizes``,
+  the sizes shuffled: how much the decoder's size must agree with its code). For each: valid %
+  (the strict check: RDKit sanitizes, one connected molecule), sanitizes % (fragments allowed),
+  and the mean number of drawn bonds and of connected components per molecule;
+- with ``--mixtures K:COV ...`` (scikit-learn), also from Gaussian mixtures of K components
+  (covariance ``full`` or ``diag``) fitted by EM to one posterior sample of each of the first
+  ``--fit-molecules`` training molecules: the ex-post density estimate of Ghosh et al. 2020,
+  a prior that can take a non-Gaussian shape.
 
 Prints one JSON object per run; ``--json PATH`` also writes them as a list.
 """
@@ -35,7 +43,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -70,11 +81,28 @@ def reconstruction(model: GraphVAE, atoms, lengths, bonds, pred_order: str) -> d
     }
 
 
+def graph_shape(bonds: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
+    """Mean bonds and mean connected components per molecule of bonds (M, w, w) (symmetric,
+    0 for no bond), counting the first lengths[m] atoms of molecule m only."""
+    drawn = components = 0
+    for adjacency, n in zip(bonds, lengths.tolist(), strict=True):
+        graph = csr_matrix(adjacency[:n, :n].numpy() > 0)
+        drawn += graph.nnz // 2
+        components += connected_components(graph, directed=False, return_labels=False)
+    return drawn / len(lengths), components / len(lengths)
+
+
 def drawn_validity(model: GraphVAE, z, lengths) -> dict:
     atoms, _, bonds = model.generate(z.shape[0], lengths, z=z)
     smiles, sanitized = check_graphs(atoms, bonds)
     valid, sanitizes = sum(s is not None for s in smiles), sum(sanitized)
-    return {"valid": valid / z.shape[0], "sanitizes": sanitizes / z.shape[0]}
+    bonds_per, components_per = graph_shape(bonds, lengths)
+    return {
+        "valid": valid / z.shape[0],
+        "sanitizes": sanitizes / z.shape[0],
+        "bonds": bonds_per,
+        "components": components_per,
+    }
 
 
 def diagnose(run: Path, splits_by_source: dict, args) -> dict:
@@ -128,8 +156,51 @@ def diagnose(run: Path, splits_by_source: dict, args) -> dict:
             "prior": drawn_validity(model, torch.randn_like(mu), lengths),
             "fitted": drawn_validity(model, mu.mean(0) + spread * torch.randn_like(mu), lengths),
             "fitted_full": drawn_validity(model, _full_gaussian(mu, sigma), lengths),
+            "fitted_by_size": drawn_validity(model, _by_size(mu, sigma, lengths), lengths),
+            "posterior_other_sizes": drawn_validity(
+                model, mu + sigma * torch.randn_like(mu), lengths[torch.randperm(len(lengths))]
+            ),
         }
+        for spec in args.mixtures:
+            z = _mixture(model, train, spec, args, len(index))
+            row["drawn"][f"mixture_{spec}"] = drawn_validity(model, z, lengths)
     return row
+
+
+def _by_size(mu: torch.Tensor, sigma: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Draws (M, L): for each molecule, from the diagonal Gaussian fitted to the codes of the
+    molecules of its size (a size with a single molecule: that molecule's posterior)."""
+    z = torch.empty_like(mu)
+    for n in lengths.unique():
+        same = lengths == n
+        spread = sigma[same].pow(2).mean(0)
+        if int(same.sum()) > 1:
+            spread = spread + mu[same].var(0)
+        z[same] = mu[same].mean(0) + spread.sqrt() * torch.randn_like(mu[same])
+    return z
+
+
+def _mixture(model: GraphVAE, train, spec: str, args, num: int) -> torch.Tensor:
+    """Draws (num, L) from a Gaussian mixture ``K:COV`` fitted to one posterior sample of each
+    of the first ``--fit-molecules`` training molecules (scikit-learn's EM, seeded)."""
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError:
+        raise SystemExit("--mixtures needs scikit-learn (pip install scikit-learn)") from None
+    k, covariance = spec.split(":")
+    fit = torch.arange(min(args.fit_molecules, len(train)))
+    if int(k) > len(fit):
+        raise SystemExit(f"--mixtures {spec}: more components than the {len(fit)} codes fitted")
+    codes = []
+    for chunk in fit.split(4096):
+        x, e, mask = model.one_hot(train.atoms[chunk], train.lengths[chunk], train.bonds[chunk])
+        mu, log_var = model.encoder(x, e, mask)
+        codes.append(mu + (0.5 * log_var).exp() * torch.randn_like(mu))
+    gmm = GaussianMixture(int(k), covariance_type=covariance, reg_covar=1e-4, random_state=0)
+    gmm.fit(torch.cat(codes).double().numpy())
+    z, _ = gmm.sample(num)  # grouped by component: shuffled so that sizes are drawn independently
+    z = np.random.default_rng(0).permutation(z)
+    return torch.from_numpy(z).to(torch.get_default_dtype())
 
 
 def _full_gaussian(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -147,7 +218,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--molecules", type=int, default=1000, help="training molecules to use")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--json", type=Path, help="also write the rows to this file")
+    p.add_argument(
+        "--mixtures",
+        nargs="*",
+        default=[],
+        metavar="K:COV",
+        help="also draw from Gaussian mixtures of K components, COV full or diag (scikit-learn)",
+    )
+    p.add_argument(
+        "--fit-molecules",
+        type=int,
+        default=20000,
+        help="training molecules whose posterior samples the mixtures are fitted to",
+    )
     args = p.parse_args(argv)
+    for spec in args.mixtures:
+        k, _, covariance = spec.partition(":")
+        if not k.isdigit() or int(k) < 1 or covariance not in ("full", "diag"):
+            p.error(f"--mixtures takes K:full or K:diag with K >= 1, got {spec!r}")
+    if args.fit_molecules < 2:
+        p.error("--fit-molecules must be >= 2")
     for run in args.runs:
         if not (run / "checkpoint.pt").is_file():
             p.error(f"{run}/checkpoint.pt not found")

@@ -612,7 +612,7 @@ def _program(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_training_program_smoke_then_resume(tmp_path):
+def test_training_program_smoke_then_resume(tmp_path, capsys):
     """One epoch on 200 molecules of the committed sample: every output, then --resume."""
     out = tmp_path / "run"
     cmd = [
@@ -673,7 +673,9 @@ def test_training_program_smoke_then_resume(tmp_path):
     other = [*init[:-3], "--out", str(tmp_path / "other")]
     run = _program([*cmd[:-2], *other, "--creation", "firstn", "--epochs", "1"])
     assert run.returncode != 0 and "--init-from" in run.stderr  # another model
-    diagnosis = _program(["python/qm9_diagnose.py", str(out), "--molecules", "50"])
+    diagnose = ["python/qm9_diagnose.py", str(out), "--molecules", "50"]
+    mixtures = ["--mixtures", "3:diag", "2:full", "--fit-molecules", "60"]
+    diagnosis = _program([*diagnose, *mixtures])
     assert diagnosis.returncode == 0, diagnosis.stdout[-3000:] + diagnosis.stderr[-3000:]
     row = json.loads(diagnosis.stdout.splitlines()[-1])
     assert (row["epochs"], row["molecules"]) == (2, 50)
@@ -682,9 +684,64 @@ def test_training_program_smoke_then_resume(tmp_path):
     assert 0 <= rec["exact"] <= rec["atoms_exact"] <= 1
     assert row["latent"]["kl_per_molecule"] >= 0 and row["latent"]["mean_sigma"] > 0
     assert 0 <= row["latent"]["active_dims"] <= 256
-    assert set(row["drawn"]) == {"mu", "posterior", "prior", "fitted", "fitted_full"}
+    assert set(row["drawn"]) == {
+        *("mu", "posterior", "posterior_other_sizes", "prior"),
+        *("fitted", "fitted_full", "fitted_by_size", "mixture_3:diag", "mixture_2:full"),
+    }
     for drawn in row["drawn"].values():
         assert 0 <= drawn["valid"] <= drawn["sanitizes"] <= 1
+        assert drawn["bonds"] >= 0 and 1 <= drawn["components"] <= 9
+    program = _diagnose_program()
+    for bad in (["--mixtures", "3"], ["--mixtures", "0:diag"], ["--mixtures", "2:tied"]):
+        with pytest.raises(SystemExit):
+            program.main([*diagnose[1:], *bad])
+        assert "--mixtures" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="more components than the 60 codes"):
+        program.main([*diagnose[1:], "--mixtures", "61:diag", "--fit-molecules", "60"])
+
+
+def _diagnose_program():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "qm9_diagnose", ROOT / "python/qm9_diagnose.py"
+        )
+        program = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(program)
+    finally:
+        sys.path.remove(str(ROOT / "python"))
+    return program
+
+
+def test_diagnosis_counts_bonds_and_fragments():
+    """graph_shape: bonds and connected components inside each molecule's size only."""
+    program = _diagnose_program()
+    bonds = torch.zeros(3, 4, 4, dtype=torch.int64)
+    for k, i, j, t in [(0, 0, 1, 1), (0, 1, 2, 2), (0, 2, 3, 1), (1, 0, 1, 3), (2, 0, 3, 1)]:
+        bonds[k, i, j] = bonds[k, j, i] = t
+    # molecule 0: a chain of 4 (1 component); 1: one bond among 3 atoms (2); 2: its only bond
+    # reaches past its size 2: no bond, 2 isolated atoms
+    per_bonds, per_components = program.graph_shape(bonds, torch.tensor([4, 3, 2]))
+    assert per_bonds == pytest.approx(4 / 3)
+    assert per_components == pytest.approx((1 + 2 + 2) / 3)
+
+
+def test_diagnosis_fits_one_gaussian_per_size():
+    """_by_size draws each molecule around the codes of its own size."""
+    program = _diagnose_program()
+    lengths = torch.tensor([3] * 400 + [9] * 400 + [5])
+    mu = torch.where((lengths == 3)[:, None], -5.0, 5.0).expand(-1, 2).clone()
+    mu[-1] = 100.0  # the only molecule of size 5: its posterior
+    mu[:800] += 0.1 * torch.randn(800, 2)
+    sigma = torch.full_like(mu, 0.01)
+    torch.manual_seed(0)
+    z = program._by_size(mu, sigma, lengths)
+    assert z[:400].mean().item() == pytest.approx(-5, abs=0.05)
+    assert z[400:800].mean().item() == pytest.approx(5, abs=0.05)
+    assert 0.07 < z[:400].std(0).min().item() < 0.13  # the spread of the means, plus sigma
+    assert (z[-1] - 100).abs().max().item() < 0.05
 
 
 def test_compare_creation_writes_table5(tmp_path):
