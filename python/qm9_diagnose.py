@@ -95,7 +95,8 @@ def graph_shape(bonds: torch.Tensor, lengths: torch.Tensor) -> tuple[float, floa
 def drawn_validity(model: GraphVAE, z, lengths) -> dict:
     atoms, _, bonds = model.generate(z.shape[0], lengths, z=z)
     smiles, sanitized = check_graphs(atoms, bonds)
-    valid, sanitizes = sum(s is not None for s in smiles), sum(sanitized)
+    valid = sum(s is not None for s in smiles)
+    sanitizes = sum(s is not None for s in sanitized)
     bonds_per, components_per = graph_shape(bonds, lengths)
     return {
         "valid": valid / z.shape[0],

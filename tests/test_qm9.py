@@ -561,8 +561,17 @@ def test_graphs_to_molecules():
     # both checks on one build of each molecule
     three = torch.stack([atoms, apart[:4], five[:4]])
     three_bonds = torch.stack([bonds, apart_bonds[:4, :4], five_bonds[:4, :4]])
-    assert check_graphs(three, three_bonds) == (["CCO", None, "CC(C)C"], [True, True, True])
+    strict, authors = check_graphs(three, three_bonds)
+    assert strict == ["CCO", None, "CC(C)C"]
+    assert authors == ["CCO", "CC.O", "CC(C)C"]  # the fragments kept, joined by '.'
+    assert check_graphs(five[None], five_bonds[None]) == ([None], [None])
     assert graphs_sanitize(five[None], five_bonds[None]) == [False]
+    # the authors' unique and valid counts distinct sanitized SMILES, fragments included
+    again = check_graphs(torch.cat([three, three[1:2]]), torch.cat([three_bonds, three_bonds[1:2]]))
+    authors_metrics = molecule_metrics(again[1] + [None])
+    assert authors_metrics["validity"] == 4 / 5
+    assert authors_metrics["unique_and_valid"] == 3 / 5
+    assert molecule_metrics(again[0] + [None])["unique_and_valid"] == 2 / 5
     with pytest.raises(ValueError, match="bonds"):
         graphs_sanitize(atoms[None], bonds)
     with pytest.raises(ValueError, match="atoms"):
@@ -638,6 +647,8 @@ def test_training_program_smoke_then_resume(tmp_path, capsys):
         assert key in metrics
     assert 0 <= metrics["unique_and_valid"] <= metrics["validity"] <= 1
     assert metrics["validity"] <= metrics["authors_validity"] <= 1  # fragments allowed
+    assert 0 <= metrics["authors_unique_and_valid"] <= metrics["authors_validity"]
+    assert 0 <= metrics["authors_uniqueness"] <= 1
     assert metrics["data"]["split_sizes"]["train"] == 200
     assert set(metrics["train_losses"]) >= {"atoms", "edges", "kl", "total"}
     lines = (out / "generated.smi").read_text().splitlines()
@@ -787,6 +798,10 @@ def test_compare_creation_writes_table5(tmp_path):
     assert "| Top-n (runs: 1) |" in table and "(59.9 ± 1.4)" in table
     assert "| i.i.d. (runs: 1) |" in table and "(34.9 ± 15.2)" in table
     assert "ordered by type" in table
+    assert "authors_unique_and_valid" in rows[0]
+    # the paper's validity and unique-and-valid beside both checks: 4 figures per row
+    top = next(line for line in table.splitlines() if line.startswith("| Top-n"))
+    assert top.count("(59.9 ± 1.4)") == 2 and top.count("(56.2 ± 1.1)") == 2
 
 
 def test_training_program_loss_weights(capsys):
