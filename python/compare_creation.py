@@ -301,7 +301,7 @@ def write_qm9_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
             f"Matching: the prediction's atoms ordered by {pred_order} (--pred-order); loss "
             f"weights {'as the authors' if not weights else 'changed: ' + str(weights)}.",
             "Uniqueness and novelty are for information (the paper does not report them).",
-            f"Wall time of this invocation {seconds / 60:.1f} min.",
+            _wall_time(args, seconds),
             *(["Not finished yet (rerun to resume): " + ", ".join(missing) + "."] * bool(missing)),
             "",
             *rows,
@@ -365,7 +365,7 @@ def write_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
             f"{recipe} ({'mean' if n == 1 else 'mean ± 95% CI over the runs'}); in "
             "parentheses the paper's Table 4 (mean over 5 runs of thousands of epochs).",
             f"Backends in training (a resumed run's last chunk): {backends}.",
-            f"Wall time of this invocation {seconds / 60:.1f} min.",
+            _wall_time(args, seconds),
             *(["Not finished yet (rerun to resume): " + ", ".join(missing) + "."] * bool(missing)),
             *w2,
             "Valency loss and incorrect valency compare generated sets with the data, diversity",
@@ -388,12 +388,23 @@ def write_table(args, runs: dict[str, list[dict]], seconds: float) -> str:
     return text
 
 
+def _wall_time(args, seconds: float) -> str:
+    if getattr(args, "all_reused", False):
+        return (
+            "Every run was reused from an earlier invocation (--reuse): this one wrote the table."
+        )
+    return f"Wall time of this invocation {seconds / 60:.1f} min."
+
+
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {c: [] for c in args.creations}
     todo = [(creation, seed) for seed in args.seeds for creation in args.creations]
+    args.all_reused = args.reuse and all(
+        (args.out / creation / f"seed{seed}" / "metrics.json").exists() for creation, seed in todo
+    )
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: run_one(args, extra, *job), todo))
     for (creation, _), result in zip(todo, results, strict=True):

@@ -23,14 +23,15 @@ For each run directory (a ``train_graphvae.py --out`` with its ``checkpoint.pt``
   first two moments), and from the Gaussian of its mean and full covariance (the covariance of
   mu plus the mean of sigma^2 on the diagonal, ``fitted_full``), and from one diagonal Gaussian
   per molecule size fitted to the codes of the molecules of that size (``fitted_by_size``);
-  also from posterior samples decoded at the sizes of other molecules (``posterior_other_sizes``,
-  the sizes shuffled: how much the decoder's size must agree with its code). For each: valid %
+  also from posterior samples decoded each at a size other than its molecule's, drawn from the
+  other molecules' sizes (``posterior_other_sizes``: how much the decoder's size must agree
+  with its code). For each: valid %
   (the strict check: RDKit sanitizes, one connected molecule), sanitizes % (fragments allowed),
   and the mean number of drawn bonds and of connected components per molecule;
 - with ``--mixtures K:COV ...`` (scikit-learn), also from Gaussian mixtures of K components
-  (covariance ``full`` or ``diag``) fitted by EM to one posterior sample of each of the first
-  ``--fit-molecules`` training molecules: the ex-post density estimate of Ghosh et al. 2020,
-  a prior that can take a non-Gaussian shape.
+  (covariance ``full`` or ``diag``) fitted by EM (seeded by ``--seed``) to one posterior sample
+  of each of the first ``--fit-molecules`` training molecules, the same samples for every K:
+  the ex-post density estimate of Ghosh et al. 2020, a prior that can take a non-Gaussian shape.
 
 Prints one JSON object per run; ``--json PATH`` also writes them as a list.
 """
@@ -83,7 +84,21 @@ def reconstruction(model: GraphVAE, atoms, lengths, bonds, pred_order: str) -> d
 
 def graph_shape(bonds: torch.Tensor, lengths: torch.Tensor) -> tuple[float, float]:
     """Mean bonds and mean connected components per molecule of bonds (M, w, w) (symmetric,
-    0 for no bond), counting the first lengths[m] atoms of molecule m only."""
+    0 for no bond), counting the first lengths[m] atoms of molecule m only (1 <= lengths <= w).
+    """
+    if not isinstance(bonds, torch.Tensor) or bonds.dim() != 3 or bonds.shape[1] != bonds.shape[2]:
+        raise ValueError(f"bonds must be a tensor (M, w, w), got {getattr(bonds, 'shape', bonds)}")
+    if (
+        not isinstance(lengths, torch.Tensor)
+        or lengths.shape != bonds.shape[:1]
+        or lengths.is_floating_point()
+        or lengths.is_complex()
+    ):
+        raise ValueError(f"lengths must be an integer tensor ({bonds.shape[0]},) matching bonds")
+    if len(lengths) == 0:
+        raise ValueError("bonds must hold at least one molecule")
+    if int(lengths.min()) < 1 or int(lengths.max()) > bonds.shape[1]:
+        raise ValueError(f"lengths must be in [1, {bonds.shape[1]}], got {lengths.tolist()}")
     drawn = components = 0
     for adjacency, n in zip(bonds, lengths.tolist(), strict=True):
         graph = csr_matrix(adjacency[:n, :n].numpy() > 0)
@@ -159,13 +174,26 @@ def diagnose(run: Path, splits_by_source: dict, args) -> dict:
             "fitted_full": drawn_validity(model, _full_gaussian(mu, sigma), lengths),
             "fitted_by_size": drawn_validity(model, _by_size(mu, sigma, lengths), lengths),
             "posterior_other_sizes": drawn_validity(
-                model, mu + sigma * torch.randn_like(mu), lengths[torch.randperm(len(lengths))]
+                model, mu + sigma * torch.randn_like(mu), _other_sizes(lengths)
             ),
         }
+        if args.mixtures:
+            codes = _posterior_codes(model, train, args.fit_molecules)
         for spec in args.mixtures:
-            z = _mixture(model, train, spec, args, len(index))
+            z = _mixture(codes, spec, len(index), args.seed)
             row["drawn"][f"mixture_{spec}"] = drawn_validity(model, z, lengths)
     return row
+
+
+def _other_sizes(lengths: torch.Tensor) -> torch.Tensor:
+    """For each molecule, a size drawn uniformly from the sizes of the molecules whose size is
+    not its own (its own size where every molecule has it)."""
+    out = lengths.clone()
+    for n in lengths.unique():
+        same, others = lengths == n, lengths[lengths != n]
+        if len(others):
+            out[same] = others[torch.randint(len(others), (int(same.sum()),))]
+    return out
 
 
 def _by_size(mu: torch.Tensor, sigma: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -181,27 +209,31 @@ def _by_size(mu: torch.Tensor, sigma: torch.Tensor, lengths: torch.Tensor) -> to
     return z
 
 
-def _mixture(model: GraphVAE, train, spec: str, args, num: int) -> torch.Tensor:
-    """Draws (num, L) from a Gaussian mixture ``K:COV`` fitted to one posterior sample of each
-    of the first ``--fit-molecules`` training molecules (scikit-learn's EM, seeded)."""
+def _posterior_codes(model: GraphVAE, train, count: int) -> torch.Tensor:
+    """One posterior sample (count, L) of each of the first ``count`` training molecules."""
+    codes = []
+    for chunk in torch.arange(min(count, len(train))).split(4096):
+        x, e, mask = model.one_hot(train.atoms[chunk], train.lengths[chunk], train.bonds[chunk])
+        mu, log_var = model.encoder(x, e, mask)
+        codes.append(mu + (0.5 * log_var).exp() * torch.randn_like(mu))
+    return torch.cat(codes)
+
+
+def _mixture(codes: torch.Tensor, spec: str, num: int, seed: int) -> torch.Tensor:
+    """Draws (num, L) from a Gaussian mixture ``K:COV`` fitted to ``codes`` (M, L) by
+    scikit-learn's EM, seeded by ``seed``, in random order."""
     try:
         from sklearn.mixture import GaussianMixture
     except ImportError:
         raise SystemExit("--mixtures needs scikit-learn (pip install scikit-learn)") from None
     k, covariance = spec.split(":")
-    fit = torch.arange(min(args.fit_molecules, len(train)))
-    if int(k) > len(fit):
-        raise SystemExit(f"--mixtures {spec}: more components than the {len(fit)} codes fitted")
-    codes = []
-    for chunk in fit.split(4096):
-        x, e, mask = model.one_hot(train.atoms[chunk], train.lengths[chunk], train.bonds[chunk])
-        mu, log_var = model.encoder(x, e, mask)
-        codes.append(mu + (0.5 * log_var).exp() * torch.randn_like(mu))
-    gmm = GaussianMixture(int(k), covariance_type=covariance, reg_covar=1e-4, random_state=0)
-    gmm.fit(torch.cat(codes).double().numpy())
+    if int(k) > len(codes):
+        raise SystemExit(f"--mixtures {spec}: more components than the {len(codes)} codes fitted")
+    gmm = GaussianMixture(int(k), covariance_type=covariance, reg_covar=1e-4, random_state=seed)
+    gmm.fit(codes.double().numpy())
     z, _ = gmm.sample(num)  # grouped by component: shuffled so that sizes are drawn independently
-    z = np.random.default_rng(0).permutation(z)
-    return torch.from_numpy(z).to(torch.get_default_dtype())
+    z = np.random.default_rng(seed).permutation(z)
+    return torch.from_numpy(z).to(codes.dtype)
 
 
 def _full_gaussian(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -235,10 +267,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     for spec in args.mixtures:
         k, _, covariance = spec.partition(":")
-        if not k.isdigit() or int(k) < 1 or covariance not in ("full", "diag"):
+        if not (k.isascii() and k.isdigit()) or int(k) < 1 or covariance not in ("full", "diag"):
             p.error(f"--mixtures takes K:full or K:diag with K >= 1, got {spec!r}")
     if args.fit_molecules < 2:
         p.error("--fit-molecules must be >= 2")
+    for spec in args.mixtures:
+        if int(spec.partition(":")[0]) > args.fit_molecules:
+            p.error(f"--mixtures {spec}: more components than --fit-molecules {args.fit_molecules}")
     for run in args.runs:
         if not (run / "checkpoint.pt").is_file():
             p.error(f"{run}/checkpoint.pt not found")

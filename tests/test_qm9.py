@@ -29,6 +29,7 @@ from topn_kernels.metrics_graph import (
     graphs_sanitize,
     graphs_to_smiles,
     molecule_metrics,
+    sanitized_smiles,
     valid_smiles,
 )
 from topn_kernels.models import (
@@ -703,12 +704,18 @@ def test_training_program_smoke_then_resume(tmp_path, capsys):
         assert 0 <= drawn["valid"] <= drawn["sanitizes"] <= 1
         assert drawn["bonds"] >= 0 and 1 <= drawn["components"] <= 9
     program = _diagnose_program()
-    for bad in (["--mixtures", "3"], ["--mixtures", "0:diag"], ["--mixtures", "2:tied"]):
+    for bad in (
+        ["--mixtures", "3"],
+        ["--mixtures", "0:diag"],
+        ["--mixtures", "2:tied"],
+        ["--mixtures", "\u00b3:diag"],  # a digit, not an ASCII one
+        ["--mixtures", "61:diag", "--fit-molecules", "60"],
+    ):
         with pytest.raises(SystemExit):
             program.main([*diagnose[1:], *bad])
         assert "--mixtures" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="more components than the 60 codes"):
-        program.main([*diagnose[1:], "--mixtures", "61:diag", "--fit-molecules", "60"])
+    with pytest.raises(SystemExit, match="more components than the 5 codes"):
+        program._mixture(torch.zeros(5, 3), "6:diag", 10, seed=0)
 
 
 def _diagnose_program():
@@ -737,6 +744,50 @@ def test_diagnosis_counts_bonds_and_fragments():
     per_bonds, per_components = program.graph_shape(bonds, torch.tensor([4, 3, 2]))
     assert per_bonds == pytest.approx(4 / 3)
     assert per_components == pytest.approx((1 + 2 + 2) / 3)
+    # lengths that do not fit the matrices, or a batch without molecules, are refused
+    for bad in (torch.tensor([4, 3, 5]), torch.tensor([4, 3, 0]), torch.tensor([4, 3])):
+        with pytest.raises(ValueError, match="lengths"):
+            program.graph_shape(bonds, bad)
+    with pytest.raises(ValueError, match="lengths"):
+        program.graph_shape(bonds, torch.tensor([4.0, 3.0, 2.0]))
+    with pytest.raises(ValueError, match="bonds"):
+        program.graph_shape(bonds[:, :3], torch.tensor([3, 3, 2]))
+    with pytest.raises(ValueError, match="bonds"):
+        program.graph_shape(bonds[:0], torch.tensor([], dtype=torch.int64))
+
+
+def test_diagnosis_draws_other_sizes():
+    """_other_sizes gives every molecule a size that is not its own, drawn from the others'."""
+    program = _diagnose_program()
+    lengths = torch.tensor([9] * 300 + [8] * 100 + [5] * 20)
+    torch.manual_seed(0)
+    other = program._other_sizes(lengths)
+    assert (other != lengths).all()
+    assert set(other.tolist()) <= {5, 8, 9}
+    # the 9-atom molecules draw 8 five times as often as 5, as the other molecules hold them
+    nines = other[:300]
+    assert 3 < (nines == 8).sum().item() / (nines == 5).sum().item() < 8
+    assert torch.equal(program._other_sizes(torch.tensor([7, 7, 7])), torch.tensor([7, 7, 7]))
+
+
+def test_diagnosis_samples_the_fitted_mixture():
+    """_mixture draws from the fitted mixture: whole rows near the components' means, in
+    their proportions, shuffled, reproducibly for a seed."""
+    program = _diagnose_program()
+    pytest.importorskip("sklearn")
+    torch.manual_seed(0)
+    centres = torch.tensor([[10.0, -10.0, 0.0], [-10.0, 10.0, 5.0]])
+    codes = torch.cat(
+        [centres[0] + 0.1 * torch.randn(300, 3), centres[1] + 0.1 * torch.randn(100, 3)]
+    )
+    z = program._mixture(codes, "2:full", 400, seed=3)
+    assert z.shape == (400, 3) and z.dtype == codes.dtype
+    nearest = torch.cdist(z, centres).argmin(1)
+    assert torch.cdist(z, centres).min(1).values.max().item() < 1.0  # rows kept whole
+    assert 0.65 < (nearest == 0).float().mean().item() < 0.85  # 3:1 proportions
+    assert 0 < nearest[:200].sum().item() < 200  # not grouped by component
+    assert torch.equal(z, program._mixture(codes, "2:full", 400, seed=3))
+    assert not torch.equal(z, program._mixture(codes, "2:full", 400, seed=4))
 
 
 def test_diagnosis_fits_one_gaussian_per_size():
@@ -802,6 +853,16 @@ def test_compare_creation_writes_table5(tmp_path):
     # the paper's validity and unique-and-valid beside both checks: 4 figures per row
     top = next(line for line in table.splitlines() if line.startswith("| Top-n"))
     assert top.count("(59.9 ± 1.4)") == 2 and top.count("(56.2 ± 1.1)") == 2
+    assert "Wall time of this invocation" in table
+    # --reuse keeps the finished runs and only writes the table again
+    split = cmd.index("--")
+    again = subprocess.run(
+        [*cmd[:split], "--reuse", *cmd[split:]], cwd=ROOT, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "== " not in again.stdout  # no run started
+    assert json.loads((out / "rows.json").read_text()) == rows
+    assert "Every run was reused" in (out / "table.md").read_text()
 
 
 def test_training_program_loss_weights(capsys):
@@ -828,3 +889,33 @@ def test_training_program_loss_weights(capsys):
         with pytest.raises(SystemExit):
             program.parse_args(["--out", "x", "--loss-weight", bad])
         assert "--loss-weight" in capsys.readouterr().err
+
+
+def test_training_program_generates_under_both_checks():
+    """train_graphvae.generate returns, in generation order, each molecule's SMILES under the
+    strict check and under the authors' (fragments allowed), None where a check fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_graphvae", ROOT / "python/train_graphvae.py"
+    )
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    ethanol, ethanol_bonds = padded([C, C, O], [(0, 1, 1), (1, 2, 1)], 4)
+    apart, apart_bonds = padded([C, C, O], [(0, 1, 1)], 4)
+    five, five_bonds = padded([C] * 4, [(0, 1, 2), (0, 2, 2), (0, 3, 1)], 4)  # carbon valence 5
+    empty = torch.full((4,), -1, dtype=torch.int64)
+    graphs = [(ethanol, ethanol_bonds), (apart, apart_bonds), (five, five_bonds)]
+    graphs.append((empty, torch.zeros(4, 4, dtype=torch.int64)))
+
+    class Fixed(torch.nn.Module):
+        def generate(self, num, authors_clip=False):
+            picked = [graphs[k % len(graphs)] for k in range(num)]
+            atoms = torch.stack([a for a, _ in picked])
+            return atoms, (atoms >= 0).sum(1), torch.stack([b for _, b in picked])
+
+    strict, authors = program.generate(Fixed(), 8, seed=0, authors_sizes=False)
+    assert strict == ["CCO", None, None, None] * 2
+    assert authors == ["CCO", "CC.O", None, None] * 2
+    assert molecule_metrics(authors)["unique_and_valid"] == 2 / 8
+    assert sanitized_smiles(graph_to_mol(empty, torch.zeros(4, 4, dtype=torch.int64))) is None

@@ -178,6 +178,8 @@ def sanitized_smiles(mol) -> str | None:
     if mol is None:
         return None
     mol = chem.Mol(mol)
+    if mol.GetNumAtoms() == 0:
+        return None
     try:
         chem.SanitizeMol(mol)
     except Exception:
