@@ -121,7 +121,46 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"{common['device']}: memory copy {copy_gbps:.1f} GB/s (bytes read + written)")
 
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{common['date'][:10]}_{common['commit']}"
+    rows: list[dict] = []
+    try:
+        _measure(cases, device, budget, common, copy_gbps, rows, stem)
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far
+        print(f"interrupted: {len(rows)} rows of {len(cases)} cases measured", file=sys.stderr)
+        interrupted = True
+    else:
+        interrupted = False
+
+    print(report.table(rows))
+    if device.type == "cpu":
+        targets = (
+            topn_create.cpu_targets(rows)
+            + losses.cpu_targets(rows)
+            + setvae_epoch.cpu_targets(rows)
+        )
+        targets = [t for t in targets if t["measured"] is not None]
+        if targets:
+            print("CPU targets:")
+            print(cases_module.format_targets(targets))
+    report.write_json(rows, stem.with_suffix(".json"))
+    report.plot(rows, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png")
+    if interrupted:
+        sys.exit(130)
+
+
+def _measure(
+    cases: list[cases_module.Case],
+    device: torch.device,
+    budget: float,
+    common: dict,
+    copy_gbps: float,
+    rows: list[dict],
+    stem: Path,
+) -> None:
+    """Times the cases in turns, appending to ``rows`` and rewriting ``stem``.json after each
+    group, so that an interrupted run keeps what it measured."""
     done = 0
     for group in in_turns(cases):
         for case in group:
@@ -152,20 +191,4 @@ def main(argv: list[str] | None = None) -> None:
             labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
             values = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
             rows.append({**labels, **values, "params": case.params, **common})
-
-    print(report.table(rows))
-    if device.type == "cpu":
-        targets = (
-            topn_create.cpu_targets(rows)
-            + losses.cpu_targets(rows)
-            + setvae_epoch.cpu_targets(rows)
-        )
-        targets = [t for t in targets if t["measured"] is not None]
-        if targets:
-            print("CPU targets:")
-            print(cases_module.format_targets(targets))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{common['date'][:10]}_{common['commit']}"
-    report.write_json(rows, stem.with_suffix(".json"))
-    report.plot(rows, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+        report.write_json(rows, stem.with_suffix(".json"))

@@ -211,3 +211,31 @@ def test_graphvae_step_cases_train_the_graph_vae_on_cpu_only():
         assert torch.isfinite(torch.tensor(step()))
         assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
         assert all(p.grad is None for p in params)
+
+
+def test_an_interrupted_run_keeps_the_rows_it_measured(monkeypatch, tmp_path):
+    """SIGINT (a time limit) during a case: the rows of the cases timed before it are written,
+    and the run exits with status 130."""
+    import json
+
+    from bench import run, timing
+    from bench.cases import Case
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    cases = [
+        Case("topn_create", "tiny", "fwd", "eager", {}, None, lambda: lambda: None),
+        Case("topn_create", "tiny", "fwd", "triton", {}, None, interrupt),
+        Case("topn_create", "tiny", "fwd", "native", {}, None, lambda: lambda: None),
+    ]
+    monkeypatch.setattr(run, "all_cases", lambda device: cases)
+    monkeypatch.setattr(run.timing, "copy_bandwidth_gbps", lambda device, budget: 1.0)
+    monkeypatch.setattr(run.timing, "time_fn", lambda call, device, budget: timing.Timing(2, 1, 3))
+    monkeypatch.setattr(run.memory, "peak_bytes", lambda call, device: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    (written,) = tmp_path.glob("*.json")
+    rows = json.loads(written.read_text())
+    assert [(r["provider"], r["ms"]) for r in rows] == [("eager", 2)]

@@ -119,7 +119,8 @@ def test_kernels_launch_on_the_inputs_device(monkeypatch):
         topn_create_launch, "on_device", lambda device: devices.append(device) or on_device(device)
     )
     run_topn("triton", _inputs(2, 8, 3, 4), 3)
-    assert devices == [DEVICE, DEVICE]  # forward, backward
+    inputs_device = torch.empty(0, device=DEVICE).device  # cuda:0 where DEVICE says cuda
+    assert devices == [inputs_device, inputs_device]  # forward, backward
 
 
 def test_interpreter_must_be_on_before_triton_is_imported():

@@ -206,7 +206,9 @@ def _selection_meta(
         "BLOCK_N": block_n,
         "ONE_CHUNK": one_chunk,
         "BLOCK_R": block_r,
-        "TOP_K": min(block_n, _pow2(min(n_max, n0))) if use_sort else 1,
+        # at least 2: tl.topk(x, 1) fails to compile under triton 3.6 (its last reshape gets a
+        # scalar), and a second key costs nothing (slots >= nb are masked)
+        "TOP_K": min(block_n, _pow2(min(n_max, n0), 2)) if use_sort else 1,
         "USE_SORT": use_sort,
     }
     return meta, num_warps
