@@ -63,7 +63,7 @@ def _commit() -> str:
         # results written by an earlier run don't change the code being measured
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
         dirty = dirty.strip()
-        return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
+        return git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{common['date'][:10]}_{common['commit']}"
     rows: list[dict] = []
+    failed: list[str] = []
     try:
-        _measure(cases, device, budget, common, copy_gbps, rows, stem)
+        failed = _measure(cases, device, budget, common, copy_gbps, rows, stem)
     except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far
         print(f"interrupted: {len(rows)} rows of {len(cases)} cases measured", file=sys.stderr)
         interrupted = True
@@ -146,8 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     report.write_json(rows, stem.with_suffix(".json"))
     report.plot(rows, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and {stem}.png")
+    if failed:
+        print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
     if interrupted:
         sys.exit(130)
+    if failed:
+        sys.exit(1)
 
 
 def _measure(
@@ -158,9 +163,11 @@ def _measure(
     copy_gbps: float,
     rows: list[dict],
     stem: Path,
-) -> None:
+) -> list[str]:
     """Times the cases in turns, appending to ``rows`` and rewriting ``stem``.json after each
-    group, so that an interrupted run keeps what it measured."""
+    group, so that an interrupted run keeps what it measured. A group that raises is reported
+    and skipped; returns the ids of its cases."""
+    failed: list[str] = []
     done = 0
     for group in in_turns(cases):
         for case in group:
@@ -170,25 +177,43 @@ def _measure(
                 file=sys.stderr,
                 flush=True,
             )
-        calls = [case.build() for case in group]
-        if len(group) > 1:  # heavy cases of one shape, several calls each: timed in turns
-            measured = timing.time_in_turns_with_peak(
-                calls, device, memory.peak_bytes, group[0].repeats
-            )
-        else:
-            (case,), (call,) = group, calls
-            with case.context():
-                if case.heavy:  # few calls: their formulas were compiled by the smaller shapes
-                    measured = [
-                        timing.time_once_with_peak(call, device, memory.peak_bytes, case.repeats)
-                    ]
-                else:
-                    t = timing.time_fn(call, device, budget)
-                    measured = [(t, memory.peak_bytes(call, device))]
-        for case, (t, peak) in zip(group, measured, strict=True):
-            gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
-            pct_peak = None if gbps is None else 100 * gbps / copy_gbps
-            labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
-            values = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
-            rows.append({**labels, **values, "params": case.params, **common})
+        try:
+            rows.extend(_time_group(group, device, budget, copy_gbps, common))
+        except Exception as err:  # one failing case must not cost the rows of the others
+            failed.extend(case.id for case in group)
+            print(f"FAILED {', '.join(c.id for c in group)}: {err!r}", file=sys.stderr)
         report.write_json(rows, stem.with_suffix(".json"))
+    return failed
+
+
+def _time_group(
+    group: list[cases_module.Case],
+    device: torch.device,
+    budget: float,
+    copy_gbps: float,
+    common: dict,
+) -> list[dict]:
+    """The rows of one group of cases (in_turns), timed."""
+    calls = [case.build() for case in group]
+    if len(group) > 1:  # heavy cases of one shape, several calls each: timed in turns
+        measured = timing.time_in_turns_with_peak(
+            calls, device, memory.peak_bytes, group[0].repeats
+        )
+    else:
+        (case,), (call,) = group, calls
+        with case.context():
+            if case.heavy:  # few calls: their formulas were compiled by the smaller shapes
+                measured = [
+                    timing.time_once_with_peak(call, device, memory.peak_bytes, case.repeats)
+                ]
+            else:
+                t = timing.time_fn(call, device, budget)
+                measured = [(t, memory.peak_bytes(call, device))]
+    rows = []
+    for case, (t, peak) in zip(group, measured, strict=True):
+        gbps = None if case.nbytes is None else case.nbytes / (t.ms * 1e-3) / 1e9
+        pct_peak = None if gbps is None else 100 * gbps / copy_gbps
+        labels = {key: getattr(case, key) for key in ("op", "provider", "shape", "direction")}
+        values = {**asdict(t), "gbps": gbps, "pct_peak": pct_peak, "peak_bytes": peak}
+        rows.append({**labels, **values, "params": case.params, **common})
+    return rows

@@ -213,29 +213,51 @@ def test_graphvae_step_cases_train_the_graph_vae_on_cpu_only():
         assert all(p.grad is None for p in params)
 
 
-def test_an_interrupted_run_keeps_the_rows_it_measured(monkeypatch, tmp_path):
-    """SIGINT (a time limit) during a case: the rows of the cases timed before it are written,
-    and the run exits with status 130."""
+def _run_cases(cases, monkeypatch, tmp_path) -> tuple[int, list[dict]]:
+    """``python -m bench`` on these cases (each timed at 2 ms): its exit status and the rows it
+    wrote."""
     import json
 
     from bench import run, timing
-    from bench.cases import Case
 
-    def interrupt():
-        raise KeyboardInterrupt
-
-    cases = [
-        Case("topn_create", "tiny", "fwd", "eager", {}, None, lambda: lambda: None),
-        Case("topn_create", "tiny", "fwd", "triton", {}, None, interrupt),
-        Case("topn_create", "tiny", "fwd", "native", {}, None, lambda: lambda: None),
-    ]
     monkeypatch.setattr(run, "all_cases", lambda device: cases)
     monkeypatch.setattr(run.timing, "copy_bandwidth_gbps", lambda device, budget: 1.0)
     monkeypatch.setattr(run.timing, "time_fn", lambda call, device, budget: timing.Timing(2, 1, 3))
     monkeypatch.setattr(run.memory, "peak_bytes", lambda call, device: 0)
     with pytest.raises(SystemExit) as exit_info:
         run.main(["--device", "cpu", "--out", str(tmp_path)])
-    assert exit_info.value.code == 130
     (written,) = tmp_path.glob("*.json")
-    rows = json.loads(written.read_text())
+    return exit_info.value.code, json.loads(written.read_text())
+
+
+def _case(provider, build=lambda: lambda: None):
+    from bench.cases import Case
+
+    return Case("topn_create", "tiny", "fwd", provider, {}, None, build)
+
+
+def test_an_interrupted_run_keeps_the_rows_it_measured(monkeypatch, tmp_path):
+    """SIGINT (a time limit) during a case: the rows of the cases timed before it are written,
+    and the run exits with status 130."""
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    cases = [_case("eager"), _case("triton", interrupt), _case("native")]
+    status, rows = _run_cases(cases, monkeypatch, tmp_path)
+    assert status == 130
     assert [(r["provider"], r["ms"]) for r in rows] == [("eager", 2)]
+
+
+def test_a_failing_case_is_reported_and_the_others_are_timed(monkeypatch, tmp_path, capsys):
+    """A case that raises (a baseline that breaks on some machine) is reported and skipped; the
+    cases after it are still timed and written, and the run exits with status 1."""
+
+    def broken():
+        raise RuntimeError("a baseline that breaks")
+
+    cases = [_case("eager"), _case("compile_ro", broken), _case("triton")]
+    status, rows = _run_cases(cases, monkeypatch, tmp_path)
+    assert status == 1
+    assert [r["provider"] for r in rows] == ["eager", "triton"]
+    assert "a baseline that breaks" in capsys.readouterr().err
