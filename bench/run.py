@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     failed: list[str] = []
     try:
-        failed = _measure(cases, device, budget, common, copy_gbps, rows, stem)
+        _measure(cases, device, budget, common, copy_gbps, rows, failed, stem)
     except KeyboardInterrupt:  # a time limit (SIGINT): keep the rows measured so far
         print(f"interrupted: {len(rows)} rows of {len(cases)} cases measured", file=sys.stderr)
         interrupted = True
@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
             print("CPU targets:")
             print(cases_module.format_targets(targets))
     report.write_json(rows, stem.with_suffix(".json"))
-    report.plot(rows, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    if rows:
+        report.plot(rows, stem.with_suffix(".png"))
+        print(f"wrote {stem}.json and {stem}.png")
+    else:
+        print(f"wrote {stem}.json (no rows)")
     if failed:
         print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
     if interrupted:
@@ -162,12 +165,12 @@ def _measure(
     common: dict,
     copy_gbps: float,
     rows: list[dict],
+    failed: list[str],
     stem: Path,
-) -> list[str]:
+) -> None:
     """Times the cases in turns, appending to ``rows`` and rewriting ``stem``.json after each
     group, so that an interrupted run keeps what it measured. A group that raises is reported
-    and skipped; returns the ids of its cases."""
-    failed: list[str] = []
+    and skipped, the ids of its cases appended to ``failed``."""
     done = 0
     for group in in_turns(cases):
         for case in group:
@@ -183,7 +186,6 @@ def _measure(
             failed.extend(case.id for case in group)
             print(f"FAILED {', '.join(c.id for c in group)}: {err!r}", file=sys.stderr)
         report.write_json(rows, stem.with_suffix(".json"))
-    return failed
 
 
 def _time_group(

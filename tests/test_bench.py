@@ -261,3 +261,14 @@ def test_a_failing_case_is_reported_and_the_others_are_timed(monkeypatch, tmp_pa
     assert status == 1
     assert [r["provider"] for r in rows] == ["eager", "triton"]
     assert "a baseline that breaks" in capsys.readouterr().err
+
+
+def test_a_run_interrupted_before_any_row_writes_an_empty_file(monkeypatch, tmp_path):
+    """SIGINT during the first case: an empty rows file, no plot, status 130."""
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    status, rows = _run_cases([_case("eager", interrupt)], monkeypatch, tmp_path)
+    assert (status, rows) == (130, [])
+    assert not list(tmp_path.glob("*.png"))

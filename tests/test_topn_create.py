@@ -267,6 +267,29 @@ def test_nan_input_gives_nan_not_a_crash(backend):
     assert_valid_selection(out.index, 6, query, angles, sorted=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score_norm", ["selected", "all"])
+def test_a_softmax_over_one_point_has_zero_query_gradient_and_passes_nan(backend, score_norm):
+    """One point per set ("selected"; one reference point for "all"): the weight is 1 whatever
+    the score, so the query's gradient is 0 exactly, as the reference's; a NaN upstream
+    gradient still gives NaN, as in the reference."""
+    n0 = 1 if score_norm == "all" else 9
+    inputs = on_device(device_for(backend), topn_inputs(3, n0, 3, 5, requires_grad=True))
+    query, angles, table, bias, film = inputs
+    out = tk.topn_create(
+        query, angles, table, bias, 1, film, score_norm=score_norm, backend=backend
+    )
+    grad_x = torch.ones_like(out.x)
+    grad_x[1] = float("nan")
+    (got,) = torch.autograd.grad((out.x, out.weight), query, (grad_x, torch.ones_like(out.weight)))
+    ref = reference.topn_create_at(
+        query, angles, table, bias, out.index, film, score_norm=score_norm
+    )
+    (want,) = torch.autograd.grad((ref[0], ref[3]), query, (grad_x, torch.ones_like(ref[3])))
+    assert (want[[0, 2]] == 0).all() and want[1].isnan().all()  # the reference's
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["native", GPU_TRITON])
 def test_indexes_past_int32(backend):

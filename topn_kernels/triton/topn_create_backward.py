@@ -185,11 +185,14 @@ def set_backward_kernel(
     tl.store(part + 2 * d, p1, mask=vd)
     tl.store(part + 3 * d, p0, mask=vd)
     # A softmax over one point has no gradient: 0 exactly, as in the reference, where the
-    # difference below, with its product fused into an fma, keeps that product's rounding error
+    # difference below, with its product fused into an fma, keeps that product's rounding
+    # error (times 0 rather than 0: a NaN or inf still gives NaN, as in the reference)
     if SCORE_ALL:  # sum_i ds_i an_i = sum_j m_j dm_j an_j - <m, dm> sum_i p_i an_i
-        dqn = tl.where(n0 > 1, u - mdm * p_an, 0.0)
+        dqn = u - mdm * p_an
+        dqn = tl.where(n0 > 1, dqn, dqn * 0.0)
     else:  # sum_j m_j (dm_j - <m, dm>) an_j
-        dqn = tl.where(nb > 1, u - mdm * m_an, 0.0)
+        dqn = u - mdm * m_an
+        dqn = tl.where(nb > 1, dqn, dqn * 0.0)
     gq = normalize_backward(q[None, :], dqn[None, :], q_sq + tl.zeros([1], ct), IS_F64)
     tl.store(gq_ptr + b * a + ka[None, :], to_output(gq, gq_ptr), mask=va[None, :])
 

@@ -1,7 +1,8 @@
 """Where one benchmark case spends its time: the PyTorch profiler's kernel table of its timed
 call, on any device.
 
-    python -m bench.profile --op topn_create --shape paper --direction fwd+bwd --provider triton
+    python -m bench.profile_case --op topn_create --shape paper --direction fwd+bwd \
+        --provider triton
 
 Builds the case as ``python -m bench`` does (bench/registry.py), warms it up, then profiles
 ``--calls`` calls and prints the operators and kernels by total device time (CPU time on a
@@ -20,7 +21,7 @@ from .registry import all_cases
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_case", description=__doc__)
     parser.add_argument("--op", required=True)
     parser.add_argument("--shape", required=True)
     parser.add_argument("--direction", required=True)
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     if not found:
         parser.error(f"no case {key} on {device}")
     (case,) = found
+    call = case.build()  # as python -m bench does: built outside the case's context
     with case.context():
-        call = case.build()
         for _ in range(3):  # compiles and autotuning out of the profile
             call()
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
