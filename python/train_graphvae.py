@@ -29,9 +29,9 @@ Writes into ``--out``: ``metrics.json`` (``validity``, ``unique_and_valid``, ``u
 same under the released code's check (RDKit sanitizes, fragments allowed); the final epoch's
 weighted loss terms ``train_losses``, time per epoch, the data report and the settings),
 ``history.json`` (per-epoch losses), ``generated.smi`` (one line per generated molecule in
-generation order: its canonical SMILES or INVALID), ``curves.png`` (loss curves),
-``molecules.png`` (a grid of valid generated molecules drawn by RDKit) and
-``checkpoint.pt``.
+generation order: its canonical SMILES or INVALID), ``curves.png`` (loss terms, learning rate,
+and the periodic checks' validity under both checks), ``molecules.png`` (a grid of valid
+generated molecules drawn by RDKit) and ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -298,9 +298,23 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("learning rate")
     if checks:
         ax3 = axes[2]
-        for key in ("validity", "unique_and_valid"):
-            ax3.plot([h["epoch"] for h in checks], [100 * h[key] for h in checks], marker="o")
-        ax3.legend(["validity", "unique and valid"])
+        at = [h["epoch"] for h in checks]
+        ax3.plot(at, [100 * h["validity"] for h in checks], marker="o", label="valid (strict)")
+        ax3.plot(
+            at,
+            [100 * h["unique_and_valid"] for h in checks],
+            marker="o",
+            label="unique and valid (strict)",
+        )
+        if all("authors_validity" in h for h in checks):
+            ax3.plot(
+                at,
+                [100 * h["authors_validity"] for h in checks],
+                marker="s",
+                ls="--",
+                label="sanitizes (authors' check)",
+            )
+        ax3.legend(fontsize=7)
         ax3.set_ylim(0, 100)
         ax3.set_xlabel("epoch")
         ax3.set_ylabel(f"% of {checks[-1]['eval_size']} generated molecules")

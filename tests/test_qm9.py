@@ -919,3 +919,45 @@ def test_training_program_generates_under_both_checks():
     assert authors == ["CCO", "CC.O", None, None] * 2
     assert molecule_metrics(authors)["unique_and_valid"] == 2 / 8
     assert sanitized_smiles(graph_to_mol(empty, torch.zeros(4, 4, dtype=torch.int64))) is None
+
+
+def test_curves_plot_the_periodic_checks_under_both_checks(tmp_path, monkeypatch):
+    """curves.png's third panel plots the periodic checks: strict validity, unique and valid,
+    and the authors' check where every check recorded it (older histories did not)."""
+    import importlib.util
+
+    import matplotlib.pyplot as plt
+
+    spec = importlib.util.spec_from_file_location(
+        "train_graphvae", ROOT / "python/train_graphvae.py"
+    )
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    terms = dict.fromkeys(program.GRAPH_LOSS_TERMS, 1.0)
+    check = {"validity": 0.05, "unique_and_valid": 0.04, "eval_size": 500}
+    history = [
+        {"epoch": 1, **terms, "lr": 2e-3},
+        {"epoch": 2, **terms, "lr": 2e-3, **check, "authors_validity": 0.5},
+        {"epoch": 4, **terms, "lr": 1e-3, **check, "authors_validity": 0.6},
+    ]
+    program.plot_curves(history, tmp_path / "both.png", "t")
+    program.plot_curves(
+        [{k: v for k, v in h.items() if k != "authors_validity"} for h in history],
+        tmp_path / "strict.png",
+        "t",
+    )
+    both, strict = (fig.axes[2] for fig in figures)
+    assert [line.get_label() for line in both.get_lines()] == [
+        "valid (strict)",
+        "unique and valid (strict)",
+        "sanitizes (authors' check)",
+    ]
+    assert list(both.get_lines()[2].get_xdata()) == [2, 4]
+    assert list(both.get_lines()[2].get_ydata()) == [50.0, 60.0]
+    assert list(both.get_lines()[0].get_ydata()) == [5.0, 5.0]
+    assert len(strict.get_lines()) == 2
+    assert (tmp_path / "both.png").stat().st_size > 0
+    for fig in figures:
+        fig.clf()
