@@ -298,22 +298,15 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("learning rate")
     if checks:
         ax3 = axes[2]
-        at = [h["epoch"] for h in checks]
-        ax3.plot(at, [100 * h["validity"] for h in checks], marker="o", label="valid (strict)")
-        ax3.plot(
-            at,
-            [100 * h["unique_and_valid"] for h in checks],
-            marker="o",
-            label="unique and valid (strict)",
-        )
-        if all("authors_validity" in h for h in checks):
-            ax3.plot(
-                at,
-                [100 * h["authors_validity"] for h in checks],
-                marker="s",
-                ls="--",
-                label="sanitizes (authors' check)",
-            )
+        series = [
+            ("validity", "valid (strict)", {"marker": "o"}),
+            ("unique_and_valid", "unique and valid (strict)", {"marker": "o"}),
+            ("authors_validity", "sanitizes (authors' check)", {"marker": "s", "ls": "--"}),
+        ]
+        for key, label, style in series:
+            if all(key in h for h in checks):  # older histories lack the authors' check
+                values = [100 * h[key] for h in checks]
+                ax3.plot([h["epoch"] for h in checks], values, label=label, **style)
         ax3.legend(fontsize=7)
         ax3.set_ylim(0, 100)
         ax3.set_xlabel("epoch")

@@ -703,7 +703,7 @@ def test_training_program_smoke_then_resume(tmp_path, capsys):
     for drawn in row["drawn"].values():
         assert 0 <= drawn["valid"] <= drawn["sanitizes"] <= 1
         assert drawn["bonds"] >= 0 and 1 <= drawn["components"] <= 9
-    program = _diagnose_program()
+    program = _load_program("qm9_diagnose")
     for bad in (
         ["--mixtures", "3"],
         ["--mixtures", "0:diag"],
@@ -718,14 +718,13 @@ def test_training_program_smoke_then_resume(tmp_path, capsys):
         program._mixture(torch.zeros(5, 3), "6:diag", 10, seed=0)
 
 
-def _diagnose_program():
+def _load_program(name: str):
+    """The module of ``python/<name>.py`` (the programs are scripts, not a package)."""
     import importlib.util
 
     sys.path.insert(0, str(ROOT / "python"))
     try:
-        spec = importlib.util.spec_from_file_location(
-            "qm9_diagnose", ROOT / "python/qm9_diagnose.py"
-        )
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"python/{name}.py")
         program = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(program)
     finally:
@@ -735,7 +734,7 @@ def _diagnose_program():
 
 def test_diagnosis_counts_bonds_and_fragments():
     """graph_shape: bonds and connected components inside each molecule's size only."""
-    program = _diagnose_program()
+    program = _load_program("qm9_diagnose")
     bonds = torch.zeros(3, 4, 4, dtype=torch.int64)
     for k, i, j, t in [(0, 0, 1, 1), (0, 1, 2, 2), (0, 2, 3, 1), (1, 0, 1, 3), (2, 0, 3, 1)]:
         bonds[k, i, j] = bonds[k, j, i] = t
@@ -758,7 +757,7 @@ def test_diagnosis_counts_bonds_and_fragments():
 
 def test_diagnosis_draws_other_sizes():
     """_other_sizes gives every molecule a size that is not its own, drawn from the others'."""
-    program = _diagnose_program()
+    program = _load_program("qm9_diagnose")
     lengths = torch.tensor([9] * 300 + [8] * 100 + [5] * 20)
     torch.manual_seed(0)
     other = program._other_sizes(lengths)
@@ -773,7 +772,7 @@ def test_diagnosis_draws_other_sizes():
 def test_diagnosis_samples_the_fitted_mixture():
     """_mixture draws from the fitted mixture: whole rows near the components' means, in
     their proportions, shuffled, reproducibly for a seed."""
-    program = _diagnose_program()
+    program = _load_program("qm9_diagnose")
     pytest.importorskip("sklearn")
     torch.manual_seed(0)
     centres = torch.tensor([[10.0, -10.0, 0.0], [-10.0, 10.0, 5.0]])
@@ -792,7 +791,7 @@ def test_diagnosis_samples_the_fitted_mixture():
 
 def test_diagnosis_fits_one_gaussian_per_size():
     """_by_size draws each molecule around the codes of its own size."""
-    program = _diagnose_program()
+    program = _load_program("qm9_diagnose")
     lengths = torch.tensor([3] * 400 + [9] * 400 + [5])
     mu = torch.where((lengths == 3)[:, None], -5.0, 5.0).expand(-1, 2).clone()
     mu[-1] = 100.0  # the only molecule of size 5: its posterior
@@ -868,13 +867,7 @@ def test_compare_creation_writes_table5(tmp_path):
 def test_training_program_loss_weights(capsys):
     """--loss-weight TERM=W overrides one weight of GraphLossConfig; anything else is refused
     with a message naming the flag."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_graphvae", ROOT / "python/train_graphvae.py"
-    )
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    program = _load_program("train_graphvae")
     args = program.parse_args(
         ["--out", "x", "--loss-weight", "edges=640000", "--loss-weight", "kl=0.01"]
     )
@@ -894,13 +887,7 @@ def test_training_program_loss_weights(capsys):
 def test_training_program_generates_under_both_checks():
     """train_graphvae.generate returns, in generation order, each molecule's SMILES under the
     strict check and under the authors' (fragments allowed), None where a check fails."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_graphvae", ROOT / "python/train_graphvae.py"
-    )
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    program = _load_program("train_graphvae")
     ethanol, ethanol_bonds = padded([C, C, O], [(0, 1, 1), (1, 2, 1)], 4)
     apart, apart_bonds = padded([C, C, O], [(0, 1, 1)], 4)
     five, five_bonds = padded([C] * 4, [(0, 1, 2), (0, 2, 2), (0, 3, 1)], 4)  # carbon valence 5
@@ -924,15 +911,9 @@ def test_training_program_generates_under_both_checks():
 def test_curves_plot_the_periodic_checks_under_both_checks(tmp_path, monkeypatch):
     """curves.png's third panel plots the periodic checks: strict validity, unique and valid,
     and the authors' check where every check recorded it (older histories did not)."""
-    import importlib.util
-
     import matplotlib.pyplot as plt
 
-    spec = importlib.util.spec_from_file_location(
-        "train_graphvae", ROOT / "python/train_graphvae.py"
-    )
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    program = _load_program("train_graphvae")
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     terms = dict.fromkeys(program.GRAPH_LOSS_TERMS, 1.0)
@@ -959,5 +940,6 @@ def test_curves_plot_the_periodic_checks_under_both_checks(tmp_path, monkeypatch
     assert list(both.get_lines()[0].get_ydata()) == [5.0, 5.0]
     assert len(strict.get_lines()) == 2
     assert (tmp_path / "both.png").stat().st_size > 0
+    monkeypatch.undo()
     for fig in figures:
-        fig.clf()
+        plt.close(fig)
