@@ -52,6 +52,19 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "set_transformer_layer_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
       "Tensor[] saved) -> Tensor[]");
+  // One block of the authors' set VAE (csrc/cpu/set_transformer.cpp):
+  // x + BatchNorm(relu(layer(x))), the batch norm over the B n points, its running statistics
+  // updated in place in training. Returns the output (B, n, C) and the 14 intermediates the
+  // backward takes as `saved`; the backward returns the gradients of x, of the layer's 12
+  // weights and of the batch norm's weight and bias.
+  m.def(
+      "set_block(Tensor x, Tensor[] weights, int heads, float eps, Tensor norm_weight, "
+      "Tensor norm_bias, Tensor(a!) running_mean, Tensor(b!) running_var, bool training, "
+      "float momentum, float norm_eps) -> Tensor[]");
+  m.def(
+      "set_block_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
+      "Tensor norm_weight, Tensor running_mean, Tensor running_var, bool training, "
+      "float norm_eps, Tensor[] saved) -> Tensor[]");
   // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
   m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
   m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);

@@ -292,3 +292,120 @@ def test_authors_model_runs_a_hooked_layer_as_the_module():
     shapes.clear()
     model(x, n, noise=noise)
     assert shapes == []  # the hook is gone, and so is the module path
+
+
+def _block(channels=16, heads=4, feedforward=32, dtype=F64):
+    from topn_kernels.models.authors import SetBlock
+
+    torch.manual_seed(0)
+    block = SetBlock(channels, heads, feedforward).to(dtype)
+    with torch.no_grad():  # affine weights and running statistics away from 1 and 0
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.uniform_(-0.5, 0.5)
+        block.norm.running_mean.uniform_(-0.5, 0.5)
+        block.norm.running_var.uniform_(0.5, 1.5)
+    return block
+
+
+def _plain_block(block, x):
+    """The block as its modules compute it."""
+    from topn_kernels.models.authors import _point_norm
+
+    return x + _point_norm(block.norm, torch.relu(block.attn(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("sets", "n"), [(3, 1), (5, 7), (2, 17)])
+@pytest.mark.parametrize("training", [True, False])
+def test_block_matches_its_modules(dtype, sets, n, training):
+    """set_block against the modules: output, the gradients of x and of every parameter, and
+    the batch norm's running statistics and batch count after the call."""
+    import copy
+
+    from topn_kernels.native.set_transformer import set_block
+
+    block = _block(dtype=dtype).train(training)
+    plain = copy.deepcopy(block)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(sets, n, 16, dtype=dtype, generator=g, requires_grad=True)
+    upstream = torch.randn(sets, n, 16, dtype=dtype, generator=g)
+    ours, expected = set_block(block.attn, block.norm, x), _plain_block(plain, x)
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == F64 else {"atol": 3e-5, "rtol": 3e-5}
+    torch.testing.assert_close(ours, expected, **tol)
+    got = torch.autograd.grad(ours, [x, *block.parameters()], upstream)
+    want = torch.autograd.grad(expected, [x, *plain.parameters()], upstream)
+    for (name, _), a, b in zip(block.named_parameters(), got[1:], want[1:], strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for (name, a), b in zip(block.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert int(block.norm.num_batches_tracked) == int(training)
+
+
+def test_block_gradcheck():
+    from topn_kernels.native.set_transformer import _Block, _weights
+
+    block = _block(8, 2, 12)
+    norm = block.norm
+    x = torch.randn(3, 4, 8, dtype=F64, requires_grad=True)
+    weights = [w.detach().clone().requires_grad_() for w in _weights(block.attn)]
+    weights += [norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone()]
+    weights[-1].requires_grad_()
+    stats = (norm.running_mean.clone(), norm.running_var.clone())
+    for training in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda x, *w, t=training: _Block.apply(x, 2, 1e-5, *stats, t, 0.1, 1e-5, *w),
+            (x, *weights),
+        )
+
+
+@pytest.mark.parametrize(
+    ("norm", "names"),
+    [
+        (nn.BatchNorm1d(16, affine=False, dtype=F64), "affine weights"),
+        (nn.BatchNorm1d(16, track_running_stats=False, dtype=F64), "running statistics"),
+        (nn.BatchNorm1d(16, momentum=None, dtype=F64), "momentum"),
+        (nn.BatchNorm1d(8, dtype=F64), "x's 16 channels"),
+        (nn.BatchNorm1d(16), "dtype"),
+        (nn.LayerNorm(16, dtype=F64), "BatchNorm1d"),
+    ],
+    ids=["no-affine", "no-running-stats", "cumulative", "channels", "dtype", "layer-norm"],
+)
+def test_block_refuses_norms_it_cannot_run_and_the_model_falls_back(norm, names):
+    from topn_kernels.native.set_transformer import block_unsupported, set_block
+
+    block = _block()
+    block.native = True
+    x = torch.randn(2, 5, 16, dtype=F64)
+    assert block_unsupported(block.attn, block.norm, x) is None
+    block.norm = norm
+    assert names in block_unsupported(block.attn, norm, x)
+    with pytest.raises(ValueError, match=f"set_block: norm.*{names}"):
+        set_block(block.attn, norm, x)
+    if names not in ("x's 16 channels", "dtype", "BatchNorm1d"):  # modules that can run
+        torch.testing.assert_close(block(x), _plain_block(block, x))
+
+
+def test_block_op_fake_kernels():
+    block = _block()
+    norm = block.norm
+    weights = [w.detach() for w in _weights(block.attn)]
+    x = torch.randn(3, 6, 16, dtype=F64)
+    stats = [norm.running_mean.clone(), norm.running_var.clone()]
+    args = (x, weights, 4, 1e-5, norm.weight.detach(), norm.bias.detach(), *stats, True, 0.1, 1e-5)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.set_block.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    out = torch.ops.topn_kernels.set_block(*args)
+    back = (torch.randn_like(out[0]), x, weights, 4, norm.weight.detach(), *stats, True, 1e-5)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.set_block_backward.default,
+        (*back, out[1:]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    with pytest.raises(RuntimeError, match="14 saved tensors"):
+        torch.ops.topn_kernels.set_block_backward(*back, out[2:])
+    with pytest.raises(RuntimeError, match="batch norm's weight"):
+        torch.ops.topn_kernels.set_block(x, weights, 4, 1e-5, stats[0][:3], *args[5:])

@@ -169,11 +169,66 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
           g_lin1_w,  g_lin1_b,  g_lin2_w, g_lin2_b, g_norm2_w, g_norm2_b};
 }
 
+// One block of the authors' set VAE: out = x + BatchNorm(relu(layer(x))), the batch norm over
+// the B n points (module BatchNorm1d with affine weights and running statistics: in training,
+// batch statistics, and running_mean and running_var updated in place with `momentum`; in eval,
+// the running statistics). The batch norm and its backward are ATen's, as the module calls them.
+// Outputs: out (B, n, C), then what the backward reads: r = relu(layer(x)) (B n, C), the batch
+// norm's save_mean and save_invstd (C,), and the layer's 11 intermediates.
+std::vector<Tensor> set_block_cpu(const Tensor& x, at::TensorList weights, int64_t heads,
+                                  double eps, const Tensor& norm_weight, const Tensor& norm_bias,
+                                  Tensor& running_mean, Tensor& running_var, bool training,
+                                  double momentum, double norm_eps) {
+  std::vector<Tensor> layer = set_transformer_layer_cpu(x, weights, heads, eps);
+  const int64_t C = x.size(2);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&norm_weight, &norm_bias, &running_mean, &running_var})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == x.scalar_type() &&
+                    t->device() == x.device(),
+                "set_block: the batch norm's weight, bias and running statistics must be (", C,
+                ",) tensors of x's dtype and device");
+  const Tensor r = layer[0].view({-1, C}).relu();
+  auto [normed, save_mean, save_invstd] = at::native_batch_norm(
+      r, norm_weight, norm_bias, running_mean, running_var, training, momentum, norm_eps);
+  std::vector<Tensor> out = {normed.view(x.sizes()).add_(x), r, save_mean, save_invstd};
+  out.insert(out.end(), layer.begin() + 1, layer.end());
+  return out;
+}
+
+// Gradients of x, of the layer's 12 weights and of the batch norm's weight and bias, from the
+// gradient of out and the forward's inputs and `saved` (its outputs after out).
+std::vector<Tensor> set_block_backward_cpu(const Tensor& grad_out, const Tensor& x,
+                                           at::TensorList weights, int64_t heads,
+                                           const Tensor& norm_weight, const Tensor& running_mean,
+                                           const Tensor& running_var, bool training,
+                                           double norm_eps, at::TensorList saved) {
+  TORCH_CHECK(saved.size() == 14, "set_block_backward: 14 saved tensors expected");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "set_block_backward: grad_out must have x's shape and dtype");
+  const int64_t C = x.size(2);
+  const Tensor& r = saved[0];
+  TORCH_CHECK(r.dim() == 2 && r.size(0) == x.size(0) * x.size(1) && r.size(1) == C &&
+                  r.scalar_type() == x.scalar_type(),
+              "set_block_backward: saved[0] must be (B n, C) of x's dtype");
+  const Tensor g = grad_out.contiguous();
+  auto [g_r, g_norm_w, g_norm_b] = at::native_batch_norm_backward(
+      g.view({-1, C}), r, norm_weight, running_mean, running_var, saved[1], saved[2], training,
+      norm_eps, {true, true, true});
+  const Tensor g_layer = at::threshold_backward(g_r, r, 0).view(x.sizes());
+  std::vector<Tensor> grads = set_transformer_layer_backward_cpu(
+      g_layer, x, weights, heads, at::TensorList(saved).slice(3));
+  grads[0].add_(g);
+  grads.push_back(g_norm_w);
+  grads.push_back(g_norm_b);
+  return grads;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
   m.impl("set_transformer_layer", &set_transformer_layer_cpu);
   m.impl("set_transformer_layer_backward", &set_transformer_layer_backward_cpu);
+  m.impl("set_block", &set_block_cpu);
+  m.impl("set_block_backward", &set_block_backward_cpu);
 }
 
 }  // namespace topn_kernels

@@ -215,10 +215,12 @@ class PNAPooling(nn.Module):
 class SetBlock(nn.Module):
     """``x + BN(relu(Transformer(x)))`` on equal-size sets (B, n, C); batch norm over all points.
 
-    With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the transformer layer runs as one
-    native op (:func:`topn_kernels.native.set_transformer.transformer_layer`) where that op
-    supports the layer and input (float32/float64 CPU tensors) and no hook is registered on the
-    layer or its submodules (nor a global module hook), else as the module.
+    With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the whole block runs as one native
+    op (:func:`topn_kernels.native.set_transformer.set_block`: the layer, the ReLU, the batch
+    norm with its running statistics, the residual; one autograd node) where that op supports
+    the modules and input (float32/float64 CPU tensors, a batch norm with affine weights,
+    running statistics and a momentum) and no hook is registered on the block or its
+    submodules (nor a global module hook), else as the modules.
     """
 
     def __init__(self, channels: int, heads: int, feedforward: int) -> None:
@@ -230,16 +232,11 @@ class SetBlock(nn.Module):
         self.native = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            self.native
-            and native_layer is not None
-            and native_layer.supports(self.attn, x)
-            and not has_hooks(self.attn)
-        ):
-            t = native_layer.transformer_layer(self.attn, x)
-        else:
-            t = self.attn(x)
-        return x + _point_norm(self.norm, F.relu(t))
+        if self.native and native_layer is not None and not has_hooks(self):
+            reason, weights = native_layer.block_plan(self.attn, self.norm, x)
+            if reason is None:
+                return native_layer.run_block(self.attn, self.norm, x, weights)
+        return x + _point_norm(self.norm, F.relu(self.attn(x)))
 
 
 def _point_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
