@@ -42,6 +42,13 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "valency_sets(Tensor x, Tensor? lengths, float neighbor_dist, int max_valency, "
       "bool with_grad) -> (Tensor value, Tensor grad_x)");
+  // Matched distance of padded batches of equal-size sets (csrc/cpu/matched_distance.cpp):
+  // x (B, N, D), y (B, M, D), lengths (B,) the size of both sets of each pair; per set the mean
+  // Euclidean distance under an optimal one-to-one assignment (B,), and, with_grad, its
+  // gradient with respect to the points, (B, N, D) and (B, M, D), 0 on padding.
+  m.def(
+      "matched_sets(Tensor x, Tensor y, Tensor lengths, bool with_grad) "
+      "-> (Tensor value, Tensor grad_x, Tensor grad_y)");
   // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
   // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
   // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and

@@ -13,7 +13,8 @@ import pytest
 import scipy.stats
 import torch
 
-from topn_kernels import metrics
+import topn_kernels
+from topn_kernels import metrics, native
 from topn_kernels.data import generate_sets
 
 from .helpers import F64
@@ -133,7 +134,19 @@ def test_generation_metrics_of_the_data_itself():
     assert 1.0 < got["diversity"] < 10.0
 
 
-def test_matched_distance_is_the_best_assignment():
+MATCHED_BACKENDS = [
+    "reference",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not native.AVAILABLE, reason=f"native backend: {native.UNAVAILABLE_REASON}"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", MATCHED_BACKENDS)
+def test_matched_distance_is_the_best_assignment(backend):
     """Brute force over every permutation, on a ragged batch with NaN in its padding; the
     gradient is that of the matched distances, zero on padding rows."""
     torch.manual_seed(0)
@@ -141,7 +154,7 @@ def test_matched_distance_is_the_best_assignment():
     x, lengths = batch(*sets)
     y, _ = batch(*(torch.randn_like(s) for s in sets))
     x.requires_grad_(True)
-    got = metrics.matched_distance(x, y, lengths, lengths)
+    got = metrics.matched_distance(x, y, lengths, lengths, backend=backend)
     xs = x.detach()
     for b, n in enumerate(lengths.tolist()):
         costs = [
@@ -154,7 +167,8 @@ def test_matched_distance_is_the_best_assignment():
     assert (x.grad[1, 4:] == 0).all() and x.grad[2].abs().sum() > 0
 
 
-def test_matched_distance_equals_exact_ot_on_equal_sizes():
+@pytest.mark.parametrize("backend", MATCHED_BACKENDS)
+def test_matched_distance_equals_exact_ot_on_equal_sizes(backend):
     """With uniform weights on sets of one size, an optimal plan is a permutation: POT's exact
     transport cost with the Euclidean ground cost is the matched distance."""
     data = generate_sets(8, seed=3)
@@ -162,8 +176,9 @@ def test_matched_distance_equals_exact_ot_on_equal_sizes():
     y = x.flip(0) + 0.3 * torch.randn_like(x)
     n = torch.full((8,), 5)
     expected = metrics.exact_ot(x, y, n, n, p=1)
-    torch.testing.assert_close(metrics.matched_distance(x, y), expected, rtol=1e-10, atol=1e-12)
-    coincident = metrics.matched_distance(x.requires_grad_(True), x.detach())
+    got = metrics.matched_distance(x, y, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    coincident = metrics.matched_distance(x.requires_grad_(True), x.detach(), backend=backend)
     assert (coincident == 0).all()
     (grad,) = torch.autograd.grad(coincident.sum(), x)
     assert grad.isfinite().all()
@@ -183,18 +198,62 @@ def test_matched_distance_rejects_unequal_sizes():
         metrics.matched_distance(x, y, torch.tensor([True, True]), torch.tensor([4, 4]))
 
 
-def test_matched_distance_nonfinite_sets_and_empty_batch():
+@pytest.mark.parametrize("backend", MATCHED_BACKENDS)
+def test_matched_distance_nonfinite_sets_and_empty_batch(backend):
     """A NaN or infinite coordinate makes its set's value NaN and leaves the others; an empty
     batch gives an empty result in the inputs' dtype."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(3, 4, 2, generator=g), torch.randn(3, 4, 2, generator=g)
-    clean = metrics.matched_distance(x, y)
+    clean = metrics.matched_distance(x, y, backend=backend)
     x[0, 1, 0], y[2, 0, 1] = float("nan"), float("inf")
-    got = metrics.matched_distance(x, y)
+    x.requires_grad_(True)
+    got = metrics.matched_distance(x, y, backend=backend)
     assert got[0].isnan() and got[2].isnan()
     assert got[1] == clean[1]
-    empty = metrics.matched_distance(x[:0].half(), y[:0].half())
+    (grad,) = torch.autograd.grad(got.nansum(), x)  # NaN sets: 0 (native) or NaN (reference)
+    assert (grad[[0, 2]].nan_to_num() == 0).all()
+    assert grad[1].isfinite().all() and grad[1].abs().sum() > 0
+    empty = metrics.matched_distance(x[:0].half(), y[:0].half(), backend=backend)
     assert empty.shape == (0,) and empty.dtype == torch.float16
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=f"native backend: {native.UNAVAILABLE_REASON}")
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_matched_distance_native_matches_scipy(dtype):
+    """The C++ assignment against scipy's on ragged batches up to the authors' largest sets
+    (35 points), on padding of other widths for x and y: values and the gradients of a
+    weighted sum of them; "auto" runs the native one on CPU."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([1, 2, 3, 5, 8, 13, 21, 34, 35, 35])
+    x = torch.randn(10, 35, 3, generator=g).to(dtype).requires_grad_(True)
+    y = (3 * torch.randn(10, 37, 3, generator=g)).to(dtype).requires_grad_(True)
+    weights = torch.rand(10, generator=g).to(dtype)
+    with topn_kernels.record_backends() as calls:
+        got = metrics.matched_distance(x, y, lengths, lengths)
+    assert calls["matched_distance"] == {"native": 1}
+    want = metrics.matched_distance(x, y, lengths, lengths, backend="reference")
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-6, F64: 1e-13, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    grads = torch.autograd.grad((got * weights).sum(), [x, y])
+    expected = torch.autograd.grad((want * weights).sum(), [x, y])
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert (grads[0][0, 1:] == 0).all() and (grads[1][7, 34:] == 0).all()  # padding
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=f"native backend: {native.UNAVAILABLE_REASON}")
+def test_matched_distance_native_is_differentiable_once_and_cpu_only():
+    x, y = torch.randn(2, 4, 3, requires_grad=True), torch.randn(2, 4, 3)
+    (g,) = torch.autograd.grad(
+        metrics.matched_distance(x, y, backend="native").square().sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+    with pytest.raises(ValueError, match="native backend runs on CPU"):
+        metrics.matched_distance(x.to("meta"), y.to("meta"), backend="native")
+    with pytest.raises(ValueError, match="backend"):
+        metrics.matched_distance(x, y, backend="keops")
 
 
 def test_bad_inputs():

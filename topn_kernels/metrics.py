@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ._ragged import lengths_mask
 from .keops._pykeops import pykeops
-from .ops import sinkhorn_loss
+from .ops import _dispatch, sinkhorn_loss
 from .ops._checks import integer, integer_dtype, values_in_range
 
 __all__ = [
@@ -258,7 +258,12 @@ def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: i
 
 
 def matched_distance(
-    x: Tensor, y: Tensor, x_lengths: Tensor | None = None, y_lengths: Tensor | None = None
+    x: Tensor,
+    y: Tensor,
+    x_lengths: Tensor | None = None,
+    y_lengths: Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """(B,) per set, the mean Euclidean distance between matched points under an optimal
     one-to-one assignment: ``min over permutations P of mean_i |x_i - y_P(i)|``.
@@ -266,11 +271,15 @@ def matched_distance(
     x (B, N, D), y (B, M, D) float, padded; x_lengths, y_lengths (B,) integer or None (all
     rows). The sets of a pair must have equal sizes (a ``ValueError`` otherwise), at least one
     point each; a set whose distances are not all finite (a NaN or infinite coordinate) gets
-    NaN. The assignment is exact (the Hungarian algorithm, scipy's ``linear_sum_assignment``,
-    in float64); the value is differentiable with respect to x and
-    y, through the distances of the matched pairs (the assignment itself is piecewise constant).
-    Returns x's dtype. This is the reconstruction loss and the "W2" column of the authors'
-    released code; it is not a Wasserstein-2 distance (which averages squared distances).
+    NaN. The assignment is exact, on distances computed in float64: the Hungarian algorithm,
+    scipy's ``linear_sum_assignment`` (``backend="reference"``) or this library's C++ one
+    (``"native"``, CPU tensors, one task per set; ``"auto"`` picks it on CPU when the extension
+    is built). The value is differentiable with respect to x and y, through the distances of
+    the matched pairs (the assignment itself is piecewise constant; the native backend is
+    differentiable once). Where several assignments are optimal (ties), the backends may pick
+    different ones: the same value, up to rounding, and possibly other gradients. Returns x's
+    dtype. This is the reconstruction loss and the "W2" column of the authors' released code;
+    it is not a Wasserstein-2 distance (which averages squared distances).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -295,6 +304,10 @@ def matched_distance(
         )
     if not nx:
         return x.sum((1, 2))  # (0,), x's dtype
+    if _dispatch.resolve("matched_distance", backend, x.device) == "native":
+        from .native.matched_distance import matched_distance as native_matched_distance
+
+        return native_matched_distance(x, y, torch.tensor(nx, dtype=torch.int64))
     # one batched distance matrix (float64, computed without the |x|^2 + |y|^2 - 2xy expansion,
     # and with a zero gradient at coincident points); one assignment per set
     lengths = torch.tensor(nx, device=x.device)

@@ -541,7 +541,7 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted). ``lengths``
     must be the sizes ``out`` was made with (``ValueError`` otherwise)."""
     lengths = check_output_lengths(out, points, lengths)
-    rec = matched_distance(out.recon, points, lengths, lengths).sum()
+    rec = matched_distance(out.recon, points, lengths, lengths, backend=cfg.backend).sum()
     kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
     rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)
     val = valency_penalty(

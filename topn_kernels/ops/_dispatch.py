@@ -38,6 +38,7 @@ BACKENDS = {
     "repulsion_penalty": ("reference", "keops", "native"),
     "valency_penalty": ("reference", "keops", "native"),
     "set2graph_logits": ("reference", "native", "triton"),
+    "matched_distance": ("reference", "native"),
 }
 
 _CHOICES = {op: ("auto", *backends) for op, backends in BACKENDS.items()}
@@ -69,6 +70,8 @@ def _candidates(op: str, device_type: str, small: bool) -> tuple[str, ...]:
     reference runs when none of them can)."""
     if op in ("topn_create", "set2graph_logits"):
         return ("triton" if device_type == "cuda" else "native",)
+    if op == "matched_distance":  # no KeOps path, and the native one is CPU only
+        return ("native",) if device_type == "cpu" else ()
     # KeOps' launch and set-up costs dominate small problems: the dense reference instead
     after = ("reference" if small else "keops",)
     return ("native", *after) if device_type == "cpu" else after
