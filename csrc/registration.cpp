@@ -72,6 +72,9 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
       "set_block_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
       "Tensor norm_weight, Tensor running_mean, Tensor running_var, bool training, "
       "float norm_eps, Tensor[] saved) -> Tensor[]");
+  // The 2-norm of all the elements of the tensors together (csrc/cpu/total_norm.cpp): float32
+  // or float64 CPU tensors of one dtype; a 0-d tensor of that dtype.
+  m.def("total_norm(Tensor[] tensors) -> Tensor");
   // The pool that keeps large CPU output buffers for reuse (csrc/cpu/output_pool.cpp).
   m.def("cpu_cache_bytes() -> int", &topn_kernels::pool_cached_bytes);
   m.def("cpu_cache_clear() -> ()", &topn_kernels::pool_empty_cache);

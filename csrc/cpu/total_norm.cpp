@@ -1,0 +1,65 @@
+// The 2-norm of many tensors together, sqrt(sum over all their elements of x^2), on CPU: the
+// gradient norm that training steps clip by (topn_kernels/models/training.py), in one call
+// instead of one norm per parameter tensor and a norm of those. Each tensor's sum of squares is
+// accumulated in float64 by one task, in a fixed order (eight running sums over its elements,
+// then their sum), and the tensors' sums are added in list order: the result does not depend
+// on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace topn_kernels {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+double sum_of_squares(const T* p, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double v = static_cast<double>(p[i + k]);
+      acc[k] += v * v;
+    }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(p[i]);
+    acc[0] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+Tensor total_norm_cpu(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "total_norm: at least one tensor expected");
+  const auto dtype = tensors[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "total_norm: tensors must be float32 or float64, got ", dtype);
+  std::vector<Tensor> dense;
+  dense.reserve(tensors.size());
+  for (const Tensor& t : tensors) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu() && t.layout() == at::kStrided,
+                "total_norm: tensors must be strided CPU tensors of one dtype");
+    dense.push_back(t.contiguous());
+  }
+  const int64_t count = static_cast<int64_t>(dense.size());
+  std::vector<double> sums(count, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "total_norm", [&] {
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        sums[i] = sum_of_squares(dense[i].const_data_ptr<scalar_t>(), dense[i].numel());
+    });
+  });
+  double total = 0.0;
+  for (const double s : sums) total += s;
+  return at::scalar_tensor(std::sqrt(total), tensors[0].options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) { m.impl("total_norm", &total_norm_cpu); }
+
+}  // namespace topn_kernels
