@@ -72,6 +72,11 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
       "set_block_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
       "Tensor norm_weight, Tensor running_mean, Tensor running_var, bool training, "
       "float norm_eps, Tensor[] saved) -> Tensor[]");
+  // PNA pooling of the authors' set VAE (csrc/cpu/pna_pooling.cpp): x (B, n, C), n >= 2, and
+  // the 3 degree scalers (3,) -> (B, 12 C), ordered (channel, reduction, scaler) with the
+  // reductions sum, max, mean and standard deviation; the backward returns the gradient of x.
+  m.def("pna_pool(Tensor x, Tensor scales) -> Tensor");
+  m.def("pna_pool_backward(Tensor grad_out, Tensor x, Tensor out, Tensor scales) -> Tensor");
   // The 2-norm of all the elements of the tensors together (csrc/cpu/total_norm.cpp): float32
   // or float64 CPU tensors of one dtype; a 0-d tensor of that dtype.
   m.def("total_norm(Tensor[] tensors) -> Tensor");

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from topn_kernels import native
 from topn_kernels.data import collate_sets, generate_sets
 from topn_kernels.models import (
     AuthorsConfig,
@@ -66,6 +67,60 @@ def test_pna_pooling_literal():
                 torch.testing.assert_close(out[b, c * 12 + r * 3 + s], expected)
     with pytest.raises(ValueError, match="at least 2"):
         PNAPooling()(x[:, :1])
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("sets", "n", "channels"), [(1, 2, 1), (7, 5, 6), (3, 35, 64)])
+def test_pna_pooling_native_matches_the_plain_pooling(dtype, sets, n, channels):
+    """The native op against the module's tensor ops: values and gradients, with a tie at the
+    maximum (the max's gradient split between the tied points, as amax's backward does) and a
+    constant channel (zero deviation: the 1e-12 floor keeps its gradient finite)."""
+    from topn_kernels.native.pna_pooling import _Pool, pna_pool, supports
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(sets, n, channels, generator=g, dtype=dtype)
+    x[0, :, 0] = 0.5  # constant channel
+    if channels > 1:
+        x[-1, 0, 1] = x[-1, 1, 1] = x[-1, :, 1].max() + 1  # tie
+    x.requires_grad_(True)
+    upstream = torch.randn(sets, 12 * channels, generator=g, dtype=dtype)
+    plain, fast = PNAPooling(), PNAPooling()
+    fast.native = True
+    expected, got = plain(x), fast(x)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 2e-6, "atol": 2e-6}
+    torch.testing.assert_close(got, expected, **tol)
+    (want,) = torch.autograd.grad(expected, x, upstream)
+    (ours,) = torch.autograd.grad(got, x, upstream)
+    torch.testing.assert_close(ours, want, **tol)
+    assert got.grad_fn is not None and "Pool" in type(got.grad_fn).__name__  # the op ran
+    assert not supports(x[:, :1]) and not supports(x.half()) and not supports(x[0])
+    with pytest.raises(ValueError, match="n >= 2"):
+        pna_pool(x[:, :1], torch.ones(3, dtype=dtype))
+    if dtype == F64 and n <= 5:  # away from ties and constant channels, where it is smooth
+        scales = torch.tensor([1.0, 1.3, 1 / 1.3], dtype=F64)
+        smooth = torch.randn(sets, n, channels, generator=g, dtype=F64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: _Pool.apply(t, scales), (smooth,))
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+def test_pna_pooling_native_op_checks_and_fake_kernels():
+    x, scales = torch.randn(3, 4, 5, dtype=F64), torch.ones(3, dtype=F64)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.pna_pool.default,
+        (x, scales),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    out = torch.ops.topn_kernels.pna_pool(x, scales)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.pna_pool_backward.default,
+        (torch.randn_like(out), x, out, scales),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    with pytest.raises(RuntimeError, match="scales must be"):
+        torch.ops.topn_kernels.pna_pool(x, scales[:2])
+    with pytest.raises(RuntimeError, match="grad_out and out must be"):
+        torch.ops.topn_kernels.pna_pool_backward(out[:, :4], x, out, scales)
 
 
 def test_topn_creation_literal():

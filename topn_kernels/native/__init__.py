@@ -59,6 +59,7 @@ AVAILABLE: bool = UNAVAILABLE_REASON is None
 
 if AVAILABLE:  # register the fake kernels and autograd of the ops
     from . import matched_distance as _matched_distance  # noqa: F401
+    from . import pna_pooling as _pna_pooling  # noqa: F401
     from . import set_losses as _set_losses  # noqa: F401
     from . import set_transformer as _set_transformer  # noqa: F401
     from . import sinkhorn as _sinkhorn  # noqa: F401

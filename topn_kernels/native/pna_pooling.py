@@ -1,0 +1,63 @@
+"""Python side of the native PNA pooling (csrc/cpu/pna_pooling.cpp): fake kernels, autograd and
+:func:`pna_pool`, the reductions of :class:`topn_kernels.models.authors.PNAPooling` in one op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["pna_pool", "supports"]
+
+_OPS = torch.ops.topn_kernels
+
+
+@torch.library.register_fake("topn_kernels::pna_pool")
+def _pool_fake(x, scales):
+    return x.new_empty((x.shape[0], 12 * x.shape[2]))
+
+
+@torch.library.register_fake("topn_kernels::pna_pool_backward")
+def _pool_backward_fake(grad_out, x, out, scales):
+    return x.new_empty(x.shape)
+
+
+class _Pool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scales: Tensor) -> Tensor:
+        out = _OPS.pna_pool(x, scales)
+        ctx.save_for_backward(x, out, scales)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, out, scales = ctx.saved_tensors
+        return _OPS.pna_pool_backward(grad_out, x, out, scales), None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether :func:`pna_pool` takes x: a strided float32 or float64 CPU tensor (B, n, C) with
+    n >= 2, outside autocast."""
+    return (
+        isinstance(x, Tensor)
+        and x.layout == torch.strided
+        and not x.is_nested
+        and x.is_cpu
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() == 3
+        and x.shape[1] >= 2
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def pna_pool(x: Tensor, scales: Tensor) -> Tensor:
+    """x (B, n, C) and the 3 degree scalers (3,) of x's dtype -> (B, 12 C): per channel the sum,
+    max, mean and standard deviation over the n points (unbiased, with a 1e-12 floor under the
+    root), each times each scaler (the deviation's variance times its square), ordered
+    (channel, reduction, scaler). Differentiable once with respect to x (the scalers are
+    constants); x must pass :func:`supports`."""
+    if not supports(x):
+        raise ValueError("pna_pool: x must be a float32 or float64 CPU tensor (B, n, C), n >= 2")
+    return _Pool.apply(x, scales)
