@@ -80,6 +80,39 @@ Dims check_inputs(const Tensor& x, int64_t heads, const std::vector<Tensor>& w) 
   return {x.size(0), x.size(1), C, heads, C / heads};
 }
 
+// u = relu(u + bias) in place, u (M, F) contiguous, bias (F,): one pass instead of a broadcast
+// copy of the bias, the product on top and a pass for the ReLU. NaN stays NaN, as in relu.
+void add_bias_relu_(Tensor& u, const Tensor& bias) {
+  const int64_t M = u.size(0), F = u.size(1);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "add_bias_relu_", [&] {
+    scalar_t* up = u.mutable_data_ptr<scalar_t>();
+    const Tensor b = bias.contiguous();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / F), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = up + i * F;
+        for (int64_t j = 0; j < F; ++j) {
+          const scalar_t v = row[j] + bp[j];
+          row[j] = v < 0 ? scalar_t(0) : v;
+        }
+      }
+    });
+  });
+}
+
+// g = (u > 0) ? g : 0 in place (threshold_backward's rule: 0 where u <= 0), g and u (M, F)
+// contiguous.
+void mask_by_positive_(Tensor& g, const Tensor& u) {
+  const int64_t M = g.size(0), F = g.size(1);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mask_by_positive_", [&] {
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    at::parallel_for(0, M * F, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) gp[i] = up[i] <= 0 ? scalar_t(0) : gp[i];
+    });
+  });
+}
+
 // Outputs: out (B, n, C), then what the backward reads: qkv (B n, 3C), probs (B, H, n, n),
 // a (B n, C), s1 (B n, C), mean1 and rstd1 (B n, 1), h1 (B n, C), u (B n, F), s2 (B n, C),
 // mean2 and rstd2 (B n, 1).
@@ -102,10 +135,13 @@ std::vector<Tensor> set_transformer_layer_cpu(const Tensor& x_in, at::TensorList
       });
     });
   }
-  Tensor s1 = at::addmm(w[3], a, w[2].t()).add_(x);
+  // the residual sums accumulate their products in place (s = x + b, then s += a W^T): no
+  // broadcast copy of the bias into a fresh output and no extra pass for the residual
+  Tensor s1 = at::add(x, w[3]).addmm_(a, w[2].t());
   auto [h1, mean1, rstd1] = at::native_layer_norm(s1, {s.C}, w[4], w[5], eps);
-  Tensor u = at::addmm(w[7], h1, w[6].t()).relu_();
-  Tensor s2 = at::addmm(w[9], u, w[8].t()).add_(h1);
+  Tensor u = at::mm(h1, w[6].t());
+  add_bias_relu_(u, w[7]);
+  Tensor s2 = at::add(h1, w[9]).addmm_(u, w[8].t());
   auto [out, mean2, rstd2] = at::native_layer_norm(s2, {s.C}, w[10], w[11], eps);
   return {out.view({s.B, s.n, s.C}), qkv, probs, a, s1, mean1, rstd1, h1, u, s2, mean2, rstd2};
 }
@@ -142,9 +178,10 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
   auto [g_s2, g_norm2_w, g_norm2_b] =
       at::native_layer_norm_backward(g, s2, {s.C}, mean2, rstd2, w[10], w[11], all);
   const Tensor g_lin2_w = g_s2.t().mm(u), g_lin2_b = g_s2.sum(0);
-  const Tensor g_pre = at::threshold_backward(g_s2.mm(w[8]), u, 0);
+  Tensor g_pre = g_s2.mm(w[8]);
+  mask_by_positive_(g_pre, u);  // the ReLU's backward, in place
   const Tensor g_lin1_w = g_pre.t().mm(h1), g_lin1_b = g_pre.sum(0);
-  const Tensor g_h1 = at::addmm(g_s2, g_pre, w[6]);
+  const Tensor g_h1 = g_s2.addmm_(g_pre, w[6]);  // g_s2 is read no more
   auto [g_s1, g_norm1_w, g_norm1_b] =
       at::native_layer_norm_backward(g_h1, s1, {s.C}, mean1, rstd1, w[4], w[5], all);
   const Tensor g_out_w = g_s1.t().mm(a), g_out_b = g_s1.sum(0);
@@ -164,7 +201,7 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
     });
   }
   const Tensor g_in_w = g_qkv.t().mm(x), g_in_b = g_qkv.sum(0);
-  const Tensor g_x = at::addmm(g_s1, g_qkv, w[0]).view({s.B, s.n, s.C});
+  const Tensor g_x = g_s1.addmm_(g_qkv, w[0]).view({s.B, s.n, s.C});  // g_s1 is read no more
   return {g_x,       g_in_w,    g_in_b,   g_out_w,  g_out_b,   g_norm1_w, g_norm1_b,
           g_lin1_w,  g_lin1_b,  g_lin2_w, g_lin2_b, g_norm2_w, g_norm2_b};
 }
