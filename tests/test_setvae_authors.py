@@ -52,6 +52,21 @@ def test_mlp_follows_the_released_formula():
     h = torch.relu(plus.lin1(x) + plus.lin2(y))
     torch.testing.assert_close(plus(x, y), plus.lin_final(torch.relu(h)) + h, rtol=0, atol=0)
 
+    # no residual at either end (the encoder's and decoder's first MLPs): the released code's
+    # relu(relu(h) + 0) and "+ 0", which the module skips; values and gradients bit for bit
+    stem = AuthorsMLP(3, 6, 8, 2, cond_dim=4).double()
+    x = torch.randn(5, 3, dtype=F64)
+    y = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    h = torch.relu(stem.lin1(x) + stem.lin2(y)) + 0.0
+    released = stem.lin_final(torch.relu(h)) + 0.0
+    ours = stem(x, y)
+    torch.testing.assert_close(ours, released, rtol=0, atol=0)
+    upstream = torch.randn_like(ours)
+    grads = torch.autograd.grad(ours, [y, *stem.parameters()], upstream)
+    expected = torch.autograd.grad(released, [y, *stem.parameters()], upstream)
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 
 def test_pna_pooling_literal():
     torch.manual_seed(1)

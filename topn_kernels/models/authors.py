@@ -164,10 +164,18 @@ class AuthorsMLP(nn.Module):
             h = h + self.lin2(y)
         elif self.modulation == "film":
             h = h * torch.sigmoid(self.lin2(y)) + self.lin3(y)
-        h = F.relu(h) + (x if self.residual_start else 0.0)
+        h = F.relu(h)
+        if self.residual_start:
+            h = h + x
         for layer in self.hidden:
             h = h + layer(F.relu(h))
-        return self.lin_final(F.relu(h)) + (h if self.residual_end else 0.0)
+        # relu(h) is h where h is still the first ReLU's output (relu is idempotent): the
+        # released code's second ReLU and its "+ 0" residuals are skipped, not computed
+        if self.residual_start or len(self.hidden):
+            out = self.lin_final(F.relu(h))
+        else:
+            out = self.lin_final(h)
+        return out + h if self.residual_end else out
 
 
 class PNAPooling(nn.Module):
