@@ -72,6 +72,12 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
       "set_block_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "
       "Tensor norm_weight, Tensor running_mean, Tensor running_var, bool training, "
       "float norm_eps, Tensor[] saved) -> Tensor[]");
+  // The block as one differentiable op, its autograd in C++ (csrc/cpu/set_transformer.cpp):
+  // weights are the layer's 12 and the batch norm's weight and bias; returns the output.
+  m.def(
+      "set_block_autograd(Tensor x, Tensor[] weights, int heads, float eps, "
+      "Tensor(a!) running_mean, Tensor(b!) running_var, bool training, float momentum, "
+      "float norm_eps) -> Tensor");
   // PNA pooling of the authors' set VAE (csrc/cpu/pna_pooling.cpp): x (B, n, C), n >= 2, and
   // the 3 degree scalers (3,) -> (B, 12 C), ordered (channel, reduction, scaler) with the
   // reductions sum, max, mean and standard deviation; the backward returns the gradient of x.

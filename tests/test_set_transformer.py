@@ -343,20 +343,30 @@ def test_block_matches_its_modules(dtype, sets, n, training):
 
 
 def test_block_gradcheck():
-    from topn_kernels.native.set_transformer import _Block, _weights
+    """The block's op with its C++ autograd, in training (batch statistics) and eval (running
+    statistics), against finite differences; a second-order gradient is refused."""
+    from topn_kernels.native.set_transformer import _weights
 
     block = _block(8, 2, 12)
     norm = block.norm
     x = torch.randn(3, 4, 8, dtype=F64, requires_grad=True)
     weights = [w.detach().clone().requires_grad_() for w in _weights(block.attn)]
-    weights += [norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone()]
-    weights[-1].requires_grad_()
+    weights += [t.detach().clone().requires_grad_() for t in (norm.weight, norm.bias)]
     stats = (norm.running_mean.clone(), norm.running_var.clone())
+    op = torch.ops.topn_kernels.set_block_autograd
     for training in (True, False):
         assert torch.autograd.gradcheck(
-            lambda x, *w, t=training: _Block.apply(x, 2, 1e-5, *stats, t, 0.1, 1e-5, *w),
+            lambda x, *w, t=training: op(x, list(w), 2, 1e-5, *stats, t, 0.1, 1e-5),
             (x, *weights),
         )
+    out = op(x, weights, 2, 1e-5, *stats, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    torch.library.opcheck(
+        op.default,
+        (x, weights, 2, 1e-5, *stats, True, 0.1, 1e-5),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,8 @@ class SetBlock(nn.Module):
 
     With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the whole block runs as one native
     op (:func:`topn_kernels.native.set_transformer.set_block`: the layer, the ReLU, the batch
-    norm with its running statistics, the residual; one autograd node) where that op supports
+    norm with its running statistics, the residual; one autograd node, in C++, differentiable
+    once) where that op supports
     the modules and input (float32/float64 CPU tensors, a batch norm with affine weights,
     running statistics and a momentum) and no hook is registered on the block or its
     submodules (nor a global module hook), else as the modules.

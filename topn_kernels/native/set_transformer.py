@@ -186,49 +186,9 @@ def transformer_layer(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
     return _Layer.apply(x, _attr(layer, "self_attn").num_heads, _attr(layer, "norm1").eps, *weights)
 
 
-class _Block(torch.autograd.Function):
-    """One autograd node per block (:func:`set_block`)."""
-
-    @staticmethod
-    def forward(
-        ctx, x, heads, eps, running_mean, running_var, training, momentum, norm_eps, *weights
-    ):
-        *layer_weights, norm_weight, norm_bias = weights
-        out, *saved = _OPS.set_block(
-            x,
-            layer_weights,
-            heads,
-            eps,
-            norm_weight,
-            norm_bias,
-            running_mean,
-            running_var,
-            training,
-            momentum,
-            norm_eps,
-        )
-        ctx.heads, ctx.training, ctx.norm_eps = heads, training, norm_eps
-        ctx.save_for_backward(x, running_mean, running_var, *weights, *saved)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, running_mean, running_var, *rest = ctx.saved_tensors
-        layer_weights, norm_weight, saved = rest[:12], rest[12], rest[14:]
-        grads = _OPS.set_block_backward(
-            grad_out,
-            x,
-            layer_weights,
-            ctx.heads,
-            norm_weight,
-            running_mean,
-            running_var,
-            ctx.training,
-            ctx.norm_eps,
-            saved,
-        )
-        return grads[0], None, None, None, None, None, None, None, *grads[1:]
+@torch.library.register_fake("topn_kernels::set_block_autograd")
+def _block_autograd_fake(x, weights, heads, eps, running_mean, running_var, *_):
+    return x.new_empty(x.shape)
 
 
 def block_unsupported(layer: nn.TransformerEncoderLayer, norm: nn.Module, x: Tensor) -> str | None:
@@ -269,7 +229,8 @@ def set_block(layer: nn.TransformerEncoderLayer, norm: nn.BatchNorm1d, x: Tensor
     ``num_batches_tracked``) updated as the module updates them in training mode.
 
     The modules must pass :func:`block_unsupported`; gradients reach x and both modules'
-    parameters. The modules themselves are not called, so their hooks do not run.
+    parameters, through one C++ autograd node (``topn_kernels::set_block_autograd``),
+    differentiable once. The modules themselves are not called, so their hooks do not run.
     """
     reason, weights = block_plan(layer, norm, x)
     if reason is not None:
@@ -284,8 +245,9 @@ def run_block(
     *layer_weights, norm_weight, norm_bias, running_mean, running_var = weights
     if norm.training:
         _attr(norm, "num_batches_tracked").add_(1)
-    return _Block.apply(
+    return _OPS.set_block_autograd(
         x,
+        [*layer_weights, norm_weight, norm_bias],
         _attr(layer, "self_attn").num_heads,
         _attr(layer, "norm1").eps,
         running_mean,
@@ -293,7 +255,4 @@ def run_block(
         norm.training,
         norm.momentum,
         norm.eps,
-        *layer_weights,
-        norm_weight,
-        norm_bias,
     )
