@@ -396,20 +396,44 @@ def test_block_refuses_norms_it_cannot_run_and_the_model_falls_back(norm, names)
         torch.testing.assert_close(block(x), _plain_block(block, x))
 
 
-def test_block_op_fake_kernels():
+def test_block_runs_under_inference_mode_and_falls_back_where_the_module_decides():
+    """Below autograd (inference mode) the op runs its forward alone; a training batch of one
+    point (no batch statistics) and an empty batch go to the modules, which answer for them."""
+    block = _block()
+    block.native = True
+    x = torch.randn(3, 5, 16, dtype=F64)
+    with torch.no_grad():
+        expected = block(x)
+    block.norm.num_batches_tracked.zero_()
+    with torch.inference_mode():
+        got = block(x)
+    torch.testing.assert_close(got, expected)
+    from topn_kernels.native.set_transformer import block_unsupported
+
+    assert "at least 2" in block_unsupported(block.attn, block.norm, x[:1, :1])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        block(x[:1, :1])
+    assert block(x[:0]).shape == (0, 5, 16)
+    block.eval()
+    assert block_unsupported(block.attn, block.norm, x[:1, :1]) is None  # running statistics
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_block_op_fake_kernels(training):
     block = _block()
     norm = block.norm
     weights = [w.detach() for w in _weights(block.attn)]
     x = torch.randn(3, 6, 16, dtype=F64)
     stats = [norm.running_mean.clone(), norm.running_var.clone()]
-    args = (x, weights, 4, 1e-5, norm.weight.detach(), norm.bias.detach(), *stats, True, 0.1, 1e-5)
+    args = (x, weights, 4, 1e-5, norm.weight.detach(), norm.bias.detach(), *stats, training)
+    args += (0.1, 1e-5)
     torch.library.opcheck(
         torch.ops.topn_kernels.set_block.default,
         args,
         test_utils=("test_schema", "test_faketensor"),
     )
     out = torch.ops.topn_kernels.set_block(*args)
-    back = (torch.randn_like(out[0]), x, weights, 4, norm.weight.detach(), *stats, True, 1e-5)
+    back = (torch.randn_like(out[0]), x, weights, 4, norm.weight.detach(), *stats, training, 1e-5)
     torch.library.opcheck(
         torch.ops.topn_kernels.set_block_backward.default,
         (*back, out[1:]),

@@ -138,6 +138,32 @@ def test_pna_pooling_native_op_checks_and_fake_kernels():
         torch.ops.topn_kernels.pna_pool_backward(out[:, :4], x, out, scales)
 
 
+def test_authors_loss_runs_the_matched_distance_on_a_backend_it_has():
+    """The losses' backend picks the matched distance's: "reference" and "native" as given,
+    "auto" (and "keops", which it does not have) its "auto"."""
+    import topn_kernels
+    from topn_kernels.metrics import matched_backend
+
+    assert [matched_backend(b) for b in ("auto", "reference", "native", "keops")] == [
+        "auto",
+        "reference",
+        "native",
+        "auto",
+    ]
+    data = generate_sets(6, seed=4)
+    points, lengths = collate_sets([data[i] for i in range(6)])
+    model = AuthorsSetVAE(AuthorsConfig(), native=False)
+    out = model(points, lengths)
+    for backend, expected in (("reference", "reference"), ("auto", "auto")):
+        with topn_kernels.record_backends() as calls:
+            authors_loss(out, points, lengths, AuthorsLossConfig(backend=backend))
+        ran = set(calls["matched_distance"])
+        if expected == "reference":
+            assert ran == {"reference"}
+        else:
+            assert ran == {"native" if native.AVAILABLE else "reference"}
+
+
 def test_topn_creation_literal():
     torch.manual_seed(2)
     cfg = AuthorsConfig(n_ref=9, size_cap=8, set_channels=4)

@@ -44,6 +44,7 @@ __all__ = [
     "exact_ot",
     "generation_metrics",
     "incorrect_valency_pct",
+    "matched_backend",
     "matched_distance",
     "ot_euclidean",
     "reconstruction_distances",
@@ -257,6 +258,13 @@ def exact_ot(x: Tensor, y: Tensor, x_lengths: Tensor, y_lengths: Tensor, *, p: i
     return torch.tensor(out, dtype=torch.float64)
 
 
+def matched_backend(losses_backend: str) -> str:
+    """The ``backend=`` of :func:`matched_distance` that goes with a losses' backend: "reference"
+    and "native" as given, anything else (a losses' "auto" or "keops", which the matched distance
+    does not have) "auto"."""
+    return losses_backend if losses_backend in ("reference", "native") else "auto"
+
+
 def matched_distance(
     x: Tensor,
     y: Tensor,
@@ -414,7 +422,9 @@ def reconstruction_distances(
         x = points[start : start + batch_size, : int(n.max())]
         rec = reconstruct(x, n)
         w2.append(w2_distance(rec, x, n, n, backend=backend))
-        matched.append(matched_distance(rec.double(), x.double(), n, n).cpu())
+        matched.append(
+            matched_distance(rec.double(), x.double(), n, n, backend=matched_backend(backend)).cpu()
+        )
     return {"w2": torch.cat(w2), "matched": torch.cat(matched)}
 
 

@@ -89,7 +89,8 @@ void add_bias_relu_(Tensor& u, const Tensor& bias) {
     scalar_t* up = u.mutable_data_ptr<scalar_t>();
     const Tensor b = bias.contiguous();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / F), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)),
+                    [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* row = up + i * F;
         for (int64_t j = 0; j < F; ++j) {
@@ -217,13 +218,15 @@ std::vector<Tensor> set_block_cpu(const Tensor& x, at::TensorList weights, int64
                                   double eps, const Tensor& norm_weight, const Tensor& norm_bias,
                                   Tensor& running_mean, Tensor& running_var, bool training,
                                   double momentum, double norm_eps) {
-  std::vector<Tensor> layer = set_transformer_layer_cpu(x, weights, heads, eps);
+  TORCH_CHECK(x.dim() == 3, "set_block: x must be (B, n, C), got ", x.sizes());
   const int64_t C = x.size(2);
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&norm_weight, &norm_bias, &running_mean, &running_var})
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&norm_weight, &norm_bias,
+                                                              &running_mean, &running_var})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == x.scalar_type() &&
                     t->device() == x.device(),
                 "set_block: the batch norm's weight, bias and running statistics must be (", C,
                 ",) tensors of x's dtype and device");
+  std::vector<Tensor> layer = set_transformer_layer_cpu(x, weights, heads, eps);
   const Tensor r = layer[0].view({-1, C}).relu();
   auto [normed, save_mean, save_invstd] = at::native_batch_norm(
       r, norm_weight, norm_bias, running_mean, running_var, training, momentum, norm_eps);
@@ -283,6 +286,8 @@ class SetBlockFunction : public torch::autograd::Function<SetBlockFunction> {
       outs = op.call(x, weights.slice(0, 12), heads, eps, weights[12], weights[13], mean, var,
                      training, momentum, norm_eps);
     }
+    // the running statistics were updated in place without a version bump, as ATen's own batch
+    // norm updates them: several training-mode calls of one block may precede their backwards
     std::vector<Tensor> keep = {x, running_mean, running_var};
     keep.insert(keep.end(), weights.begin(), weights.end());
     keep.insert(keep.end(), outs.begin() + 1, outs.end());
@@ -323,6 +328,15 @@ Tensor set_block_autograd(const Tensor& x, at::TensorList weights, int64_t heads
                                  momentum, norm_eps);
 }
 
+// Below autograd (torch.inference_mode, or tensors that autograd does not see): the forward op.
+Tensor set_block_no_autograd(const Tensor& x, at::TensorList weights, int64_t heads, double eps,
+                             Tensor& running_mean, Tensor& running_var, bool training,
+                             double momentum, double norm_eps) {
+  TORCH_CHECK(weights.size() == 14, "set_block_autograd: 14 weights expected");
+  return set_block_cpu(x, weights.slice(0, 12), heads, eps, weights[12], weights[13],
+                       running_mean, running_var, training, momentum, norm_eps)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(topn_kernels, Autograd, m) {
@@ -334,6 +348,7 @@ TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
   m.impl("set_transformer_layer_backward", &set_transformer_layer_backward_cpu);
   m.impl("set_block", &set_block_cpu);
   m.impl("set_block_backward", &set_block_backward_cpu);
+  m.impl("set_block_autograd", &set_block_no_autograd);
 }
 
 }  // namespace topn_kernels

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import matched_distance, valency_counts
+from ..metrics import matched_backend, matched_distance, valency_counts
 from ..native import AVAILABLE as _NATIVE_AVAILABLE
 
 if _NATIVE_AVAILABLE:
@@ -190,7 +190,7 @@ class PNAPooling(nn.Module):
 
     With ``native`` set (:meth:`AuthorsSetVAE.use_native`), the whole pooling is one native op
     on float32/float64 CPU tensors (:func:`topn_kernels.native.pna_pooling.pna_pool`, one
-    autograd node; about 0.1 ms forward and backward at 128 sets of 5 points against 0.8 ms),
+    autograd node; about 0.3 ms forward and backward at 128 sets of 5 points against 0.8 ms),
     and elsewhere the variance is computed in two passes, ``sum((x - mean)^2) / (n - 1)``
     (about 20 times faster on CPU than ``torch.var`` over the middle dimension at these
     shapes): the same values up to rounding.
@@ -432,9 +432,9 @@ class AuthorsSetVAE(nn.Module):
     def use_native(self, enabled: bool = True) -> AuthorsSetVAE:
         """Switches the native paths on or off; returns the model.
 
-        On: each transformer layer of the set blocks runs as one fused op on float32/float64
-        CPU tensors (other devices and dtypes keep the module), and the PNA pooling computes its
-        variance in two passes. Outputs agree with the plain model up to rounding
+        On: each set block (transformer layer, ReLU, batch norm, residual) runs as one fused op
+        on float32/float64 CPU tensors and the PNA pooling as another (other devices and dtypes
+        keep the modules). Outputs agree with the plain model up to rounding
         (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
         paths and the extension is not built.
         """
@@ -556,7 +556,9 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted). ``lengths``
     must be the sizes ``out`` was made with (``ValueError`` otherwise)."""
     lengths = check_output_lengths(out, points, lengths)
-    rec = matched_distance(out.recon, points, lengths, lengths, backend=cfg.backend).sum()
+    rec = matched_distance(
+        out.recon, points, lengths, lengths, backend=matched_backend(cfg.backend)
+    ).sum()
     kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
     rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)
     val = valency_penalty(

@@ -146,7 +146,7 @@ def _total_norm(grads: list[Tensor]) -> Tensor:
     set VAE's 120 gradients against 290 us for ``get_total_norm``'s norm per tensor), else
     ``get_total_norm``'s. The two agree up to float32 rounding."""
     if native.AVAILABLE and all(g.is_cpu and g.layout == torch.strided for g in grads):
-        return torch.ops.topn_kernels.total_norm(grads)
+        return native.total_norm.total_norm(grads)
     return nn.utils.get_total_norm(grads, foreach=True)
 
 

@@ -64,6 +64,7 @@ if AVAILABLE:  # register the fake kernels and autograd of the ops
     from . import set_transformer as _set_transformer  # noqa: F401
     from . import sinkhorn as _sinkhorn  # noqa: F401
     from . import topn_create as _topn_create  # noqa: F401
+    from . import total_norm as _total_norm  # noqa: F401
 
 
 def _ops():

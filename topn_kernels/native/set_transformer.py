@@ -49,13 +49,16 @@ def _layer_backward_fake(grad_out, x, weights, heads, saved):
 
 
 @torch.library.register_fake("topn_kernels::set_block")
-def _block_fake(x, weights, heads, eps, norm_weight, norm_bias, running_mean, running_var, *_):
+def _block_fake(
+    x, weights, heads, eps, norm_weight, norm_bias, running_mean, running_var, training, *_
+):
     out, *saved = _layer_fake(x, weights, heads, eps)
     C = x.shape[2]
+    stats = C if training else 0  # ATen's CPU batch norm saves no statistics in eval
     return [
         out,
         x.new_empty((out.shape[0] * out.shape[1], C)),
-        *(x.new_empty((C,)) for _ in range(2)),
+        *(x.new_empty((stats,)) for _ in range(2)),
         *saved,
     ]
 
@@ -214,6 +217,9 @@ def block_plan(
         return "norm must have affine weights, running statistics and a momentum", []
     if norm.num_features != x.shape[2]:
         return f"norm must have x's {x.shape[2]} channels, got {norm.num_features}", []
+    if x.shape[0] == 0 or (norm.training and x.shape[0] * x.shape[1] < 2):
+        # the module's own answer: an empty output, or its error for batch statistics of one point
+        return "x must hold points (at least 2 in training, for the batch statistics)", []
     dtype = x.dtype
     if any(t.dtype is not dtype or not t.is_cpu for t in tensors):
         return (
