@@ -84,6 +84,7 @@ Dims check_inputs(const Tensor& x, int64_t heads, const std::vector<Tensor>& w) 
 // u = relu(u + bias) in place, u (M, F) contiguous, bias (F,): one pass instead of a broadcast
 // copy of the bias, the product on top and a pass for the ReLU. NaN stays NaN, as in relu.
 void add_bias_relu_(Tensor& u, const Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(u.is_contiguous() && bias.numel() == u.size(1));
   const int64_t M = u.size(0), F = u.size(1);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "add_bias_relu_", [&] {
     scalar_t* up = u.mutable_data_ptr<scalar_t>();
@@ -105,6 +106,7 @@ void add_bias_relu_(Tensor& u, const Tensor& bias) {
 // g = (u > 0) ? g : 0 in place (threshold_backward's rule: 0 where u <= 0), g and u (M, F)
 // contiguous.
 void mask_by_positive_(Tensor& g, const Tensor& u) {
+  TORCH_INTERNAL_ASSERT(g.is_contiguous() && u.is_contiguous() && g.sizes() == u.sizes());
   const int64_t M = g.size(0), F = g.size(1);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mask_by_positive_", [&] {
     scalar_t* gp = g.mutable_data_ptr<scalar_t>();
@@ -246,7 +248,7 @@ std::vector<Tensor> set_block_backward_cpu(const Tensor& grad_out, const Tensor&
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
               "set_block_backward: grad_out must have x's shape and dtype");
   const int64_t C = x.size(2);
-  const Tensor& r = saved[0];
+  const Tensor r = saved[0].contiguous();  // read raw by the ReLU's backward
   TORCH_CHECK(r.dim() == 2 && r.size(0) == x.size(0) * x.size(1) && r.size(1) == C &&
                   r.scalar_type() == x.scalar_type(),
               "set_block_backward: saved[0] must be (B n, C) of x's dtype");
@@ -254,7 +256,8 @@ std::vector<Tensor> set_block_backward_cpu(const Tensor& grad_out, const Tensor&
   auto [g_r, g_norm_w, g_norm_b] = at::native_batch_norm_backward(
       g.view({-1, C}), r, norm_weight, running_mean, running_var, saved[1], saved[2], training,
       norm_eps, {true, true, true});
-  const Tensor g_layer = at::threshold_backward(g_r, r, 0).view(x.sizes());
+  mask_by_positive_(g_r, r);  // the ReLU's backward, in place on the fresh gradient
+  const Tensor g_layer = g_r.view(x.sizes());
   std::vector<Tensor> grads = set_transformer_layer_backward_cpu(
       g_layer, x, weights, heads, at::TensorList(saved).slice(3));
   grads[0].add_(g);
