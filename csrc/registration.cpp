@@ -78,6 +78,24 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
       "set_block_autograd(Tensor x, Tensor[] weights, int heads, float eps, "
       "Tensor(a!) running_mean, Tensor(b!) running_var, bool training, float momentum, "
       "float norm_eps) -> Tensor");
+  // The two-map MLP of the authors' set VAE, optionally followed by ReLU and a batch norm over
+  // the points (csrc/cpu/authors_mlp.cpp). inputs: x (B, n, Din), y (B, n or 1, K) when
+  // modulation is 1 ("+") or 2 ("film"), W1, b1, [W2, b2], [W3, b3], Wf, bf, [the norm's weight
+  // and bias]; running: [] or the norm's [running_mean, running_var], updated in training.
+  // Returns the output (B, n, Dout) and the 7 intermediates the backward takes as `saved`; the
+  // backward returns the gradients of inputs' tensors (x's and y's empty where not asked for).
+  m.def(
+      "authors_mlp(Tensor[] inputs, int modulation, bool residual_start, bool residual_end, "
+      "Tensor(a!)[] running, bool training, float momentum, float norm_eps) -> Tensor[]");
+  m.def(
+      "authors_mlp_backward(Tensor grad_out, Tensor[] inputs, int modulation, "
+      "bool residual_start, bool residual_end, Tensor[] running, bool training, "
+      "float norm_eps, Tensor[] saved, bool x_grad, bool y_grad) -> Tensor[]");
+  // The MLP as one differentiable op, its autograd in C++; returns the output.
+  m.def(
+      "authors_mlp_autograd(Tensor[] inputs, int modulation, bool residual_start, "
+      "bool residual_end, Tensor(a!)[] running, bool training, float momentum, "
+      "float norm_eps) -> Tensor");
   // PNA pooling of the authors' set VAE (csrc/cpu/pna_pooling.cpp): x (B, n, C), n >= 2, and
   // the 3 degree scalers (3,) -> (B, 12 C), ordered (channel, reduction, scaler) with the
   // reductions sum, max, mean and standard deviation; the backward returns the gradient of x.

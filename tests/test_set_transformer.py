@@ -230,8 +230,8 @@ def test_op_fake_kernels():
 
 @pytest.mark.parametrize("creation", ["topn", "firstn"])
 def test_authors_model_native_paths_match_plain_model(creation):
-    """The same parameters with and without the native paths (transformer layers and PNA
-    variance): the same outputs and gradients up to rounding, in training mode (batch
+    """The same parameters with and without the native paths (stems, set blocks and PNA
+    pooling): the same outputs and gradients up to rounding, in training mode (batch
     statistics) and in eval mode.
 
     Every size has at least two sets: a batch of one set of 2 points makes the gradients of the
@@ -263,7 +263,8 @@ def test_authors_model_native_paths_match_plain_model(creation):
 def test_authors_model_native_switch():
     model = AuthorsSetVAE(native=False)
     blocks = [m for m in model.modules() if hasattr(m, "native")]
-    assert len(blocks) == 7 and not any(m.native for m in blocks)  # 6 blocks and the pooling
+    # 6 blocks, the pooling, and the encoder and decoder (their stems)
+    assert len(blocks) == 9 and not any(m.native for m in blocks)
     assert model.use_native() is model and all(m.native for m in blocks)
     assert all(m.native for m in AuthorsSetVAE().modules() if hasattr(m, "native"))
 

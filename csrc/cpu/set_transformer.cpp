@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "avx2_build.h"
+#include "inplace_activation.h"
 #include "set_attention.h"
 
 namespace topn_kernels {
@@ -79,42 +80,6 @@ Dims check_inputs(const Tensor& x, int64_t heads, const std::vector<Tensor>& w) 
                          "linear2_weight", "linear2_bias", "norm2_weight",    "norm2_bias"};
   for (size_t i = 0; i < w.size(); ++i) check_weight(w[i], shapes[i], names[i], x);
   return {x.size(0), x.size(1), C, heads, C / heads};
-}
-
-// u = relu(u + bias) in place, u (M, F) contiguous, bias (F,): one pass instead of a broadcast
-// copy of the bias, the product on top and a pass for the ReLU. NaN stays NaN, as in relu.
-void add_bias_relu_(Tensor& u, const Tensor& bias) {
-  TORCH_INTERNAL_ASSERT(u.is_contiguous() && bias.numel() == u.size(1));
-  const int64_t M = u.size(0), F = u.size(1);
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "add_bias_relu_", [&] {
-    scalar_t* up = u.mutable_data_ptr<scalar_t>();
-    const Tensor b = bias.contiguous();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)),
-                    [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t* row = up + i * F;
-        for (int64_t j = 0; j < F; ++j) {
-          const scalar_t v = row[j] + bp[j];
-          row[j] = v < 0 ? scalar_t(0) : v;
-        }
-      }
-    });
-  });
-}
-
-// g = (u > 0) ? g : 0 in place (threshold_backward's rule: 0 where u <= 0), g and u (M, F)
-// contiguous.
-void mask_by_positive_(Tensor& g, const Tensor& u) {
-  TORCH_INTERNAL_ASSERT(g.is_contiguous() && u.is_contiguous() && g.sizes() == u.sizes());
-  const int64_t M = g.size(0), F = g.size(1);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mask_by_positive_", [&] {
-    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
-    const scalar_t* up = u.const_data_ptr<scalar_t>();
-    at::parallel_for(0, M * F, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) gp[i] = up[i] <= 0 ? scalar_t(0) : gp[i];
-    });
-  });
 }
 
 // Outputs: out (B, n, C), then what the backward reads: qkv (B n, 3C), probs (B, H, n, n),

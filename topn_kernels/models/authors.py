@@ -45,10 +45,11 @@ from ..metrics import matched_backend, matched_distance, valency_counts
 from ..native import AVAILABLE as _NATIVE_AVAILABLE
 
 if _NATIVE_AVAILABLE:
+    from ..native import authors_mlp as native_mlp
     from ..native import pna_pooling as native_pool
     from ..native import set_transformer as native_layer
 else:
-    native_layer = native_pool = None
+    native_layer = native_pool = native_mlp = None
 from ..ops import repulsion_penalty, valency_penalty
 from ..ops._checks import integer_dtype
 from ._hooks import has_hooks
@@ -259,6 +260,18 @@ def _point_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
     return norm(x.flatten(0, 1)).view(x.shape)
 
 
+def _stem(native: bool, mlp: AuthorsMLP, norm: nn.BatchNorm1d, x: Tensor, y: Tensor) -> Tensor:
+    """``norm(relu(mlp(x, y)))`` over the points of (B, n, C), the encoder's and decoder's first
+    step: with ``native``, one native op with one C++ autograd node (the MLP, the ReLU and the
+    batch norm: :func:`topn_kernels.native.authors_mlp.mlp`) where the op takes the modules and
+    inputs and no hook is registered on them, else the modules."""
+    if native and native_mlp is not None and not has_hooks(mlp) and not has_hooks(norm):
+        reason, tensors = native_mlp.mlp_plan(mlp, x, y, norm)
+        if reason is None:
+            return native_mlp.run_mlp(mlp, norm, tensors)
+    return _point_norm(norm, F.relu(mlp(x, y)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Creation modules: (z (B, latent), n) -> (B, n, set_channels)
 # ---------------------------------------------------------------------------------------------
@@ -340,13 +353,14 @@ class Encoder(nn.Module):
         )
         self.pool = PNAPooling(cfg.pna_average_n)
         self.head = AuthorsMLP(12 * cfg.hidden, 2 * cfg.latent_dim, cfg.encoder_final_hidden, 1)
+        self.native = False  # the stem as one native op (_stem)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         counts = valency_counts(x, mask, self.cfg.neighbor_dist)
         classes = (counts - 1).clamp(0, self.cfg.valency_classes - 1)
         onehot = F.one_hot(classes, self.cfg.valency_classes).to(x.dtype)
-        h = _point_norm(self.norm, F.relu(self.embed(x, onehot)))
+        h = _stem(self.native, self.embed, self.norm, x, onehot)
         for block in self.blocks:
             h = block(h)
         mu, log_var = self.head(F.relu(self.pool(h))).chunk(2, dim=-1)
@@ -372,10 +386,11 @@ class Decoder(nn.Module):
             SetBlock(cfg.hidden, cfg.heads, cfg.feedforward) for _ in range(cfg.layers)
         )
         self.head = AuthorsMLP(cfg.hidden, cfg.point_dim, cfg.decoder_final_hidden, 2)
+        self.native = False  # the stem as one native op (_stem)
 
     def forward(self, z: Tensor, n: int) -> Tensor:
         x = self.creation(z, n)
-        h = _point_norm(self.norm, F.relu(self.embed(x, z[:, None, :])))
+        h = _stem(self.native, self.embed, self.norm, x, z[:, None, :])
         for block in self.blocks:
             h = block(h)
         return self.head(h)
@@ -433,8 +448,9 @@ class AuthorsSetVAE(nn.Module):
         """Switches the native paths on or off; returns the model.
 
         On: each set block (transformer layer, ReLU, batch norm, residual) runs as one fused op
-        on float32/float64 CPU tensors and the PNA pooling as another (other devices and dtypes
-        keep the modules). Outputs agree with the plain model up to rounding
+        on float32/float64 CPU tensors, the PNA pooling as another, and the encoder's and
+        decoder's stems (MLP, ReLU, batch norm) as a third (other devices and dtypes keep the
+        modules). Outputs agree with the plain model up to rounding
         (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
         paths and the extension is not built.
         """
@@ -443,7 +459,7 @@ class AuthorsSetVAE(nn.Module):
 
             raise RuntimeError(f"native paths unavailable: {UNAVAILABLE_REASON}")
         for module in self.modules():
-            if isinstance(module, (SetBlock, PNAPooling)):
+            if isinstance(module, (SetBlock, PNAPooling, Encoder, Decoder)):
                 module.native = bool(enabled)
         return self
 
