@@ -1,9 +1,10 @@
 // The attention loops of set_attention.h, written once with at::vec::Vectorized; included by
 // set_attention_default.cpp and set_attention_avx2.cpp, each compiled for its instruction set.
 //
-// Each pair's q, k, v (and the gradient g_a) are copied into small zero-padded blocks: rows of
-// width dp (d rounded up to the vector width W) and, transposed, columns of length np (n rounded
-// up to W). Every loop then runs over whole vectors, with no sum along a vector: the lanes of
+// Each pair's k (forward) or v (backward) is copied, transposed, into a small zero-padded block
+// of columns of length np (n rounded up to the vector width W); its other rows (q, v, and the
+// gradient g_a) are read in place where the head width d is a multiple of W, else copied into
+// zero-padded rows of width dp (d rounded up to W). Every loop then runs over whole vectors, with no sum along a vector: the lanes of
 // a score row (over j) or of an output row (over the d channels). The padding lanes hold 0, or
 // -inf in the scores before the softmax, so they never reach a result.
 #pragma once
@@ -55,18 +56,27 @@ inline T lane_max(const Vec<T>& v) {
   return m;
 }
 
-// out (len,) = sum_r w[r * w_stride] * rows[r * len : (r + 1) * len] for r < count, len a
-// multiple of W.
+// out (len,) = sum_r w[r * w_stride] * rows[r * row_stride : r * row_stride + len] for
+// r < count, len a multiple of W (row_stride defaults to len: packed rows).
 template <typename T>
 inline void combine_rows(const T* w, int64_t w_stride, const T* rows, int64_t count, int64_t len,
-                         T* out) {
+                         T* out, int64_t row_stride = -1) {
+  if (row_stride < 0) row_stride = len;
   for (int64_t c = 0; c < len; c += kWidth<T>) {
     Vec<T> acc(T(0));
     for (int64_t r = 0; r < count; ++r)
-      acc = acc + Vec<T>(w[r * w_stride]) * Vec<T>::loadu(rows + r * len + c);
+      acc = acc + Vec<T>(w[r * w_stride]) * Vec<T>::loadu(rows + r * row_stride + c);
     acc.store(out + c);
   }
 }
+
+// Rows of a pair read in place (where the head width d is a multiple of W, so that whole vectors
+// cover a row) or from a packed, zero-padded copy: the first row and the row stride.
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t stride;
+};
 
 // The blocks of one pair, carved out of the caller's scratch (attention_scratch_size) and
 // zeroed once per task: only the first n rows and d columns are ever written, so the padding
@@ -103,19 +113,24 @@ void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin
              T* scratch) {
   Blocks<T> blk(s, scratch);
   const int64_t n = s.n, d = s.d, np = blk.np, dp = blk.dp, stride = 3 * s.C;
+  const bool direct = d == dp;  // rows read and written in place, no packed copies
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / s.H, h = bh % s.H;
     const T* base = qkv + b * n * stride + h * d;
-    blk.load(base, stride, blk.q, nullptr);
+    Rows<T> q{base, stride}, v{base + 2 * s.C, stride};
+    if (!direct) {
+      blk.load(base, stride, blk.q, nullptr);
+      blk.load(base + 2 * s.C, stride, blk.v, nullptr);
+      q = {blk.q, dp}, v = {blk.v, dp};
+    }
     blk.load(base + s.C, stride, nullptr, blk.kt);
-    blk.load(base + 2 * s.C, stride, blk.v, nullptr);
     T* p_out = probs + bh * n * n;
     T* score = blk.row;
     for (int64_t i = 0; i < n; ++i) {
       // the scores of row i over j, as columns: sum_c q_ic kt[c, :]
-      combine_rows(blk.q + i * dp, 1, blk.kt, d, np, score);
+      combine_rows(q.data + i * q.stride, 1, blk.kt, d, np, score);
       for (int64_t j = 0; j < np; ++j) score[j] = j < n ? score[j] * scale : neg_inf;
       Vec<T> top(neg_inf);
       for (int64_t j = 0; j < np; j += kWidth<T>)
@@ -133,8 +148,9 @@ void forward(const T* qkv, T* probs, T* a, const AttentionDims& s, int64_t begin
       copy(pi, n, p_out + i * n);
     }
     for (int64_t i = 0; i < n; ++i) {  // a_i = sum_j P_ij v_j
-      combine_rows(blk.p + i * np, 1, blk.v, n, dp, blk.row);
-      copy(blk.row, d, a + (b * n + i) * s.C + h * d);
+      T* a_i = a + (b * n + i) * s.C + h * d;
+      combine_rows(blk.p + i * np, 1, v.data, n, dp, direct ? a_i : blk.row, v.stride);
+      if (!direct) copy(blk.row, d, a_i);
     }
   }
 }
@@ -144,20 +160,26 @@ void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const Attent
               int64_t begin, int64_t end, T* scratch) {
   Blocks<T> blk(s, scratch);
   const int64_t n = s.n, d = s.d, np = blk.np, dp = blk.dp, stride = 3 * s.C;
+  const bool direct = d == dp;  // rows read and written in place, no packed copies
   const T scale = T(1) / std::sqrt(static_cast<T>(d));
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / s.H, h = bh % s.H;
     const T* base = qkv + b * n * stride + h * d;
-    blk.load(base, stride, blk.q, nullptr);
-    blk.load(base + s.C, stride, blk.k, nullptr);
+    const T* go_base = g_a + b * n * s.C + h * d;
+    Rows<T> q{base, stride}, k{base + s.C, stride}, go{go_base, s.C};
+    if (!direct) {
+      blk.load(base, stride, blk.q, nullptr);
+      blk.load(base + s.C, stride, blk.k, nullptr);
+      blk.load(go_base, s.C, blk.go, nullptr);
+      q = {blk.q, dp}, k = {blk.k, dp}, go = {blk.go, dp};
+    }
     blk.load(base + 2 * s.C, stride, nullptr, blk.vt);
-    blk.load(g_a + b * n * s.C + h * d, s.C, blk.go, nullptr);
     const T* p_in = probs + bh * n * n;
     for (int64_t i = 0; i < n; ++i) {
       T* pi = blk.p + i * np;
       copy(p_in + i * n, n, pi);
       T* dsi = blk.ds + i * np;
-      combine_rows(blk.go + i * dp, 1, blk.vt, d, np, dsi);  // dP_i
+      combine_rows(go.data + i * go.stride, 1, blk.vt, d, np, dsi);  // dP_i
       Vec<T> weighted(T(0));
       for (int64_t j = 0; j < np; j += kWidth<T>)
         weighted = weighted + Vec<T>::loadu(pi + j) * Vec<T>::loadu(dsi + j);
@@ -166,15 +188,16 @@ void backward(const T* g_a, const T* qkv, const T* probs, T* g_qkv, const Attent
         (Vec<T>::loadu(pi + j) * (Vec<T>::loadu(dsi + j) - w) * sc).store(dsi + j);
     }
     T* g = g_qkv + b * n * stride + h * d;
-    T* out = blk.row;
     for (int64_t i = 0; i < n; ++i) {
       T* gi = g + i * stride;
-      combine_rows(blk.ds + i * np, 1, blk.k, n, dp, out);  // g_q_i = sum_j dS_ij k_j
-      copy(out, d, gi);
-      combine_rows(blk.ds + i, np, blk.q, n, dp, out);  // g_k_i = sum_r dS_ri q_r
-      copy(out, d, gi + s.C);
-      combine_rows(blk.p + i, np, blk.go, n, dp, out);  // g_v_i = sum_r P_ri go_r
-      copy(out, d, gi + 2 * s.C);
+      T* out[3] = {gi, gi + s.C, gi + 2 * s.C};
+      if (!direct) out[0] = out[1] = out[2] = blk.row;
+      combine_rows(blk.ds + i * np, 1, k.data, n, dp, out[0], k.stride);  // g_q_i = sum_j dS_ij k_j
+      if (!direct) copy(blk.row, d, gi);
+      combine_rows(blk.ds + i, np, q.data, n, dp, out[1], q.stride);  // g_k_i = sum_r dS_ri q_r
+      if (!direct) copy(blk.row, d, gi + s.C);
+      combine_rows(blk.p + i, np, go.data, n, dp, out[2], go.stride);  // g_v_i = sum_r P_ri go_r
+      if (!direct) copy(blk.row, d, gi + 2 * s.C);
     }
   }
 }
