@@ -49,6 +49,17 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "matched_sets(Tensor x, Tensor y, Tensor lengths, bool with_grad) "
       "-> (Tensor value, Tensor grad_x, Tensor grad_y)");
+  // The point terms of the authors' set VAE loss (csrc/cpu/authors_loss.cpp): for the
+  // reconstruction x (B, N, D) of y (B, N, D), sets of sizes lengths (B,), the sums over the
+  // sets of the matched distance, twice the repulsion and the valency penalty (0-d each), then,
+  // with_grad, their gradients with respect to x ((B, N, D) each).
+  m.def(
+      "authors_point_terms(Tensor x, Tensor y, Tensor lengths, float min_dist, "
+      "float neighbor_dist, int max_valency, bool with_grad) -> Tensor[]");
+  // The three sums as one differentiable op (gradients reach x), its autograd in C++.
+  m.def(
+      "authors_point_terms_autograd(Tensor x, Tensor y, Tensor lengths, float min_dist, "
+      "float neighbor_dist, int max_valency) -> (Tensor, Tensor, Tensor)");
   // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
   // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
   // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and

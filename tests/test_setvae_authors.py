@@ -227,7 +227,10 @@ def _pair_sum(x: torch.Tensor, f) -> torch.Tensor:
     return sum(f((x[i] - x[j]).norm()) for i in range(n) for j in range(n) if i != j)
 
 
-def test_loss_is_the_released_sum_over_the_batch():
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_loss_is_the_released_sum_over_the_batch(backend):
+    """Each term against loops over the sets ("auto": on CPU, the point terms as one native
+    op, authors._native_point_terms)."""
     torch.manual_seed(3)
     b, n = 3, 5
     points = torch.randn(b, n, 3, dtype=F64) * 2
@@ -235,7 +238,7 @@ def test_loss_is_the_released_sum_over_the_batch():
     mu, log_var = torch.randn(b, 30, dtype=F64), torch.randn(b, 30, dtype=F64) * 0.1
     out = VAEOutput(recon, torch.ones(b, n, dtype=torch.bool), mu, log_var)
     lengths = torch.full((b,), n)
-    cfg = AuthorsLossConfig(backend="reference")
+    cfg = AuthorsLossConfig(backend=backend)
     terms = authors_loss(out, points, lengths, cfg)
 
     rec = 0.0
@@ -257,6 +260,65 @@ def test_loss_is_the_released_sum_over_the_batch():
     torch.testing.assert_close(terms["valency"], torch.as_tensor(val, dtype=F64))
     total = rec + 0.003 * kl + 200 * rep + 200 * val
     torch.testing.assert_close(terms["loss"], torch.as_tensor(total, dtype=F64))
+
+
+def _loss_and_grads(model, points, lengths, noise, cfg):
+    model.zero_grad()
+    terms = authors_loss(model(points, lengths, noise), points, lengths, cfg)
+    terms["loss"].backward()
+    return terms, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_point_terms_match_the_three_functions(dtype, monkeypatch):
+    """On CPU with "auto", the matched distance, repulsion and valency sums run as one op with
+    one C++ autograd node: the same values and gradients as the three functions (the same
+    kernels), on sets of several sizes; a points tensor that takes a gradient, and the
+    reference backend, keep the three functions."""
+    from topn_kernels.models import authors
+
+    torch.manual_seed(5)
+    model = AuthorsSetVAE(AuthorsConfig(), native=False).to(dtype)
+    points = torch.randn(6, 8, 3, dtype=dtype) * 2
+    lengths, noise = torch.tensor([8, 8, 5, 5, 3, 3]), torch.randn(6, 30, dtype=dtype)
+    cfg = AuthorsLossConfig(backend="auto")
+    fused, fused_grads = _loss_and_grads(model, points, lengths, noise, cfg)
+    assert "AuthorsPointTerms" in fused["valency"].grad_fn.name()
+    monkeypatch.setattr(authors, "_native_point_terms", lambda *args: None)
+    plain, plain_grads = _loss_and_grads(model, points, lengths, noise, cfg)
+    monkeypatch.undo()
+    assert "AuthorsPointTerms" not in plain["valency"].grad_fn.name()
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-6, atol=0, msg=name)
+    for got, expected in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    out = model(points, lengths, noise)
+    recon = out.recon.detach().requires_grad_(True)
+    taken = authors._native_point_terms(recon, points, lengths, cfg)
+    assert taken is not None
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(taken[0], recon, create_graph=True)
+    assert authors._native_point_terms(recon, points.requires_grad_(), lengths, cfg) is None
+    ref = AuthorsLossConfig(backend="reference")
+    assert authors._native_point_terms(recon, points.detach(), lengths, ref) is None
+    with torch.inference_mode():
+        values = authors._native_point_terms(recon.detach(), points.detach(), lengths, cfg)
+    for got, name in zip(values, ("reconstruction", "repulsion", "valency"), strict=True):
+        torch.testing.assert_close(got, fused[name].detach().new_tensor(got.item()))
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+def test_native_point_terms_op_fake_kernels():
+    x, y = torch.randn(4, 6, 3, dtype=F64), torch.randn(4, 6, 3, dtype=F64)
+    lengths = torch.tensor([6, 6, 4, 2])
+    for with_grad in (True, False):
+        torch.library.opcheck(
+            torch.ops.topn_kernels.authors_point_terms.default,
+            (x, y, lengths, 1.0, 2.0, 4, with_grad),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.parametrize("creation", ["topn", "firstn", "iid", "mlp"])

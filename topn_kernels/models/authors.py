@@ -50,8 +50,9 @@ if _NATIVE_AVAILABLE:
     from ..native import set_transformer as native_layer
 else:
     native_layer = native_pool = native_mlp = None
-from ..ops import repulsion_penalty, valency_penalty
+from ..ops import _checks, _dispatch, repulsion_penalty, valency_penalty
 from ..ops._checks import integer_dtype
+from ..ops.losses import _few_large_sets, _small
 from ._hooks import has_hooks
 from .setvae import CREATIONS, VAEOutput, _check_draw, _training_sizes, check_output_lengths
 
@@ -572,21 +573,67 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted). ``lengths``
     must be the sizes ``out`` was made with (``ValueError`` otherwise)."""
     lengths = check_output_lengths(out, points, lengths)
-    rec = matched_distance(
-        out.recon, points, lengths, lengths, backend=matched_backend(cfg.backend)
-    ).sum()
     kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
-    rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)
-    val = valency_penalty(
-        out.recon,
-        lengths,
-        neighbor_dist=cfg.neighbor_dist,
-        max_valency=cfg.max_valency,
-        backend=cfg.backend,
-    )
-    rep, val = rep.sum(), val.sum()
+    terms = _native_point_terms(out.recon, points, lengths, cfg)
+    if terms is not None:
+        rec, rep, val = terms
+    else:
+        rec = matched_distance(
+            out.recon, points, lengths, lengths, backend=matched_backend(cfg.backend)
+        ).sum()
+        rep = 2 * repulsion_penalty(out.recon, lengths, min_dist=cfg.min_dist, backend=cfg.backend)
+        val = valency_penalty(
+            out.recon,
+            lengths,
+            neighbor_dist=cfg.neighbor_dist,
+            max_valency=cfg.max_valency,
+            backend=cfg.backend,
+        )
+        rep, val = rep.sum(), val.sum()
     total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
     return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
+
+
+def _native_point_terms(
+    recon: Tensor, points: Tensor, lengths: Tensor, cfg: AuthorsLossConfig
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The loss's reconstruction, repulsion and valency sums as one native op with one C++
+    autograd node (``topn_kernels::authors_point_terms_autograd``, csrc/cpu/authors_loss.cpp:
+    the same kernels as the three functions, one node instead of three and the sums and
+    products between them), where all three would run their native backends (on CPU with the
+    extension built, for the config's ``backend``; each choice recorded as the functions record
+    it), on float32/float64 sets of equal sizes, at least one point each, with points that take
+    no gradient; else None (the caller runs the three functions)."""
+    if (
+        not _NATIVE_AVAILABLE
+        or not recon.is_cpu
+        or recon.dtype not in (torch.float32, torch.float64)
+        or points.dtype != recon.dtype
+        or recon.shape != points.shape
+        or points.requires_grad
+        or recon.shape[0] == 0
+    ):
+        return None
+    _checks.positive_number(cfg.min_dist, "min_dist")
+    _checks.positive_number(cfg.neighbor_dist, "neighbor_dist")
+    _checks.integer(cfg.max_valency, "max_valency", minimum=0)
+    device, small, slow = recon.device, _small(recon, recon), _few_large_sets(recon, recon)
+    calls = (
+        ("matched_distance", matched_backend(cfg.backend), False, ()),
+        ("repulsion_penalty", cfg.backend, small, slow),
+        ("valency_penalty", cfg.backend, small, slow),
+    )
+    # decided without recording; recorded below once the op runs (the fallback records its own)
+    if any(_dispatch._resolve(op, b, device, sm, {}, sl) != "native" for op, b, sm, sl in calls):
+        return None
+    if not bool((lengths >= 1).all()):
+        return None
+    for op, b, sm, sl in calls:
+        _dispatch.resolve(op, b, device, small=sm, slow=sl)
+    max_valency = min(cfg.max_valency, recon.shape[1])  # as valency_penalty clamps it
+    return torch.ops.topn_kernels.authors_point_terms_autograd(
+        recon, points, lengths, cfg.min_dist, cfg.neighbor_dist, max_valency
+    )
 
 
 def size_grouped_batches(lengths: Tensor, batch_size: int) -> list[Tensor]:

@@ -37,6 +37,16 @@ def _valency_fake(x, lengths, neighbor_dist, max_valency, with_grad):
     return x.new_empty((x.shape[0],)), _grad_shape(x, with_grad)
 
 
+@torch.library.register_fake("topn_kernels::authors_point_terms")
+def _point_terms_fake(x, y, lengths, min_dist, neighbor_dist, max_valency, with_grad):
+    return [x.new_empty(()) for _ in range(3)] + [_grad_shape(x, with_grad) for _ in range(3)]
+
+
+@torch.library.register_fake("topn_kernels::authors_point_terms_autograd")
+def _point_terms_autograd_fake(x, y, lengths, min_dist, neighbor_dist, max_valency):
+    return tuple(x.new_empty(()) for _ in range(3))
+
+
 def _setup_context(ctx, inputs, output) -> None:
     _value, *grads = output
     ctx.mark_non_differentiable(*grads)
