@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "differentiable_once.h"
+
 namespace topn_kernels {
 namespace {
 
@@ -55,14 +57,15 @@ class AuthorsPointTerms : public torch::autograd::Function<AuthorsPointTerms> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const Tensor& x, const Tensor& y,
                                                 const Tensor& lengths, double min_dist,
-                                                double neighbor_dist, int64_t max_valency) {
+                                                double neighbor_dist, int64_t max_valency,
+                                                bool with_grad) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("topn_kernels::authors_point_terms", "")
                                .typed<decltype(authors_point_terms_cpu)>();
     std::vector<Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      outs = op.call(x, y, lengths, min_dist, neighbor_dist, max_valency, x.requires_grad());
+      outs = op.call(x, y, lengths, min_dist, neighbor_dist, max_valency, with_grad);
     }
     ctx->save_for_backward({outs[3], outs[4], outs[5]});
     return {outs[0], outs[1], outs[2]};
@@ -70,9 +73,7 @@ class AuthorsPointTerms : public torch::autograd::Function<AuthorsPointTerms> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "authors_point_terms_autograd is differentiable once: its backward cannot "
-                "record a graph (create_graph=True)");
+    check_differentiable_once("authors_point_terms_autograd");
     const std::vector<Tensor> grads = ctx->get_saved_variables();
     Tensor grad_x;
     for (size_t i = 0; i < 3; ++i) {
@@ -81,14 +82,18 @@ class AuthorsPointTerms : public torch::autograd::Function<AuthorsPointTerms> {
       grad_x = grad_x.defined() ? grad_x.add_(grads[i] * grad_outputs[i])
                                 : grads[i] * grad_outputs[i];
     }
-    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor, Tensor> authors_point_terms_autograd(
     const Tensor& x, const Tensor& y, const Tensor& lengths, double min_dist,
     double neighbor_dist, int64_t max_valency) {
-  auto outs = AuthorsPointTerms::apply(x, y, lengths, min_dist, neighbor_dist, max_valency);
+  // the kernels' gradients only where a backward can follow (not under no_grad: forward runs
+  // with grad mode off, so it is decided here)
+  const bool with_grad = x.requires_grad() && at::GradMode::is_enabled();
+  auto outs =
+      AuthorsPointTerms::apply(x, y, lengths, min_dist, neighbor_dist, max_valency, with_grad);
   return {outs[0], outs[1], outs[2]};
 }
 

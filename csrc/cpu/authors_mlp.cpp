@@ -24,6 +24,7 @@
 #include <array>
 #include <vector>
 
+#include "differentiable_once.h"
 #include "inplace_activation.h"
 
 namespace topn_kernels {
@@ -286,9 +287,7 @@ class AuthorsMlpFunction : public torch::autograd::Function<AuthorsMlpFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "authors_mlp_autograd is differentiable once: its backward cannot record a "
-                "graph (create_graph=True)");
+    check_differentiable_once("authors_mlp_autograd");
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("topn_kernels::authors_mlp_backward", "")
                                .typed<decltype(authors_mlp_backward_cpu)>();

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "avx2_build.h"
+#include "differentiable_once.h"
 #include "inplace_activation.h"
 #include "set_attention.h"
 
@@ -268,9 +269,7 @@ class SetBlockFunction : public torch::autograd::Function<SetBlockFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "set_block_autograd is differentiable once: its backward cannot record a "
-                "graph (create_graph=True)");
+    check_differentiable_once("set_block_autograd");
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("topn_kernels::set_block_backward", "")
                                .typed<decltype(set_block_backward_cpu)>();

@@ -628,8 +628,8 @@ def _native_point_terms(
         return None
     if not bool((lengths >= 1).all()):
         return None
-    for op, b, sm, sl in calls:
-        _dispatch.resolve(op, b, device, small=sm, slow=sl)
+    for op, *_ in calls:
+        _dispatch.record(op, "native")
     max_valency = min(cfg.max_valency, recon.shape[1])  # as valency_penalty clamps it
     return torch.ops.topn_kernels.authors_point_terms_autograd(
         recon, points, lengths, cfg.min_dist, cfg.neighbor_dist, max_valency

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .set_transformer import _attr
+from .set_transformer import _attr, norm_plan
 
 __all__ = ["mlp", "mlp_plan", "run_mlp"]
 
@@ -100,16 +100,10 @@ def mlp_plan(
         inputs += [_attr(m, "weight"), _attr(m, "bias")]
     running: list[Tensor] = []
     if norm is not None:
-        if type(norm) is not nn.BatchNorm1d:
-            return f"norm must be a BatchNorm1d, got {type(norm).__name__}", []
-        tensors = [_attr(norm, name) for name in ("weight", "bias", "running_mean", "running_var")]
-        if any(t is None for t in tensors) or norm.momentum is None:
-            return "norm must have affine weights, running statistics and a momentum", []
-        if norm.num_features != linears[-1].out_features:
-            return "norm must have the module's output channels", []
-        if x.shape[0] == 0 or (norm.training and x.shape[0] * x.shape[1] < 2):
-            # the module's own answer: an empty output, or its error for one point's statistics
-            return "x must hold points (at least 2 in training, for the batch statistics)", []
+        out = linears[-1].out_features
+        reason, tensors = norm_plan(norm, out, f"the module's {out} output channels", x)
+        if reason is not None:
+            return reason, []
         inputs += tensors[:2]
         running = tensors[2:]
     dtype = x.dtype

@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "block_plan",
     "block_unsupported",
+    "norm_plan",
     "run_block",
     "set_block",
     "supports",
@@ -194,6 +195,27 @@ def _block_autograd_fake(x, weights, heads, eps, running_mean, running_var, *_):
     return x.new_empty(x.shape)
 
 
+def norm_plan(
+    norm: nn.Module, channels: int, what: str, x: Tensor
+) -> tuple[str | None, list[Tensor]]:
+    """(why a native op cannot run ``norm`` over the points of x (B, n, ...), or None; its
+    weight, bias, running mean and running variance when it can): ``norm`` must be a
+    ``BatchNorm1d`` of ``channels`` channels (``what`` names them in the reason) with affine
+    weights, running statistics and a momentum, and x must hold points, at least 2 in training
+    (otherwise the module answers: an empty output, or its error for the batch statistics of
+    one point). The dtypes and devices are the caller's to check."""
+    if type(norm) is not nn.BatchNorm1d:
+        return f"norm must be a BatchNorm1d, got {type(norm).__name__}", []
+    tensors = [_attr(norm, name) for name in ("weight", "bias", "running_mean", "running_var")]
+    if any(t is None for t in tensors) or norm.momentum is None:
+        return "norm must have affine weights, running statistics and a momentum", []
+    if norm.num_features != channels:
+        return f"norm must have {what}, got {norm.num_features}", []
+    if x.shape[0] == 0 or (norm.training and x.shape[0] * x.shape[1] < 2):
+        return "x must hold points (at least 2 in training, for the batch statistics)", []
+    return None, tensors
+
+
 def block_unsupported(layer: nn.TransformerEncoderLayer, norm: nn.Module, x: Tensor) -> str | None:
     """Why :func:`set_block` cannot compute ``x + norm(relu(layer(x)))`` (``norm`` over the
     points), naming the argument at fault, or None when it can: the layer passes
@@ -210,16 +232,9 @@ def block_plan(
     reason, weights = _layer_plan(layer, x)
     if reason is not None:
         return reason, []
-    if type(norm) is not nn.BatchNorm1d:
-        return f"norm must be a BatchNorm1d, got {type(norm).__name__}", []
-    tensors = [_attr(norm, name) for name in ("weight", "bias", "running_mean", "running_var")]
-    if any(t is None for t in tensors) or norm.momentum is None:
-        return "norm must have affine weights, running statistics and a momentum", []
-    if norm.num_features != x.shape[2]:
-        return f"norm must have x's {x.shape[2]} channels, got {norm.num_features}", []
-    if x.shape[0] == 0 or (norm.training and x.shape[0] * x.shape[1] < 2):
-        # the module's own answer: an empty output, or its error for batch statistics of one point
-        return "x must hold points (at least 2 in training, for the batch statistics)", []
+    reason, tensors = norm_plan(norm, x.shape[2], f"x's {x.shape[2]} channels", x)
+    if reason is not None:
+        return reason, []
     dtype = x.dtype
     if any(t.dtype is not dtype or not t.is_cpu for t in tensors):
         return (

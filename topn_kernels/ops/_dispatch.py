@@ -133,9 +133,16 @@ def resolve(
     KeOps for this problem (unless KeOps is unavailable); an explicit request still runs them.
     """
     chosen = _resolve(op, backend, device, small, unsupported or {}, slow)
+    record(op, chosen)
+    return chosen
+
+
+def record(op: str, chosen: str) -> None:
+    """Counts one call of ``op`` on backend ``chosen`` in the active recorders (what
+    :func:`resolve` does for the calls it decides; for a caller that decided with
+    ``_resolve`` and runs the op its own way)."""
     for counts in _recorders:
         counts.setdefault(op, Counter())[chosen] += 1
-    return chosen
 
 
 def _resolve(
