@@ -112,6 +112,10 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   // reductions sum, max, mean and standard deviation; the backward returns the gradient of x.
   m.def("pna_pool(Tensor x, Tensor scales) -> Tensor");
   m.def("pna_pool_backward(Tensor grad_out, Tensor x, Tensor out, Tensor scales) -> Tensor");
+  // The encoder's one-hot valency classes of the authors' set VAE (csrc/cpu/valency.cpp): x
+  // (B, n, d) sets of equal size -> (B, n, classes) in x's dtype, 1 at clamp(neighbours - 1, 0,
+  // classes - 1), the neighbours of a point those closer than neighbor_dist.
+  m.def("valency_onehot(Tensor x, float neighbor_dist, int classes) -> Tensor");
   // The 2-norm of all the elements of the tensors together (csrc/cpu/total_norm.cpp): float32
   // or float64 CPU tensors of one dtype; a 0-d tensor of that dtype.
   m.def("total_norm(Tensor[] tensors) -> Tensor");

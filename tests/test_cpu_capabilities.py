@@ -1,18 +1,17 @@
 """The native and reference equivalence cases under the CPU code paths of the machines that occur.
 
 torch's own kernels (``ATEN_CPU_CAPABILITY``: default, AVX2, AVX-512), MKL's
-(``MKL_ENABLE_INSTRUCTIONS``) and oneDNN's (``ONEDNN_MAX_CPU_ISA``) round differently, and
-so do the native kernels' portable and AVX2 builds (``TOPN_KERNELS_PORTABLE=1``: the portable
-Sinkhorn softmin, the portable topn_create scoring loop, the portable attention of the
-transformer layer and Set2Graph build). The equivalence tests must pass on every CPU
-(docs/operators.md, Ranking). Each library picks its code path from the CPU it finds, so a
-machine runs them all at one level; the settings here are those machines, emulated on this
-one: a CPU with AVX2 and no AVX-512 (the Intel machines of CI) and a CPU without AVX2 (every
-library at its SSE level, the native kernels' portable builds). The main run covers this
-machine's own level (an AVX-512 machine: the AMD ones of CI). Each setting runs the tests in a
-fresh interpreter, which is when torch reads these variables, with its own
-``TORCHINDUCTOR_CACHE_DIR``: inductor's cache does not key on the capability, and code compiled
-for AVX-512 fails to build under the default one.
+(``MKL_ENABLE_INSTRUCTIONS``) and oneDNN's (``ONEDNN_MAX_CPU_ISA``) round differently, and so do the
+native kernels' portable and AVX2 builds (``TOPN_KERNELS_PORTABLE=1``: the portable Sinkhorn
+softmin, the portable topn_create scoring loop, the portable attention of the transformer layer and
+Set2Graph build, the portable Adam loop). The equivalence tests must pass on every CPU
+(docs/operators.md, Ranking). Each library picks its code path from the CPU it finds, so a machine
+runs them all at one level; the settings here are those machines, emulated on this one: a CPU with
+AVX2 and no AVX-512 (the Intel machines of CI) and a CPU without AVX2 (every library at its SSE
+level, the native kernels' portable builds). The main run covers this machine's own level (an
+AVX-512 machine: the AMD ones of CI). Each setting runs the tests in a fresh interpreter, which is
+when torch reads these variables, with its own ``TORCHINDUCTOR_CACHE_DIR``: inductor's cache does
+not key on the capability, and code compiled for AVX-512 fails to build under the default one.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ FILES = [
     "tests/test_sinkhorn.py",
     "tests/test_set2graph_logits.py",
     "tests/test_set_transformer.py",
+    "tests/test_fused_adam.py",
 ]
 SELECT = "not triton and not keops and not geomloss and not past_int32 and not every_cpu_build"
 

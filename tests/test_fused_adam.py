@@ -1,15 +1,22 @@
-"""FusedAdam (topn_kernels/models/fused_adam.py) against torch.optim.Adam(fused=True): the same
-parameters and state, bit for bit, on its shortcut and on its fallbacks, and interchangeable
-state dicts."""
+"""FusedAdam (topn_kernels/models/fused_adam.py) against torch.optim.Adam(fused=True): with
+``native=False`` the same parameters and state bit for bit, on its shortcut and on its fallbacks;
+with the native CPU step (csrc/cpu/adam.cpp) the update of its formula bit for bit (written here
+in torch ops), the same at any thread count, and torch's up to rounding; interchangeable state
+dicts either way."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
+from topn_kernels import native as native_ext
 from topn_kernels.models.fused_adam import FusedAdam
+
+needs_native = pytest.mark.skipif(not native_ext.AVAILABLE, reason="C++ extension not built")
+NATIVE = [False, pytest.param(True, marks=needs_native)]
 
 
 def _params(dtype=torch.float32) -> list[torch.nn.Parameter]:
@@ -23,13 +30,13 @@ def _grads(params, seed: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
 
-def _pair(dtype=torch.float32, groups: bool = False, **kwargs):
+def _pair(dtype=torch.float32, groups: bool = False, native: bool = False, **kwargs):
     a, b = _params(dtype), _params(dtype)
     if groups:  # two groups, the second with its own learning rate
         a = [{"params": a[:2]}, {"params": a[2:], "lr": 3e-2}]
         b = [{"params": b[:2]}, {"params": b[2:], "lr": 3e-2}]
     ref = torch.optim.Adam(a, lr=1e-2, fused=True, **kwargs)
-    ours = FusedAdam(b, lr=1e-2, **kwargs)
+    ours = FusedAdam(b, lr=1e-2, native=native, **kwargs)
     return ref, ours
 
 
@@ -52,10 +59,24 @@ def _step_both(ref, ours, seed: int, scale=None, found_inf=None, skip=()):
 
 
 def _assert_same(ref, ours):
+    """Bit for bit where ours runs torch's kernel; up to rounding where it runs the native step
+    (torch's kernel rounds the last elements of each thread's share in double); the step counts
+    exactly."""
     for p, q in zip(_all(ref), _all(ours), strict=True):
-        assert torch.equal(p, q)
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(ref.state[p][key], ours.state[q][key]), key
+        same = torch.equal if not ours.native else _close
+        assert same(p, q)
+        assert torch.equal(ref.state[p]["step"], ours.state[q]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert same(ref.state[p][key], ours.state[q][key]), key
+
+
+def _close(a, b) -> bool:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    return True
+
+
+def _native_ran(ours) -> bool:
+    return ours._lists is not None and all(entry[-1] is not None for entry in ours._lists)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -64,12 +85,14 @@ def _assert_same(ref, ours):
     [{}, {"weight_decay": 0.1, "betas": (0.8, 0.95)}, {"maximize": True, "eps": 1e-3}],
     ids=["default", "decay-betas", "maximize-eps"],
 )
-def test_steps_match_torch_fused_adam_bit_for_bit(dtype, kwargs):
-    ref, ours = _pair(dtype, groups=True, **kwargs)
+@pytest.mark.parametrize("native", NATIVE)
+def test_steps_match_torch_fused_adam(dtype, kwargs, native):
+    ref, ours = _pair(dtype, groups=True, **kwargs, native=native)
     for seed in range(5):
         _step_both(ref, ours, seed, scale=[None, 2.5, 1.0, 0.25, None][seed])
         _assert_same(ref, ours)
     assert ours._lists is not None  # the shortcut ran after the first step
+    assert _native_ran(ours) == native
     for group in (ref.param_groups[0], ours.param_groups[0]):
         group["lr"] = 1e-3  # a schedule's change is read at every step
     _step_both(ref, ours, 9)
@@ -77,8 +100,9 @@ def test_steps_match_torch_fused_adam_bit_for_bit(dtype, kwargs):
     assert float(ours.state[_all(ours)[0]]["step"]) == 6
 
 
-def test_a_skipped_step_found_inf_and_a_missing_gradient_match_torch():
-    ref, ours = _pair()
+@pytest.mark.parametrize("native", NATIVE)
+def test_a_skipped_step_found_inf_and_a_missing_gradient_match_torch(native):
+    ref, ours = _pair(native=native)
     _step_both(ref, ours, 0)
     _step_both(ref, ours, 1, scale=2.0, found_inf=1.0)  # GradScaler's skipped step
     _assert_same(ref, ours)
@@ -90,12 +114,13 @@ def test_a_skipped_step_found_inf_and_a_missing_gradient_match_torch():
     assert [float(ours.state[p]["step"]) for p in _all(ours)] == [3, 2, 3, 3]
 
 
-def test_state_dicts_load_either_way_and_training_goes_on_alike():
-    ref, ours = _pair(groups=True)
+@pytest.mark.parametrize("native", NATIVE)
+def test_state_dicts_load_either_way_and_training_goes_on_alike(native):
+    ref, ours = _pair(groups=True, native=native)
     for seed in range(3):
         _step_both(ref, ours, seed)
     # ours -> a fresh torch Adam, torch's -> a fresh FusedAdam; both go on as the originals
-    fresh_ref, fresh_ours = _pair(groups=True)
+    fresh_ref, fresh_ours = _pair(groups=True, native=native)
     for fresh, source in ((fresh_ref, ours), (fresh_ours, ref)):
         with torch.no_grad():
             for p, q in zip(_all(fresh), _all(source), strict=True):
@@ -123,10 +148,11 @@ def test_amsgrad_takes_adams_own_step():
     assert ours._lists is None
 
 
-def test_options_changed_mid_run_match_torch():
+@pytest.mark.parametrize("native", NATIVE)
+def test_options_changed_mid_run_match_torch(native):
     """Group options read at every step: switching decoupled weight decay on, or the learning
     rate to a tensor, after the cache was built, gives Adam's own update."""
-    ref, ours = _pair(weight_decay=0.1)
+    ref, ours = _pair(weight_decay=0.1, native=native)
     for seed in range(2):
         _step_both(ref, ours, seed)
     assert ours._lists is not None
@@ -164,10 +190,11 @@ def test_a_non_fused_state_dict_keeps_adams_non_fused_step():
     assert ours._lists is None and not ours.param_groups[0]["fused"]
 
 
-def test_a_rollback_and_a_group_added_mid_run_match_torch():
+@pytest.mark.parametrize("native", NATIVE)
+def test_a_rollback_and_a_group_added_mid_run_match_torch(native):
     """load_state_dict and add_param_group after the cache is built (a rollback of the
     optimizer, a new group): both drop the cache, and training goes on as torch's."""
-    ref, ours = _pair()
+    ref, ours = _pair(native=native)
     for seed in range(2):
         _step_both(ref, ours, seed)
     saved = [copy.deepcopy(opt.state_dict()) for opt in (ref, ours)]
@@ -182,7 +209,8 @@ def test_a_rollback_and_a_group_added_mid_run_match_torch():
     assert [float(ours.state[p]["step"]) for p in _all(ours)] == [5, 5, 5, 5, 3]
 
 
-def test_changed_state_or_groups_rebuild_the_cache():
+@pytest.mark.parametrize("native", NATIVE)
+def test_changed_state_or_groups_rebuild_the_cache(native):
     """A state cleared or replaced by hand, a parameter appended to a group, or a group added,
     after the cache is built: the step sees it, as torch's does."""
 
@@ -197,7 +225,7 @@ def test_changed_state_or_groups_rebuild_the_cache():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1})
 
     for change in (lambda opt: opt.state.clear(), replace, append, add_group):
-        ref, ours = _pair()
+        ref, ours = _pair(native=native)
         for seed in range(2):
             _step_both(ref, ours, seed)
         change(ref)
@@ -208,10 +236,11 @@ def test_changed_state_or_groups_rebuild_the_cache():
         assert len(ours.state) == len(ref.state) and ours._lists is not None
 
 
-def test_copies_and_pickles_step_and_hooks_run_once_a_step():
+@pytest.mark.parametrize("native", NATIVE)
+def test_copies_and_pickles_step_and_hooks_run_once_a_step(native):
     import pickle
 
-    ref, ours = _pair()
+    ref, ours = _pair(native=native)
     torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])  # torch then wraps Adam.step too
     calls = []
     ours.register_step_pre_hook(lambda *a: calls.append("pre"))
@@ -226,3 +255,148 @@ def test_copies_and_pickles_step_and_hooks_run_once_a_step():
         twin.step()
         clone.step()
         _assert_same(twin, clone)
+
+
+def _formula_step(p, g, m, v, step, lr, beta1, beta2, weight_decay, eps, maximize, scale):
+    """The native step's update of one tensor (csrc/cpu/adam.h) in torch ops, in place: each
+    op rounds to the dtype, the divisions by full tensors (ATen multiplies by the reciprocal of
+    a scalar divisor), the square root numpy's (correctly rounded, as the kernels' vector
+    instructions and PyTorch's fused kernel; torch.sqrt may be 1 ulp off, through MKL)."""
+    if scale is not None:
+        g.copy_(g / torch.full_like(g, float(scale)))
+    g = g * -1.0 if maximize else g
+    if weight_decay != 0:
+        g = g + p * weight_decay
+    bias2_sqrt = (1 - beta2**step) ** 0.5
+    m.copy_(m * beta1 + g * (1 - beta1))
+    v.copy_(v * beta2 + g * g * (1 - beta2))
+    denom = torch.from_numpy(np.sqrt(v.numpy())) / torch.full_like(v, bias2_sqrt) + eps
+    p.copy_(p - (lr / (1 - beta1**step)) * m / denom)
+
+
+# sizes across the vector widths' tails, an empty parameter, and one above the grain (16384
+# elements) so that the threads split a tensor
+SHAPES = [(7, 5), (5,), (0,), (3, 4, 2), (1,), (20001,), (33,)]
+
+
+def _native_case(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    return params, gen
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"weight_decay": 0.1, "betas": (0.8, 0.95)}, {"maximize": True, "eps": 1e-3}],
+    ids=["default", "decay-betas", "maximize-eps"],
+)
+def test_native_step_is_its_formula_bit_for_bit(dtype, kwargs):
+    params, gen = _native_case(dtype)
+    ours = FusedAdam(params, lr=3e-2, **kwargs)
+    copies = [p.detach().clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in copies]
+    beta1, beta2 = kwargs.get("betas", (0.9, 0.999))
+    for step, scale in enumerate([None, 2.5, None, 0.25, 1.0], start=1):
+        grads = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        if scale is not None:
+            ours.grad_scale = torch.tensor(scale)
+        ours.step()
+        ours.__dict__.pop("grad_scale", None)
+        assert _native_ran(ours) == (step > 1)  # the first step is Adam's, building the state
+        for p, g, (m, v) in zip(copies, grads, moments, strict=True):
+            if step == 1:  # Adam's own first step, which the native one continues
+                continue
+            _formula_step(
+                p,
+                g,
+                m,
+                v,
+                step,
+                3e-2,
+                beta1,
+                beta2,
+                kwargs.get("weight_decay", 0.0),
+                kwargs.get("eps", 1e-8),
+                kwargs.get("maximize", False),
+                scale,
+            )
+        if step == 1:
+            copies = [p.detach().clone() for p in params]
+            moments = [
+                (ours.state[p]["exp_avg"].clone(), ours.state[p]["exp_avg_sq"].clone())
+                for p in params
+            ]
+            continue
+        for p, q, (m, v), g in zip(params, copies, moments, grads, strict=True):
+            assert torch.equal(p.detach(), q)
+            assert torch.equal(ours.state[p]["exp_avg"], m)
+            assert torch.equal(ours.state[p]["exp_avg_sq"], v)
+            assert torch.equal(p.grad, g)  # scaled (by _formula_step too), as torch's kernel does
+        assert all(float(ours.state[p]["step"]) == step for p in params)
+
+
+@needs_native
+def test_native_step_is_the_same_at_any_thread_count():
+    results = []
+    threads = torch.get_num_threads()
+    for count in (1, 2, 3):
+        torch.set_num_threads(count)
+        try:
+            params, gen = _native_case(torch.float32, seed=1)
+            ours = FusedAdam(params, lr=1e-2)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                ours.grad_scale = torch.tensor(1.5)
+                ours.step()
+                del ours.grad_scale
+            assert _native_ran(ours)
+            results.append([p.detach() for p in params])
+        finally:
+            torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@needs_native
+def test_native_step_leaves_gradients_it_cannot_read_in_place_to_torchs_kernel():
+    """A non-contiguous gradient: the native step declines before changing anything, and
+    torch's fused kernel takes the step, bit for bit torch's. A scale that is not a float32
+    CPU tensor is declined too."""
+    ref, ours = _pair(native=True)
+    _step_both(ref, ours, 0)
+    _step_both(ref, ours, 1)  # the native step ran, from ref's state
+    assert _native_ran(ours)
+    for p, q in zip(_all(ref), _all(ours), strict=True):  # the same start, bit for bit
+        with torch.no_grad():
+            q.copy_(p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            ours.state[q][key].copy_(ref.state[p][key])
+    for opt in (ref, ours):
+        for p, g in zip(_all(opt), _grads(_all(opt), 2), strict=True):
+            p.grad = g
+        p0 = _all(opt)[0]
+        p0.grad = p0.grad.t().contiguous().t()
+        assert not p0.grad.is_contiguous()
+    state = ours._lists[0][-1]
+    assert not state.ready(None)
+    for opt in (ref, ours):
+        opt.step()
+    ours.native = False  # the step above was torch's kernel: compare bit for bit
+    _assert_same(ref, ours)
+    for p in _all(ours):
+        p.grad = torch.zeros_like(p)
+    assert state.ready(torch.tensor(2.0))
+    assert not state.ready(torch.tensor(2.0, dtype=torch.float64))
+    assert not state.ready(torch.tensor([2.0, 2.0]))
+
+
+@needs_native
+def test_adam_state_refuses_lists_of_different_lengths():
+    p = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        torch.classes.topn_kernels.AdamState([p], [p.clone()], [], [torch.zeros(())])

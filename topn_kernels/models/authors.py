@@ -48,8 +48,9 @@ if _NATIVE_AVAILABLE:
     from ..native import authors_mlp as native_mlp
     from ..native import pna_pooling as native_pool
     from ..native import set_transformer as native_layer
+    from ..native import valency as native_valency
 else:
-    native_layer = native_pool = native_mlp = None
+    native_layer = native_pool = native_mlp = native_valency = None
 from ..ops import _checks, _dispatch, repulsion_penalty, valency_penalty
 from ..ops._checks import integer_dtype
 from ..ops.losses import _few_large_sets, _small
@@ -354,18 +355,26 @@ class Encoder(nn.Module):
         )
         self.pool = PNAPooling(cfg.pna_average_n)
         self.head = AuthorsMLP(12 * cfg.hidden, 2 * cfg.latent_dim, cfg.encoder_final_hidden, 1)
-        self.native = False  # the stem as one native op (_stem)
+        self.native = False  # the one-hot valencies and the stem as native ops
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        counts = valency_counts(x, mask, self.cfg.neighbor_dist)
-        classes = (counts - 1).clamp(0, self.cfg.valency_classes - 1)
-        onehot = F.one_hot(classes, self.cfg.valency_classes).to(x.dtype)
-        h = _stem(self.native, self.embed, self.norm, x, onehot)
+        h = _stem(self.native, self.embed, self.norm, x, self.valency_onehot(x))
         for block in self.blocks:
             h = block(h)
         mu, log_var = self.head(F.relu(self.pool(h))).chunk(2, dim=-1)
         return mu, log_var
+
+    def valency_onehot(self, x: Tensor) -> Tensor:
+        """The one-hot valency classes (B, n, valency_classes) of x (B, n, point_dim), in x's
+        dtype: each point's neighbours (closer than ``neighbor_dist``) minus one, clamped to the
+        classes. With ``native``, one op (csrc/cpu/valency.cpp) where it takes x, else
+        :func:`topn_kernels.metrics.valency_counts` and a one-hot; the same classes."""
+        classes = self.cfg.valency_classes
+        if self.native and native_valency is not None and native_valency.supports(x):
+            return native_valency.valency_onehot(x, self.cfg.neighbor_dist, classes)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        counts = valency_counts(x, mask, self.cfg.neighbor_dist)
+        return F.one_hot((counts - 1).clamp(0, classes - 1), classes).to(x.dtype)
 
 
 class Decoder(nn.Module):
@@ -449,10 +458,10 @@ class AuthorsSetVAE(nn.Module):
         """Switches the native paths on or off; returns the model.
 
         On: each set block (transformer layer, ReLU, batch norm, residual) runs as one fused op
-        on float32/float64 CPU tensors, the PNA pooling as another, and the encoder's and
-        decoder's stems (MLP, ReLU, batch norm) as a third (other devices and dtypes keep the
-        modules). Outputs agree with the plain model up to rounding
-        (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
+        on float32/float64 CPU tensors, the PNA pooling as another, the encoder's and decoder's
+        stems (MLP, ReLU, batch norm) as a third, and the encoder's one-hot valencies as a fourth
+        (other devices and dtypes keep the modules). Outputs agree with the plain model up to
+        rounding (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
         paths and the extension is not built.
         """
         if enabled and not _NATIVE_AVAILABLE:

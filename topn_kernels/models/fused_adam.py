@@ -1,16 +1,27 @@
-"""Adam with PyTorch's fused kernel and the per-step Python bookkeeping taken out: the training
+"""Adam with a fused kernel and the per-step Python bookkeeping taken out: the training
 programs' optimizer (:func:`.training.make_adam`).
 
 ``torch.optim.Adam(fused=True)`` runs one kernel over all parameters, but before it, at every step,
 Python walks every parameter to gather its gradient and state, groups the lists by device and
 dtype, and adds 1 to each parameter's step counter (one tensor op per parameter). For the set VAE's
-120 small parameters that made a step 1.3 ms long, against 0.4-0.5 ms for :class:`FusedAdam`
-(docs/set_vae.md, "The native transformer layer"), which gathers the state lists once and keeps the
-step counters of a parameter group as views into one tensor: a step is the gradients' list, a check
-that the cache is current, one ``add_`` on the counters, and the fused kernel. The update is the
-fused kernel's, with the same inputs: bit for bit that of ``torch.optim.Adam(fused=True)``
-(tests/test_fused_adam.py), and the state dict has the same layout, so checkpoints load into
-either.
+120 small parameters that made a step 1.3 ms long. :class:`FusedAdam` gathers the state lists once
+and keeps the step counters of a parameter group as views into one tensor; a step is a check that
+this cache is current and one native call per group:
+
+- on CPU, where the C++ extension is built (and ``native=True``, the default), this library's
+  multi-tensor Adam (``torch.classes.topn_kernels.AdamState``, csrc/cpu/adam.cpp): it holds the
+  group's parameters and states, reads the gradients from the parameters, and updates all
+  elements of all tensors as one range split between the threads. PyTorch's fused kernel, called
+  with five lists of 120 tensors, spends more on unpacking them and on splitting each small
+  tensor between the threads than on its arithmetic: about 300 us a step for the set VAE against
+  about 145 us here. The update is PyTorch's fused formula, each operation rounded to the
+  parameters' dtype in the same order (csrc/cpu/adam.h), the same at any thread count and vector
+  width; PyTorch's kernel computes the last few elements of each thread's share in double, so
+  the two agree up to the last bit of those elements (tests/test_fused_adam.py);
+- elsewhere (CUDA, or ``native=False``), ``torch._fused_adam_`` with the cached lists and one
+  ``add_`` on the counters: bit for bit ``torch.optim.Adam(fused=True)``.
+
+The state dict has Adam's layout either way, so checkpoints load into either optimizer.
 
 Anything the shortcut does not cover takes ``torch.optim.Adam.step`` unchanged: a closure, a
 parameter without a gradient, the first step (no state yet), ``amsgrad``, tensor betas, sparse
@@ -18,7 +29,8 @@ gradients, parameters of several devices or dtypes in one group, or a group that
 dict of a non-fused Adam turned non-fused (``load_state_dict`` takes the groups' options from
 the state dict, ``fused`` among them). The groups' options are read at every step, so one
 changed between steps (``decoupled_weight_decay`` switched on, a tensor learning rate) takes
-Adam's step from then on.
+Adam's step from then on. A GradScaler's skipped step (``found_inf``) and gradients the native
+step cannot read in place (non-contiguous) take the ``torch._fused_adam_`` call.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ from operator import is_, itemgetter
 import torch
 from torch import Tensor
 
+from .. import native
+
 __all__ = ["FusedAdam"]
 
 
@@ -35,20 +49,29 @@ class FusedAdam(torch.optim.Adam):
     """``torch.optim.Adam(params, lr, fused=True, ...)`` with a shorter step (module docstring).
 
     Takes Adam's arguments except ``fused``, ``foreach``, ``capturable`` and ``differentiable``.
-    A ``grad_scale`` or ``found_inf`` attribute set on the optimizer (as
-    :func:`.training.train_step` and ``torch.amp.GradScaler`` do) is honoured as by Adam.
+    ``native=False`` keeps PyTorch's fused kernel on CPU too (bit for bit
+    ``torch.optim.Adam(fused=True)``). A ``grad_scale`` or ``found_inf`` attribute set on the
+    optimizer (as :func:`.training.train_step` and ``torch.amp.GradScaler`` do) is honoured as
+    by Adam.
     """
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, **kwargs) -> None:
+    def __init__(self, params, lr: float | Tensor = 1e-3, *, native: bool = True, **kwargs) -> None:
         for key in ("fused", "foreach", "capturable", "differentiable"):
             if key in kwargs:
                 raise TypeError(f"FusedAdam does not take {key!r}")
+        if not isinstance(native, bool):
+            raise TypeError(f"native must be a bool, got {type(native).__name__}")
+        self.native = native
         self._lists: list[tuple] | None = None
         self._groups: tuple[dict, ...] = ()  # the param_groups the cache was built from
         super().__init__(params, lr=lr, fused=True, **kwargs)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "native": self.native}
+
     def __setstate__(self, state: dict) -> None:  # copies and pickles keep no cache
         super().__setstate__(state)
+        self.__dict__.setdefault("native", True)
         self._lists = None
 
     @torch.no_grad()
@@ -58,12 +81,27 @@ class FusedAdam(torch.optim.Adam):
         assert self._lists is not None
         if not all(_options_allow(entry[0]) for entry in self._lists):  # changed since gathered
             return self._adam_step(None)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        states = [entry[-1] for entry in self._lists]
+        if found_inf is None and all(s is not None and s.ready(grad_scale) for s in states):
+            for (group, *_), state in zip(self._lists, states, strict=True):
+                beta1, beta2 = group["betas"]
+                stepped = state.step(
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["weight_decay"],
+                    group["eps"],
+                    group["maximize"],
+                    grad_scale,
+                )
+                assert stepped  # ready() held, and nothing ran in between
+            return None
         all_grads = [[p.grad for p in entry[1]] for entry in self._lists]
         if any(g is None or g.is_sparse for grads in all_grads for g in grads):
             return self._adam_step(None)  # the cached lists stay valid
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for (group, params, exp_avgs, exp_avg_sqs, steps, counters, _), grads in zip(
+        for (group, params, exp_avgs, exp_avg_sqs, steps, counters, *_), grads in zip(
             self._lists, all_grads, strict=True
         ):
             device = params[0].device
@@ -112,7 +150,7 @@ class FusedAdam(torch.optim.Adam):
             self._lists = None
             return False
         state = self.state
-        for group, params, exp_avgs, exp_avg_sqs, steps, _, states in self._lists:
+        for group, params, exp_avgs, exp_avg_sqs, steps, _, states, _ in self._lists:
             now = group["params"]
             # identity checks mapped in C: this runs at every step
             same = (
@@ -148,19 +186,30 @@ class FusedAdam(torch.optim.Adam):
             counters = torch.stack([s["step"] for s in states]).to(torch.float32)
             for i, s in enumerate(states):
                 s["step"] = counters[i]  # a view: one add_ steps them all
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            steps = [s["step"] for s in states]
             lists.append(
                 (
                     group,
                     params,
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["step"] for s in states],
+                    exp_avgs,
+                    exp_avg_sqs,
+                    steps,
                     counters,
                     states,
+                    self._native_state(params, exp_avgs, exp_avg_sqs, steps),
                 )
             )
         self._lists, self._groups = lists, tuple(self.param_groups)
         return True
+
+    def _native_state(self, params, exp_avgs, exp_avg_sqs, steps):
+        """The native step's holder of one group's parameters and states (csrc/cpu/adam.cpp),
+        or None where it does not apply (``native=False``, no extension, not CPU)."""
+        if not (self.native and native.AVAILABLE and params[0].is_cpu):
+            return None
+        return torch.classes.topn_kernels.AdamState(params, exp_avgs, exp_avg_sqs, steps)
 
 
 def _options_allow(group: dict) -> bool:

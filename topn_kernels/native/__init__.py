@@ -54,6 +54,19 @@ def _load() -> str | None:
     return None
 
 
+def strided_cpu_float(x: object, dim: int) -> bool:
+    """Whether x is a strided (not nested) float32 or float64 CPU tensor with ``dim``
+    dimensions: what the native ops' Python sides check first."""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.layout == torch.strided
+        and not x.is_nested
+        and x.is_cpu
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() == dim
+    )
+
+
 UNAVAILABLE_REASON: str | None = _load()
 AVAILABLE: bool = UNAVAILABLE_REASON is None
 
@@ -65,6 +78,7 @@ if AVAILABLE:  # register the fake kernels and autograd of the ops
     from . import sinkhorn as _sinkhorn  # noqa: F401
     from . import topn_create as _topn_create  # noqa: F401
     from . import total_norm as _total_norm  # noqa: F401
+    from . import valency as _valency  # noqa: F401
 
 
 def _ops():

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import strided_cpu_float
+
 __all__ = ["pna_pool", "supports"]
 
 _OPS = torch.ops.topn_kernels
@@ -40,16 +42,7 @@ class _Pool(torch.autograd.Function):
 def supports(x: Tensor) -> bool:
     """Whether :func:`pna_pool` takes x: a strided float32 or float64 CPU tensor (B, n, C) with
     n >= 2, outside autocast."""
-    return (
-        isinstance(x, Tensor)
-        and x.layout == torch.strided
-        and not x.is_nested
-        and x.is_cpu
-        and x.dtype in (torch.float32, torch.float64)
-        and x.dim() == 3
-        and x.shape[1] >= 2
-        and not torch.is_autocast_enabled("cpu")
-    )
+    return strided_cpu_float(x, 3) and x.shape[1] >= 2 and not torch.is_autocast_enabled("cpu")
 
 
 def pna_pool(x: Tensor, scales: Tensor) -> Tensor:
