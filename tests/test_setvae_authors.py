@@ -550,3 +550,28 @@ def test_losses_refuse_lengths_other_than_the_outputs():
         setvae_loss(out, points, torch.tensor([5, 5]), LossConfig(backend="reference"))
     with pytest.raises(TypeError, match="lengths"):
         model.set_size_distribution(torch.tensor([2.9, 3.9]))
+
+
+def test_module_walks_find_every_buffer_and_hook_once_through_shared_and_cyclic_modules():
+    """train_step's buffer list and the fused paths' hook check walk the submodules themselves:
+    the same buffers as ``buffers()``, a hook found at any depth, and a module graph with a
+    shared submodule and a cycle walked once."""
+    from topn_kernels.models._hooks import has_hooks
+    from topn_kernels.models.training import _buffers
+
+    model = AuthorsSetVAE(AuthorsConfig())
+    shared = model.encoder.blocks[1].norm
+    model.decoder.extra = shared  # one module in two places
+    model.encoder.blocks[0].parent = model.encoder  # a cycle
+    found = _buffers(model)
+    assert len(found) == len({id(b) for b in found}) == len(list(model.buffers()))
+    assert {id(b) for b in found} == {id(b) for b in model.buffers()}
+    block = model.decoder.blocks[2]
+    assert not has_hooks(model) and not has_hooks(block)
+    handle = block.attn.self_attn.out_proj.register_forward_pre_hook(lambda *a: None)
+    assert has_hooks(block) and has_hooks(model) and not has_hooks(model.decoder.blocks[1])
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    assert has_hooks(model.decoder.blocks[1])
+    handle.remove()
+    assert not has_hooks(model)

@@ -10,7 +10,11 @@ from torch.nn.modules import module as _module
 
 def has_hooks(module: nn.Module) -> bool:
     """True if ``module`` or a submodule has a forward, forward-pre, backward or backward-pre
-    hook, or a global module hook is registered."""
+    hook, or a global module hook is registered.
+
+    Walks the submodules itself (each once, by identity) instead of through ``modules()``,
+    whose generators and name prefixes cost about twice as much: the models ask this of every
+    fused block at every call."""
     if (
         _module._global_forward_hooks
         or _module._global_forward_pre_hooks
@@ -18,7 +22,13 @@ def has_hooks(module: nn.Module) -> bool:
         or _module._global_backward_pre_hooks
     ):
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in module.modules()
-    )
+    stack, seen = [module], {id(module)}
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                stack.append(child)
+    return False

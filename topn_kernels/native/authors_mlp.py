@@ -101,7 +101,7 @@ def mlp_plan(
     running: list[Tensor] = []
     if norm is not None:
         out = linears[-1].out_features
-        reason, tensors = norm_plan(norm, out, f"the module's {out} output channels", x)
+        reason, tensors = norm_plan(norm, out, "the module's {} output channels", x)
         if reason is not None:
             return reason, []
         inputs += tensors[:2]

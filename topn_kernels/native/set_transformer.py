@@ -200,17 +200,18 @@ def norm_plan(
 ) -> tuple[str | None, list[Tensor]]:
     """(why a native op cannot run ``norm`` over the points of x (B, n, ...), or None; its
     weight, bias, running mean and running variance when it can): ``norm`` must be a
-    ``BatchNorm1d`` of ``channels`` channels (``what`` names them in the reason) with affine
-    weights, running statistics and a momentum, and x must hold points, at least 2 in training
-    (otherwise the module answers: an empty output, or its error for the batch statistics of
-    one point). The dtypes and devices are the caller's to check."""
+    ``BatchNorm1d`` of ``channels`` channels (``what.format(channels)`` names them in the
+    reason, formatted only then) with affine weights, running statistics and a momentum, and
+    x must hold points, at least 2 in training (otherwise the module answers: an empty output,
+    or its error for the batch statistics of one point). The dtypes and devices are the
+    caller's to check."""
     if type(norm) is not nn.BatchNorm1d:
         return f"norm must be a BatchNorm1d, got {type(norm).__name__}", []
     tensors = [_attr(norm, name) for name in ("weight", "bias", "running_mean", "running_var")]
     if any(t is None for t in tensors) or norm.momentum is None:
         return "norm must have affine weights, running statistics and a momentum", []
     if norm.num_features != channels:
-        return f"norm must have {what}, got {norm.num_features}", []
+        return f"norm must have {what.format(channels)}, got {norm.num_features}", []
     if x.shape[0] == 0 or (norm.training and x.shape[0] * x.shape[1] < 2):
         return "x must hold points (at least 2 in training, for the batch statistics)", []
     return None, tensors
@@ -232,7 +233,7 @@ def block_plan(
     reason, weights = _layer_plan(layer, x)
     if reason is not None:
         return reason, []
-    reason, tensors = norm_plan(norm, x.shape[2], f"x's {x.shape[2]} channels", x)
+    reason, tensors = norm_plan(norm, x.shape[2], "x's {} channels", x)
     if reason is not None:
         return reason, []
     dtype = x.dtype
