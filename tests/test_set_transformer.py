@@ -318,7 +318,7 @@ def _plain_block(block, x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize(("sets", "n"), [(3, 1), (5, 7), (2, 17)])
+@pytest.mark.parametrize(("sets", "n"), [(3, 1), (5, 7), (2, 17), (40, 14)])
 @pytest.mark.parametrize("training", [True, False])
 def test_block_matches_its_modules(dtype, sets, n, training):
     """set_block against the modules: output, the gradients of x and of every parameter, and

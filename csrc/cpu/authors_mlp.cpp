@@ -26,6 +26,7 @@
 
 #include "differentiable_once.h"
 #include "inplace_activation.h"
+#include "point_batch_norm.h"
 
 namespace topn_kernels {
 namespace {
@@ -156,7 +157,7 @@ std::vector<Tensor> authors_mlp_cpu(at::TensorList inputs, int64_t modulation,
   if (norm) {
     o = out.relu_();
     Tensor mean = running[0], var = running[1];
-    std::tie(out, save_mean, save_invstd) = at::native_batch_norm(
+    std::tie(out, save_mean, save_invstd) = point_batch_norm(
         o, t.norm_weight, t.norm_bias, mean, var, training, momentum, norm_eps);
   }
   return {out.view({d.B, d.n, d.dout}), r, residual_start ? p : none(), a, s, o, save_mean,
@@ -203,8 +204,8 @@ std::vector<Tensor> authors_mlp_backward_cpu(const Tensor& grad_out, at::TensorL
   Tensor g_norm_w, g_norm_b;
   if (norm) {
     std::tie(g, g_norm_w, g_norm_b) =
-        at::native_batch_norm_backward(g, o, t.norm_weight, running[0], running[1], kept[5],
-                                       kept[6], training, norm_eps, {true, true, true});
+        point_batch_norm_backward(g, o, t.norm_weight, running[0], running[1], kept[5], kept[6],
+                                  training, norm_eps);
     mask_by_positive_(g, o);  // the ReLU before the norm
   }
   const Tensor g_wf = g.t().mm(p), g_bf = g.sum(0);

@@ -30,6 +30,7 @@
 #include "avx2_build.h"
 #include "differentiable_once.h"
 #include "inplace_activation.h"
+#include "point_batch_norm.h"
 #include "set_attention.h"
 
 namespace topn_kernels {
@@ -196,7 +197,7 @@ std::vector<Tensor> set_block_cpu(const Tensor& x, at::TensorList weights, int64
                 ",) tensors of x's dtype and device");
   std::vector<Tensor> layer = set_transformer_layer_cpu(x, weights, heads, eps);
   const Tensor r = layer[0].view({-1, C}).relu();
-  auto [normed, save_mean, save_invstd] = at::native_batch_norm(
+  auto [normed, save_mean, save_invstd] = point_batch_norm(
       r, norm_weight, norm_bias, running_mean, running_var, training, momentum, norm_eps);
   std::vector<Tensor> out = {normed.view(x.sizes()).add_(x), r, save_mean, save_invstd};
   out.insert(out.end(), layer.begin() + 1, layer.end());
@@ -219,9 +220,9 @@ std::vector<Tensor> set_block_backward_cpu(const Tensor& grad_out, const Tensor&
                   r.scalar_type() == x.scalar_type(),
               "set_block_backward: saved[0] must be (B n, C) of x's dtype");
   const Tensor g = grad_out.contiguous();
-  auto [g_r, g_norm_w, g_norm_b] = at::native_batch_norm_backward(
-      g.view({-1, C}), r, norm_weight, running_mean, running_var, saved[1], saved[2], training,
-      norm_eps, {true, true, true});
+  auto [g_r, g_norm_w, g_norm_b] =
+      point_batch_norm_backward(g.view({-1, C}), r, norm_weight, running_mean, running_var,
+                                saved[1], saved[2], training, norm_eps);
   mask_by_positive_(g_r, r);  // the ReLU's backward, in place on the fresh gradient
   const Tensor g_layer = g_r.view(x.sizes());
   std::vector<Tensor> grads = set_transformer_layer_backward_cpu(
