@@ -112,6 +112,8 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   // reductions sum, max, mean and standard deviation; the backward returns the gradient of x.
   m.def("pna_pool(Tensor x, Tensor scales) -> Tensor");
   m.def("pna_pool_backward(Tensor grad_out, Tensor x, Tensor out, Tensor scales) -> Tensor");
+  // The pooling as one differentiable op, its autograd in C++ (differentiable once, in x).
+  m.def("pna_pool_autograd(Tensor x, Tensor scales) -> Tensor");
   // The encoder's one-hot valency classes of the authors' set VAE (csrc/cpu/valency.cpp): x
   // (B, n, d) sets of equal size -> (B, n, classes) in x's dtype, 1 at clamp(neighbours - 1, 0,
   // classes - 1), the neighbours of a point those closer than neighbor_dist.

@@ -84,6 +84,23 @@ def test_pna_pooling_literal():
         PNAPooling()(x[:, :1])
 
 
+def test_pna_pooling_keeps_its_scalers_per_size_dtype_and_device():
+    pool = PNAPooling(average_n=9)
+    x5, x7 = torch.zeros(2, 5, 3, dtype=F64), torch.zeros(2, 7, 3)
+    first = pool.scales(5, x5)
+    assert pool.scales(5, x5) is first  # kept
+    amplify = math.log(6) / math.log(10)
+    torch.testing.assert_close(first, torch.tensor([1.0, amplify, 1 / amplify], dtype=F64))
+    other = pool.scales(7, x7)
+    assert other.dtype == torch.float32 and other is not first
+    torch.testing.assert_close(other[1], torch.tensor(math.log(8) / math.log(10)))
+    assert pool.scales(5, x5.float()) is not first  # another dtype: its own
+    pool.log_average = math.log(5.0)  # a changed average is part of the key
+    torch.testing.assert_close(
+        pool.scales(5, x5)[1], torch.tensor(math.log(6) / math.log(5), dtype=F64)
+    )
+
+
 @pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize(("sets", "n", "channels"), [(1, 2, 1), (7, 5, 6), (3, 35, 64)])
@@ -91,7 +108,7 @@ def test_pna_pooling_native_matches_the_plain_pooling(dtype, sets, n, channels):
     """The native op against the module's tensor ops: values and gradients, with a tie at the
     maximum (the max's gradient split between the tied points, as amax's backward does) and a
     constant channel (zero deviation: the 1e-12 floor keeps its gradient finite)."""
-    from topn_kernels.native.pna_pooling import _Pool, pna_pool, supports
+    from topn_kernels.native.pna_pooling import pna_pool, supports
 
     g = torch.Generator().manual_seed(n)
     x = torch.randn(sets, n, channels, generator=g, dtype=dtype)
@@ -108,14 +125,14 @@ def test_pna_pooling_native_matches_the_plain_pooling(dtype, sets, n, channels):
     (want,) = torch.autograd.grad(expected, x, upstream)
     (ours,) = torch.autograd.grad(got, x, upstream)
     torch.testing.assert_close(ours, want, **tol)
-    assert got.grad_fn is not None and "Pool" in type(got.grad_fn).__name__  # the op ran
+    assert got.grad_fn is not None and "PnaPool" in got.grad_fn.name()  # the op's C++ node ran
     assert not supports(x[:, :1]) and not supports(x.half()) and not supports(x[0])
     with pytest.raises(ValueError, match="n >= 2"):
         pna_pool(x[:, :1], torch.ones(3, dtype=dtype))
     if dtype == F64 and n <= 5:  # away from ties and constant channels, where it is smooth
         scales = torch.tensor([1.0, 1.3, 1 / 1.3], dtype=F64)
         smooth = torch.randn(sets, n, channels, generator=g, dtype=F64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda t: _Pool.apply(t, scales), (smooth,))
+        assert torch.autograd.gradcheck(lambda t: pna_pool(t, scales), (smooth,))
 
 
 @pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
@@ -132,6 +149,21 @@ def test_pna_pooling_native_op_checks_and_fake_kernels():
         (torch.randn_like(out), x, out, scales),
         test_utils=("test_schema", "test_faketensor"),
     )
+    torch.library.opcheck(
+        torch.ops.topn_kernels.pna_pool_autograd.default,
+        (x.clone().requires_grad_(True), scales),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    y = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(
+            torch.ops.topn_kernels.pna_pool_autograd(y, scales).sum(), y, create_graph=True
+        )
+    with torch.inference_mode():  # below autograd: the values
+        torch.testing.assert_close(
+            torch.ops.topn_kernels.pna_pool_autograd(x, scales),
+            torch.ops.topn_kernels.pna_pool(x, scales),
+        )
     with pytest.raises(RuntimeError, match="scales must be"):
         torch.ops.topn_kernels.pna_pool(x, scales[:2])
     with pytest.raises(RuntimeError, match="grad_out and out must be"):

@@ -203,16 +203,13 @@ class PNAPooling(nn.Module):
         super().__init__()
         self.log_average = math.log(average_n + 1.0)
         self.native = False
+        self._scales: dict[tuple, Tensor] = {}  # the degree scalers made for each n
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[1]
         if n < 2:
             raise ValueError(f"PNA pooling needs sets of at least 2 points, got {n}")
-        # log(n + 1) of a tensor, not math.log of an int: a model compiled with dynamic shapes
-        # then makes one graph for every n, not one per n
-        log_n = torch.full((), n + 1.0, dtype=torch.float64, device=x.device).log()
-        amplify = log_n / self.log_average  # > 0
-        scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
+        scales = self.scales(n, x)
         if self.native and native_pool is not None and native_pool.supports(x):
             return native_pool.pna_pool(x, scales)
         # the reductions of x * scale are the reductions of x, scaled (var by scale^2): one
@@ -227,6 +224,23 @@ class PNAPooling(nn.Module):
         std = (var[..., None] * scales**2 + 1e-12).sqrt()  # (B, C, 3)
         # (B, C, 4, 3) -> (B, 12 C)
         return torch.cat([linear, std[:, :, None, :]], dim=2).flatten(1)
+
+    def scales(self, n: int, x: Tensor) -> Tensor:
+        """The 3 degree scalers (3,) of sets of n points, in x's dtype and device: 1,
+        ``log(n + 1) / log(average_n + 1)`` and its inverse. Made once per n, dtype and device
+        (seven small tensor ops, about 15 us) and kept, except while ``torch.compile`` traces
+        the module: log(n + 1) is then taken of a tensor, not by math.log of an int, so that a
+        model compiled with dynamic shapes makes one graph for every n, not one per n."""
+        key = (n, x.dtype, x.device, self.log_average)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and key in self._scales:
+            return self._scales[key]
+        log_n = torch.full((), n + 1.0, dtype=torch.float64, device=x.device).log()
+        amplify = log_n / self.log_average  # > 0
+        scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
+        if not compiling:
+            self._scales[key] = scales
+        return scales
 
 
 class SetBlock(nn.Module):

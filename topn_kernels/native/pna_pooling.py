@@ -1,12 +1,12 @@
-"""Python side of the native PNA pooling (csrc/cpu/pna_pooling.cpp): fake kernels, autograd and
-:func:`pna_pool`, the reductions of :class:`topn_kernels.models.authors.PNAPooling` in one op.
+"""Python side of the native PNA pooling (csrc/cpu/pna_pooling.cpp, its autograd in C++ there):
+fake kernels and :func:`pna_pool`, the reductions of :class:`topn_kernels.models.authors.PNAPooling`
+in one op.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import strided_cpu_float
 
@@ -25,18 +25,9 @@ def _pool_backward_fake(grad_out, x, out, scales):
     return x.new_empty(x.shape)
 
 
-class _Pool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, scales: Tensor) -> Tensor:
-        out = _OPS.pna_pool(x, scales)
-        ctx.save_for_backward(x, out, scales)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        x, out, scales = ctx.saved_tensors
-        return _OPS.pna_pool_backward(grad_out, x, out, scales), None
+@torch.library.register_fake("topn_kernels::pna_pool_autograd")
+def _pool_autograd_fake(x, scales):
+    return x.new_empty((x.shape[0], 12 * x.shape[2]))
 
 
 def supports(x: Tensor) -> bool:
@@ -53,4 +44,4 @@ def pna_pool(x: Tensor, scales: Tensor) -> Tensor:
     constants); x must pass :func:`supports`."""
     if not supports(x):
         raise ValueError("pna_pool: x must be a float32 or float64 CPU tensor (B, n, C), n >= 2")
-    return _Pool.apply(x, scales)
+    return _OPS.pna_pool_autograd(x, scales)
