@@ -118,6 +118,16 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   // (B, n, d) sets of equal size -> (B, n, classes) in x's dtype, 1 at clamp(neighbours - 1, 0,
   // classes - 1), the neighbours of a point those closer than neighbor_dist.
   m.def("valency_onehot(Tensor x, float neighbor_dist, int classes) -> Tensor");
+  // The Top-n creation of the authors' set VAE after its angle MLP (csrc/cpu/authors_topn.cpp):
+  // q (B, a) and the weights angles (R, a), points (R, d), gamma_w (d, 1), gamma_b (d,),
+  // beta_w (d, 1), beta_b (d,) -> x (B, n, d), then qn (B, a), denom (B,), probs (B, R),
+  // index (B, n) int64 and m (B, n) for the backward, which returns the gradients of q and
+  // the 6 weights; the autograd op returns x.
+  m.def("authors_topn(Tensor q, Tensor[] weights, int n) -> Tensor[]");
+  m.def(
+      "authors_topn_backward(Tensor grad_x, Tensor q, Tensor[] weights, int n, "
+      "Tensor[] saved) -> Tensor[]");
+  m.def("authors_topn_autograd(Tensor q, Tensor[] weights, int n) -> Tensor");
   // The 2-norm of all the elements of the tensors together (csrc/cpu/total_norm.cpp): float32
   // or float64 CPU tensors of one dtype; a 0-d tensor of that dtype.
   m.def("total_norm(Tensor[] tensors) -> Tensor");

@@ -46,11 +46,12 @@ from ..native import AVAILABLE as _NATIVE_AVAILABLE
 
 if _NATIVE_AVAILABLE:
     from ..native import authors_mlp as native_mlp
+    from ..native import authors_topn as native_topn
     from ..native import pna_pooling as native_pool
     from ..native import set_transformer as native_layer
     from ..native import valency as native_valency
 else:
-    native_layer = native_pool = native_mlp = native_valency = None
+    native_layer = native_pool = native_mlp = native_valency = native_topn = None
 from ..ops import _checks, _dispatch, repulsion_penalty, valency_penalty
 from ..ops._checks import integer_dtype
 from ..ops.losses import _few_large_sets, _small
@@ -304,9 +305,14 @@ class TopN(nn.Module):
         self.angle_mlp = AuthorsMLP(cfg.latent_dim, cfg.angle_dim, cfg.angle_hidden, 2)
         self.gamma = nn.Linear(1, cfg.set_channels)
         self.beta = nn.Linear(1, cfg.set_channels)
+        self.native = False  # what follows the angle MLP as one native op
 
     def forward(self, z: Tensor, n: int) -> Tensor:
         q = self.angle_mlp(z)
+        if self.native and native_topn is not None and not has_hooks(self):
+            reason, weights = native_topn.topn_plan(self, q, n)
+            if reason is None:
+                return native_topn.run_topn(q, weights, n)
         q = q / (q.norm(dim=1, keepdim=True) + 1e-5)
         probs = torch.softmax(q @ self.angles.T, dim=1)  # (B, n_ref)
         top, index = torch.topk(probs, n, dim=1, largest=True, sorted=True)
@@ -473,8 +479,9 @@ class AuthorsSetVAE(nn.Module):
 
         On: each set block (transformer layer, ReLU, batch norm, residual) runs as one fused op
         on float32/float64 CPU tensors, the PNA pooling as another, the encoder's and decoder's
-        stems (MLP, ReLU, batch norm) as a third, and the encoder's one-hot valencies as a fourth
-        (other devices and dtypes keep the modules). Outputs agree with the plain model up to
+        stems (MLP, ReLU, batch norm) as a third, the encoder's one-hot valencies as a fourth,
+        and Top-n's creation after its angle MLP as a fifth (other devices and dtypes keep the
+        modules). Outputs agree with the plain model up to
         rounding (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
         paths and the extension is not built.
         """
@@ -483,7 +490,7 @@ class AuthorsSetVAE(nn.Module):
 
             raise RuntimeError(f"native paths unavailable: {UNAVAILABLE_REASON}")
         for module in self.modules():
-            if isinstance(module, (SetBlock, PNAPooling, Encoder, Decoder)):
+            if isinstance(module, (SetBlock, PNAPooling, Encoder, Decoder, TopN)):
                 module.native = bool(enabled)
         return self
 
