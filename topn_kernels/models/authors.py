@@ -426,13 +426,20 @@ class Decoder(nn.Module):
         return self.head(h)
 
 
-def _by_size(fn: Callable[[Tensor | slice, int], Tensor], lengths: Tensor, width: int) -> Tensor:
+def _by_size(
+    fn: Callable[[Tensor | slice, int], Tensor],
+    lengths: Tensor,
+    width: int,
+    sizes: list[int] | None = None,
+) -> Tensor:
     """Runs ``fn(index, n)`` -> (len(index), n, C) on the sets of each size n and pads the
     results into (B, width, C). A batch of one size (every training batch) is one call with
     ``index = slice(None)``: no gather, and no scatter where ``n == width``. ``fn`` makes what
     it takes contiguous, as a gather would (a float64 matrix product may round a strided input
-    differently)."""
-    sizes = torch.unique(lengths).tolist()
+    differently). ``sizes``: the distinct sizes of ``lengths``, ascending, where the caller
+    has them."""
+    if sizes is None:
+        sizes = torch.unique(lengths).tolist()
     if len(sizes) == 1:
         part = fn(slice(None), sizes[0])
         if part.shape[1] == width:
@@ -512,11 +519,18 @@ class AuthorsSetVAE(nn.Module):
             raise ValueError(f"lengths must be <= n_ref={self.cfg.n_ref}, got {hi}")
         return points, lengths.to(points.device, torch.int64)
 
-    def _encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def _encode(
+        self, points: Tensor, lengths: Tensor, sizes: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if sizes is None:
+            sizes = torch.unique(lengths).tolist()
+        if len(sizes) == 1:  # one call, its outputs as they are
+            return self.encoder(points[:, : sizes[0]].contiguous())
+
         def stats_of(i: Tensor | slice, n: int) -> Tensor:
             return torch.cat(self.encoder(points[i, :n].contiguous()), -1)[:, None]
 
-        stats = _by_size(stats_of, lengths, 1)
+        stats = _by_size(stats_of, lengths, 1, sizes)
         return stats[:, 0].chunk(2, dim=-1)
 
     def encode(self, points: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -527,14 +541,17 @@ class AuthorsSetVAE(nn.Module):
         """Encode, sample ``z = mu + sigma * noise`` (noise from the global RNG when None),
         decode at the input's sizes; recon (B, N, point_dim) is zero past each length."""
         points, lengths = self._inputs(points, lengths)
-        mu, log_var = self._encode(points, lengths)
+        sizes = torch.unique(lengths).tolist()
+        mu, log_var = self._encode(points, lengths, sizes)
         if noise is None:
             noise = torch.randn_like(mu)
         elif not isinstance(noise, Tensor) or noise.shape != mu.shape:
             got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
             raise ValueError(f"noise must have shape {tuple(mu.shape)}, got {got}")
         z = mu + noise.to(mu) * (0.5 * log_var).exp()
-        recon = _by_size(lambda i, n: self.decoder(z[i].contiguous(), n), lengths, points.shape[1])
+        recon = _by_size(
+            lambda i, n: self.decoder(z[i].contiguous(), n), lengths, points.shape[1], sizes
+        )
         mask = torch.arange(points.shape[1], device=points.device) < lengths[:, None]
         return VAEOutput(recon, mask, mu, log_var)
 
