@@ -265,8 +265,8 @@ def test_authors_model_native_paths_match_plain_model(creation):
 def test_authors_model_native_switch():
     model = AuthorsSetVAE(native=False)
     blocks = [m for m in model.modules() if hasattr(m, "native")]
-    # 6 blocks, the pooling, and the encoder and decoder (their stems)
-    assert len(blocks) == 9 and not any(m.native for m in blocks)
+    # 6 blocks, the pooling, the encoder and decoder (their stems), Top-n's creation
+    assert len(blocks) == 10 and not any(m.native for m in blocks)
     assert model.use_native() is model and all(m.native for m in blocks)
     assert all(m.native for m in AuthorsSetVAE().modules() if hasattr(m, "native"))
 
