@@ -121,3 +121,16 @@ def test_the_model_uses_it_when_native():
     assert recon.shape == (4, 6, 3)
     model.use_native(False)
     assert not model.decoder.creation.native
+
+
+def test_the_backward_refuses_an_index_outside_the_points():
+    plain, _ = _pair()
+    q = torch.randn(3, 3, dtype=F64)
+    _, weights = topn_plan(plain, q, 2)
+    ops = torch.ops.topn_kernels
+    outs = ops.authors_topn(q, weights, 2)
+    saved = list(outs[1:])
+    saved[3] = saved[3].clone()
+    saved[3][0, 0] = 35
+    with pytest.raises(RuntimeError, match="index"):
+        ops.authors_topn_backward(torch.ones_like(outs[0]), q, weights, 2, saved)

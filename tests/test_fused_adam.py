@@ -400,3 +400,45 @@ def test_adam_state_refuses_lists_of_different_lengths():
     p = torch.zeros(3)
     with pytest.raises(RuntimeError, match="one entry per parameter"):
         torch.classes.topn_kernels.AdamState([p], [p.clone()], [], [torch.zeros(())])
+
+
+@needs_native
+def test_native_step_bumps_versions_as_an_in_place_op():
+    """A graph that saved a parameter and runs again after the step raises autograd's error,
+    as after torch's in-place kernel, instead of using the new values."""
+    ref, ours = _pair(native=True)
+    for seed in range(2):
+        _step_both(ref, ours, seed)
+    assert _native_ran(ours)
+    p = _all(ours)[0]
+    before = p._version
+    loss = (p * p).sum()  # saves p
+    for q, g in zip(_all(ours), _grads(_all(ours), 5), strict=True):
+        q.grad = g
+    ours.step()
+    assert p._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@needs_native
+def test_swapped_parameters_rebuild_the_cache():
+    """torch.utils.swap_tensors exchanges the C++ tensors under the same Python objects (as
+    load_state_dict and .to() do with swapping switched on). The native step holds the C++
+    tensors: a swap of a parameter that has a gradient accumulator is refused by
+    swap_tensors itself (the reference count), and a changed C++ tensor under an unchanged
+    Python one (a swap that went through) drops the cache, so that the step updates the
+    parameters' tensors of now, as torch's does."""
+    ref, ours = _pair(native=True)
+    for seed in range(2):
+        _step_both(ref, ours, seed)
+    assert _native_ran(ours)
+    p = _all(ours)[0]
+    with pytest.raises(RuntimeError, match="use_count"):
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().clone()))
+    ours._lists[0][7][0] = -1  # the address of another C++ tensor than the parameter's now
+    assert not ours._current() and ours._lists is None
+    for seed in range(2, 4):
+        _step_both(ref, ours, seed)
+    _assert_same(ref, ours)
+    assert _native_ran(ours)

@@ -95,6 +95,15 @@ def test_pna_pooling_keeps_its_scalers_per_size_dtype_and_device():
     assert other.dtype == torch.float32 and other is not first
     torch.testing.assert_close(other[1], torch.tensor(math.log(8) / math.log(10)))
     assert pool.scales(5, x5.float()) is not first  # another dtype: its own
+    pool = PNAPooling(average_n=9)
+    with torch.inference_mode():  # an inference tensor is not kept: training may follow
+        pool(torch.randn(2, 5, 3))
+    assert not pool._scales
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    pool(x).sum().backward()
+    assert x.grad is not None and len(pool._scales) == 1
+    pool = PNAPooling(average_n=9)
+    pool.scales(5, x5)
     pool.log_average = math.log(5.0)  # a changed average is part of the key
     torch.testing.assert_close(
         pool.scales(5, x5)[1], torch.tensor(math.log(6) / math.log(5), dtype=F64)

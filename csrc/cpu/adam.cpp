@@ -50,6 +50,10 @@ bool step_counter(const Tensor& t) {
          (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
 }
 
+void bump(Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 double read(const Tensor& step) {
   return step.scalar_type() == at::kFloat ? static_cast<double>(*step.const_data_ptr<float>())
                                           : *step.const_data_ptr<double>();
@@ -133,6 +137,13 @@ struct AdamState : torch::CustomClassHolder {
         g[i] = params[i].grad().mutable_data_ptr<T>();
         m[i] = exp_avgs[i].mutable_data_ptr<T>();
         v[i] = exp_avg_sqs[i].mutable_data_ptr<T>();
+      }
+      // in place, as an in-place op would be: a graph that saved one of these tensors and is
+      // run again after the step raises autograd's error instead of using the new values
+      for (size_t i = 0; i < count; ++i) {
+        Tensor grad = params[i].grad();
+        for (Tensor* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i], &steps[i]}) bump(*t);
+        if (scale != nullptr && *scale != 1.0f) bump(grad);
       }
       const auto kernels = adam_kernels<T>();
       at::parallel_for(0, offsets[count], kGrain, [&](int64_t begin, int64_t end) {

@@ -43,6 +43,7 @@ TopnDims check(const Tensor& q, at::TensorList w, int64_t n, const char* name) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, name,
               ": q must be float32 or float64");
   TORCH_CHECK(w.size() == 6, name, ": 6 weights expected");
+  TORCH_CHECK(w[0].dim() == 2, name, ": angles must be (R, a), got ", w[0].sizes());
   const int64_t B = q.size(0), a = q.size(1), R = w[0].size(0), d = w[1].dim() == 2 ? w[1].size(1) : -1;
   const std::vector<std::vector<int64_t>> shapes = {{R, a}, {R, d}, {d, 1}, {d}, {d, 1}, {d}};
   const char* names[] = {"angles", "points", "gamma_w", "gamma_b", "beta_w", "beta_b"};
@@ -76,7 +77,7 @@ std::vector<Tensor> authors_topn_cpu(const Tensor& q_in, at::TensorList weights,
       *dp = denom.mutable_data_ptr<T>(), *pp = probs.mutable_data_ptr<T>(),
       *mp = m.mutable_data_ptr<T>();
     int64_t* ip = index.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, s.B, std::max<int64_t>(1, 4096 / (s.R * s.a + n * s.d)),
+    at::parallel_for(0, s.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.R * s.a + n * s.d)),
                      [&](int64_t begin, int64_t end) {
       std::vector<int64_t> order(s.R);
       for (int64_t b = begin; b < end; ++b) {
@@ -139,6 +140,11 @@ std::vector<Tensor> authors_topn_backward_cpu(const Tensor& grad_x, const Tensor
   std::vector<Tensor> w, sv;
   for (const Tensor& t : weights) w.push_back(t.contiguous());
   for (const Tensor& t : saved) sv.push_back(t.contiguous());
+  if (sv[3].numel() > 0) {  // the backward indexes the points and probabilities with it
+    const int64_t lo = sv[3].min().item<int64_t>(), hi = sv[3].max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < s.R, "authors_topn_backward: saved[3] (the index) must be in [0, R=",
+                s.R, "), got [", lo, ", ", hi, "]");
+  }
   std::vector<Tensor> grads = {at::empty_like(q)};
   for (const Tensor& t : w) grads.push_back(at::empty_like(t));
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "authors_topn_backward", [&] {
@@ -236,7 +242,7 @@ class AuthorsTopnFunction : public torch::autograd::Function<AuthorsTopnFunction
                                .typed<decltype(authors_topn_backward_cpu)>();
     const std::vector<Tensor> saved = ctx->get_saved_variables();
     const int64_t n = ctx->saved_data["n"].toInt();
-    if (!grad_outputs[0].defined()) return {Tensor(), Tensor(), Tensor()};
+    if (!grad_outputs[0].defined()) return torch::autograd::variable_list(8);  // q, 6, n
     const std::vector<Tensor> weights(saved.begin() + 1, saved.begin() + 7);
     const std::vector<Tensor> rest(saved.begin() + 7, saved.end());
     std::vector<Tensor> grads;

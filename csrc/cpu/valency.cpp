@@ -8,7 +8,9 @@
 // else 0. Each distance is sqrt(sum_k (x_bik - x_bjk)^2) in float64, summed over k in order: as
 // torch.cdist(compute_mode="donot_use_mm_for_euclid_dist") computes it in float64 for point
 // dimensions below its vector width (the model's 3), so the counts are those of
-// topn_kernels.metrics.valency_counts. A NaN distance counts as no neighbour, as there.
+// topn_kernels.metrics.valency_counts (the op takes any d; its Python side, native/valency.py,
+// takes d <= 3 only: from cdist's vector width on, cdist sums in another order). A NaN distance
+// counts as no neighbour, as there.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

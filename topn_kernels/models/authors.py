@@ -229,9 +229,10 @@ class PNAPooling(nn.Module):
     def scales(self, n: int, x: Tensor) -> Tensor:
         """The 3 degree scalers (3,) of sets of n points, in x's dtype and device: 1,
         ``log(n + 1) / log(average_n + 1)`` and its inverse. Made once per n, dtype and device
-        (seven small tensor ops, about 15 us) and kept, except while ``torch.compile`` traces
-        the module: log(n + 1) is then taken of a tensor, not by math.log of an int, so that a
-        model compiled with dynamic shapes makes one graph for every n, not one per n."""
+        (seven small tensor ops, about 15 us) and kept, except under inference mode, for fake
+        tensors, and while ``torch.compile`` traces the module: log(n + 1) is then taken of a
+        tensor, not by math.log of an int, so that a model compiled with dynamic shapes makes one
+        graph for every n, not one per n."""
         key = (n, x.dtype, x.device, self.log_average)
         compiling = torch.compiler.is_compiling()
         if not compiling and key in self._scales:
@@ -239,7 +240,9 @@ class PNAPooling(nn.Module):
         log_n = torch.full((), n + 1.0, dtype=torch.float64, device=x.device).log()
         amplify = log_n / self.log_average  # > 0
         scales = torch.stack([torch.ones_like(amplify), amplify, 1.0 / amplify]).to(x.dtype)
-        if not compiling:
+        # kept only as a plain tensor made outside inference mode (an inference tensor cannot be
+        # saved for a later backward) and outside fake-tensor tracing
+        if not compiling and type(scales) is Tensor and not scales.is_inference():
             self._scales[key] = scales
         return scales
 

@@ -18,6 +18,10 @@ this cache is current and one native call per group:
   parameters' dtype in the same order (csrc/cpu/adam.h), the same at any thread count and vector
   width; PyTorch's kernel computes the last few elements of each thread's share in double, so
   the two agree up to the last bit of those elements (tests/test_fused_adam.py);
+  The native step bumps the tensors' version counters as an in-place op would. It holds
+  references to the parameters, so ``torch.utils.swap_tensors`` (``load_state_dict`` or
+  ``.to()`` with module swapping switched on) refuses to swap a parameter that has a gradient
+  accumulator: convert the model before making the optimizer, or use ``native=False``;
 - elsewhere (CUDA, or ``native=False``), ``torch._fused_adam_`` with the cached lists and one
   ``add_`` on the counters: bit for bit ``torch.optim.Adam(fused=True)``.
 
@@ -35,7 +39,7 @@ step cannot read in place (non-contiguous) take the ``torch._fused_adam_`` call.
 
 from __future__ import annotations
 
-from operator import is_, itemgetter
+from operator import attrgetter, is_, itemgetter
 
 import torch
 from torch import Tensor
@@ -141,8 +145,8 @@ class FusedAdam(torch.optim.Adam):
     def _current(self) -> bool:
         """False, and the cache dropped, if the groups, their parameter lists or the state
         entries changed since the cache was built (a state dict loaded, a group added, a
-        parameter appended to a group, a state replaced or cleared); True otherwise, or with no
-        cache."""
+        parameter appended to a group or swapped by ``torch.utils.swap_tensors``, a state
+        replaced or cleared); True otherwise, or with no cache."""
         if self._lists is None:
             return True
         groups = self.param_groups  # load_state_dict and add_param_group change these
@@ -150,12 +154,15 @@ class FusedAdam(torch.optim.Adam):
             self._lists = None
             return False
         state = self.state
-        for group, params, exp_avgs, exp_avg_sqs, steps, _, states, _ in self._lists:
+        for group, params, exp_avgs, exp_avg_sqs, steps, _, states, impls, _ in self._lists:
             now = group["params"]
-            # identity checks mapped in C: this runs at every step
+            # identity checks mapped in C: this runs at every step; the C++ tensors too, which
+            # torch.utils.swap_tensors exchanges under unchanged Python objects (the native
+            # step holds the C++ tensors)
             same = (
                 len(now) == len(params)
                 and all(map(is_, now, params))
+                and list(map(_impl, params)) == impls
                 and all(map(is_, map(state.get, params), states))
                 and all(map(is_, map(itemgetter("exp_avg"), states), exp_avgs))
                 and all(map(is_, map(itemgetter("exp_avg_sq"), states), exp_avg_sqs))
@@ -198,6 +205,7 @@ class FusedAdam(torch.optim.Adam):
                     steps,
                     counters,
                     states,
+                    list(map(_impl, params)),
                     self._native_state(params, exp_avgs, exp_avg_sqs, steps),
                 )
             )
@@ -210,6 +218,9 @@ class FusedAdam(torch.optim.Adam):
         if not (self.native and native.AVAILABLE and params[0].is_cpu):
             return None
         return torch.classes.topn_kernels.AdamState(params, exp_avgs, exp_avg_sqs, steps)
+
+
+_impl = attrgetter("_cdata")  # the address of a tensor's C++ object
 
 
 def _options_allow(group: dict) -> bool:
