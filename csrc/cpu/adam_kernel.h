@@ -44,3 +44,17 @@ void run(T* param, T* grad, T* exp_avg, T* exp_avg_sq, int64_t count, const Adam
 }  // namespace adam_detail
 }  // namespace
 }  // namespace topn_kernels
+
+// The explicit instantiations of one build, in namespace topn_kernels::NS.
+#define TOPN_KERNELS_DEFINE_ADAM(NS)                                                           \
+  namespace topn_kernels::NS {                                                                \
+  template <typename T>                                                                       \
+  void run(T* param, T* grad, T* exp_avg, T* exp_avg_sq, int64_t count,                       \
+           const AdamConstants<T>& c) {                                                       \
+    adam_detail::run<T>(param, grad, exp_avg, exp_avg_sq, count, c);                          \
+  }                                                                                           \
+  template void run<float>(float*, float*, float*, float*, int64_t,                           \
+                           const AdamConstants<float>&);                                      \
+  template void run<double>(double*, double*, double*, double*, int64_t,                      \
+                            const AdamConstants<double>&);                                    \
+  }

@@ -1,6 +1,7 @@
-"""Whether a module's forward would run hooks: the models' fused paths compute a module's output
-without calling it, so they step aside for a module that has any (a user's feature extractor or
-gradient probe then sees the calls it expects)."""
+"""Walks over a model's modules that run at every step: whether a module's forward would run
+hooks (the models' fused paths compute a module's output without calling it, so they step aside
+for a module that has any: a user's feature extractor or gradient probe then sees the calls it
+expects), and the modules themselves (train_step's buffer snapshot)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 
+def walk(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its submodules, each once (by identity, so a shared submodule or a cycle
+    is visited once): the modules of ``module.modules()``, in about half its time, without its
+    generators and name prefixes."""
+    out, seen = [module], {id(module)}
+    for m in out:  # grows as it goes
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
+
+
 def has_hooks(module: nn.Module) -> bool:
     """True if ``module`` or a submodule has a forward, forward-pre, backward or backward-pre
-    hook, or a global module hook is registered.
-
-    Walks the submodules itself (each once, by identity) instead of through ``modules()``,
-    whose generators and name prefixes cost about twice as much: the models ask this of every
-    fused block at every call."""
+    hook, or a global module hook is registered."""
     if (
         _module._global_forward_hooks
         or _module._global_forward_pre_hooks
@@ -22,13 +32,7 @@ def has_hooks(module: nn.Module) -> bool:
         or _module._global_backward_pre_hooks
     ):
         return True
-    stack, seen = [module], {id(module)}
-    while stack:
-        m = stack.pop()
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-        for child in m._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                stack.append(child)
-    return False
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in walk(module)
+    )

@@ -312,7 +312,13 @@ class TopN(nn.Module):
 
     def forward(self, z: Tensor, n: int) -> Tensor:
         q = self.angle_mlp(z)
-        if self.native and native_topn is not None and not has_hooks(self):
+        # the op stands in for gamma's and beta's calls (the angle MLP and this module run)
+        if (
+            self.native
+            and native_topn is not None
+            and not has_hooks(self.gamma)
+            and not has_hooks(self.beta)
+        ):
             reason, weights = native_topn.topn_plan(self, q, n)
             if reason is None:
                 return native_topn.run_topn(q, weights, n)

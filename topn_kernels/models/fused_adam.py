@@ -88,7 +88,13 @@ class FusedAdam(torch.optim.Adam):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         states = [entry[-1] for entry in self._lists]
-        if found_inf is None and all(s is not None and s.ready(grad_scale) for s in states):
+        # every group's native step or none: a step checks its group itself (ready()) and
+        # declines without a change, so one group needs no check first, several do
+        if (
+            found_inf is None
+            and all(s is not None for s in states)
+            and (len(states) == 1 or all(s.ready(grad_scale) for s in states))
+        ):
             for (group, *_), state in zip(self._lists, states, strict=True):
                 beta1, beta2 = group["betas"]
                 stepped = state.step(
@@ -100,8 +106,11 @@ class FusedAdam(torch.optim.Adam):
                     group["maximize"],
                     grad_scale,
                 )
-                assert stepped  # ready() held, and nothing ran in between
-            return None
+                if not stepped:  # one group, not ready: nothing changed, torch's kernel steps
+                    assert len(states) == 1  # several were checked, and nothing ran since
+                    break
+            else:
+                return None
         all_grads = [[p.grad for p in entry[1]] for entry in self._lists]
         if any(g is None or g.is_sparse for grads in all_grads for g in grads):
             return self._adam_step(None)  # the cached lists stay valid

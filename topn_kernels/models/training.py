@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import native
 from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
+from ._hooks import walk
 from .fused_adam import FusedAdam
 from .setvae import VAEOutput, check_output_lengths
 
@@ -141,18 +142,10 @@ def train_step(
 
 
 def _buffers(model: nn.Module) -> list[Tensor]:
-    """The buffers of ``model`` and its submodules (each module once, by identity): those of
+    """The buffers of ``model`` and its submodules (each module once): those of
     ``model.buffers()``, in about two thirds of its time (50 us against 80 us for the set VAE's
-    100 modules), without its generators and name prefixes."""
-    out, stack, seen = [], [model], {id(model)}
-    while stack:
-        module = stack.pop()
-        out.extend(b for b in module._buffers.values() if b is not None)
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                stack.append(child)
-    return out
+    100 modules)."""
+    return [b for m in walk(model) for b in m._buffers.values() if b is not None]
 
 
 def _total_norm(grads: list[Tensor]) -> Tensor:
