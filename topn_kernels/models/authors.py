@@ -350,15 +350,37 @@ class IID(nn.Module):
 
 
 class MLPCreation(nn.Module):
+    """An MLP from z to ``n_ref`` points, of which the first n are kept. With ``native``
+    (:meth:`AuthorsSetVAE.use_native`), its last map computes only the ``n * set_channels``
+    outputs kept (the rows of its weight and bias that make them: the gradient of the other rows
+    is zero either way), where no hook is registered on the MLP."""
+
     def __init__(self, cfg: AuthorsConfig) -> None:
         super().__init__()
         self.shape = (cfg.n_ref, cfg.set_channels)
         self.mlp = AuthorsMLP(
             cfg.latent_dim, cfg.n_ref * cfg.set_channels, cfg.creation_mlp_hidden, 2
         )
+        self.native = False
 
     def forward(self, z: Tensor, n: int) -> Tensor:
-        return self.mlp(z).view(z.shape[0], *self.shape)[:, :n]
+        mlp, kept = self.mlp, n * self.shape[1]
+        # without residuals or hidden maps the MLP is lin_final(relu(lin1(z))), and its first n
+        # points depend on the first n * set_channels rows of lin_final alone
+        if (
+            self.native
+            and n < self.shape[0]
+            and mlp.modulation is None
+            and not (mlp.residual_start or mlp.residual_end or len(mlp.hidden))
+            and type(mlp.lin1) is nn.Linear
+            and type(mlp.lin_final) is nn.Linear
+            and not has_hooks(mlp)
+        ):
+            final = mlp.lin_final
+            bias = None if final.bias is None else final.bias[:kept]
+            out = F.linear(F.relu(mlp.lin1(z)), final.weight[:kept], bias)
+            return out.view(z.shape[0], n, self.shape[1])
+        return mlp(z).view(z.shape[0], *self.shape)[:, :n]
 
 
 _CREATION_MODULES = {"topn": TopN, "firstn": FirstN, "iid": IID, "mlp": MLPCreation}
@@ -497,16 +519,16 @@ class AuthorsSetVAE(nn.Module):
         on float32/float64 CPU tensors, the PNA pooling as another, the encoder's and decoder's
         stems (MLP, ReLU, batch norm) as a third, the encoder's one-hot valencies as a fourth,
         and Top-n's creation after its angle MLP as a fifth (other devices and dtypes keep the
-        modules). Outputs agree with the plain model up to
-        rounding (tests/test_set_transformer.py). Raises ``RuntimeError`` when asked for the native
-        paths and the extension is not built.
+        modules); the MLP creation computes only the points it keeps. Outputs agree with the
+        plain model up to rounding (tests/test_set_transformer.py). Raises ``RuntimeError``
+        when asked for the native paths and the extension is not built.
         """
         if enabled and not _NATIVE_AVAILABLE:
             from ..native import UNAVAILABLE_REASON
 
             raise RuntimeError(f"native paths unavailable: {UNAVAILABLE_REASON}")
         for module in self.modules():
-            if isinstance(module, (SetBlock, PNAPooling, Encoder, Decoder, TopN)):
+            if isinstance(module, (SetBlock, PNAPooling, Encoder, Decoder, TopN, MLPCreation)):
                 module.native = bool(enabled)
         return self
 
