@@ -442,3 +442,57 @@ def test_swapped_parameters_rebuild_the_cache():
         _step_both(ref, ours, seed)
     _assert_same(ref, ours)
     assert _native_ran(ours)
+
+
+@pytest.mark.parametrize("native", NATIVE)
+@pytest.mark.parametrize("max_norm", [0.5, 1e9], ids=["clipping", "not-clipping"])
+def test_max_grad_norm_is_the_norm_and_scale_of_train_step_bit_for_bit(native, max_norm):
+    """``max_grad_norm`` set: the step equals, bit for bit, the gradient norm, the factor
+    ``clamp((norm + 1e-6) / max_norm, min=1)`` given as grad_scale, then the step (native: the
+    norm and the factor computed inside AdamState.step_clipped); the gradients left are the
+    scaled ones either way; on the first step (no state: Adam's own step) and after."""
+    from topn_kernels.models.fused_adam import grad_norm
+
+    _, a = _pair(native=native)
+    _, b = _pair(native=native)
+    for seed in range(3):
+        for opt in (a, b):
+            for p, grad in zip(_all(opt), _grads(_all(opt), seed), strict=True):
+                p.grad = grad * 3
+        a.max_grad_norm = max_norm
+        a.step()
+        del a.max_grad_norm
+        b.grad_scale = torch.clamp((grad_norm([p.grad for p in _all(b)]) + 1e-6) / max_norm, min=1)
+        b.step()
+        del b.grad_scale
+        for p, q in zip(_all(a), _all(b), strict=True):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(a.state[p][key], b.state[q][key]), key
+    assert _native_ran(a) == native
+    if native:  # the native step takes it: nothing else runs
+        a._clipped_step = lambda *args: pytest.fail("the native clipped step did not run")
+        a.max_grad_norm = max_norm
+        a.step()
+    with pytest.raises(ValueError, match="closure"):
+        a.max_grad_norm = 1.0
+        a.step(lambda: None)
+
+
+def test_max_grad_norm_clips_float64_and_several_groups_as_clip_grad_norm_does():
+    """Where the norm cannot be the fused update's scale (float64 parameters) or the native step
+    cannot take it (two groups: the norm is over both), the step is clip_grad_norm_ then the
+    plain step."""
+    for dtype, groups in ((torch.float64, False), (torch.float32, True)):
+        ref, ours = _pair(dtype, groups=groups, native=native_ext.AVAILABLE)
+        for seed in range(2):
+            for opt in (ref, ours):
+                for p, grad in zip(_all(opt), _grads(_all(opt), seed), strict=True):
+                    p.grad = grad * 3
+            torch.nn.utils.clip_grad_norm_(_all(ref), 0.5)
+            ref.step()
+            ours.max_grad_norm = 0.5
+            ours.step()
+            for p, q in zip(_all(ref), _all(ours), strict=True):
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)

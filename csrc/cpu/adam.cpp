@@ -19,6 +19,7 @@
 
 #include "adam.h"
 #include "avx2_build.h"
+#include "sum_of_squares.h"
 
 namespace topn_kernels {
 
@@ -115,8 +116,44 @@ struct AdamState : torch::CustomClassHolder {
   bool step(double lr, double beta1, double beta2, double weight_decay, double eps,
             bool maximize, std::optional<Tensor> grad_scale) {
     if (!ready(grad_scale)) return false;
+    update(lr, beta1, beta2, weight_decay, eps, maximize, grad_scale);
+    return true;
+  }
+
+  // The gradient-norm clipping of train_step (clip_grad_norm_'s factor) folded into the step:
+  // the 2-norm of all the gradients (total_norm.cpp's sums in its order: the same bits), then
+  // the grad_scale max((norm + 1e-6) / max_norm, 1) made by the tensor ops train_step uses,
+  // then step() with it. For float32 parameters (the fused kernels' scale is float32); returns
+  // false, changing nothing, where ready() is false or the parameters are not float32.
+  bool step_clipped(double lr, double beta1, double beta2, double weight_decay, double eps,
+                    bool maximize, double max_norm) {
+    if (params.empty() || params[0].scalar_type() != at::kFloat || !ready(std::nullopt))
+      return false;
+    const int64_t count = static_cast<int64_t>(params.size());
+    std::vector<const float*> grads(count);
+    std::vector<int64_t> sizes(count);
+    for (int64_t i = 0; i < count; ++i) {
+      grads[i] = params[i].grad().const_data_ptr<float>();
+      sizes[i] = params[i].numel();
+    }
+    std::vector<double> sums(count, 0.0);
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) sums[i] = sum_of_squares(grads[i], sizes[i]);
+    });
+    double total = 0.0;
+    for (const double s : sums) total += s;
+    const Tensor norm = at::scalar_tensor(std::sqrt(total), params[0].options());
+    const Tensor scale = at::clamp(at::div(at::add(norm, 1e-6), max_norm), 1.0, std::nullopt);
+    update(lr, beta1, beta2, weight_decay, eps, maximize, scale);
+    return true;
+  }
+
+ private:
+  // step() once ready() holds.
+  void update(double lr, double beta1, double beta2, double weight_decay, double eps,
+              bool maximize, const std::optional<Tensor>& grad_scale) {
     const size_t count = params.size();
-    if (count == 0) return true;
+    if (count == 0) return;
     std::vector<int64_t> offsets(count + 1, 0);
     for (size_t i = 0; i < count; ++i) offsets[i + 1] = offsets[i] + params[i].numel();
     const float* scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
@@ -156,7 +193,6 @@ struct AdamState : torch::CustomClassHolder {
         }
       });
     });
-    return true;
   }
 };
 
@@ -167,7 +203,8 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
       .def(torch::init<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                        std::vector<Tensor>>())
       .def("ready", &AdamState::ready)
-      .def("step", &AdamState::step);
+      .def("step", &AdamState::step)
+      .def("step_clipped", &AdamState::step_clipped);
 }
 
 }  // namespace topn_kernels

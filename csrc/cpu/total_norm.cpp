@@ -12,26 +12,12 @@
 #include <cmath>
 #include <vector>
 
+#include "sum_of_squares.h"
+
 namespace topn_kernels {
 namespace {
 
 using at::Tensor;
-
-template <typename T>
-double sum_of_squares(const T* p, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const double v = static_cast<double>(p[i + k]);
-      acc[k] += v * v;
-    }
-  for (; i < n; ++i) {
-    const double v = static_cast<double>(p[i]);
-    acc[0] += v * v;
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 Tensor total_norm_cpu(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "total_norm: at least one tensor expected");

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import native
 from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
 from ._hooks import walk
-from .fused_adam import FusedAdam
+from .fused_adam import FusedAdam, grad_norm
 from .setvae import VAEOutput, check_output_lengths
 
 __all__ = ["LOSS_TERMS", "LossConfig", "make_adam", "setvae_loss", "train_step"]
@@ -101,11 +100,13 @@ def train_step(
     The clipping is ``clip_grad_norm_``'s: every gradient scaled by ``clip / (norm + 1e-6)``
     where that is below 1, ``norm`` the 2-norm of all gradients together (of the model's
     parameters, which are the optimizer's). With a fused Adam over float32 parameters
-    (:func:`make_adam`) the scaling happens inside its update, as a division by
-    ``(norm + 1e-6) / clip`` (the ``grad_scale`` input the fused kernels take from
-    ``torch.amp.GradScaler``), instead of one more pass over every gradient tensor, and the
-    norm is one native call on CPU (:func:`_total_norm`): the same update up to float32
-    rounding. ``clip`` <= 0 is a ``ValueError``.
+    (:func:`make_adam`; ``torch.optim.Adam(fused=True)`` too) the scaling happens inside its
+    update, as a division by ``(norm + 1e-6) / clip`` (the ``grad_scale`` input the fused
+    kernels take from ``torch.amp.GradScaler``), instead of one more pass over every gradient
+    tensor, and the norm is one native call on CPU (:func:`.fused_adam.grad_norm`): the same
+    update up to float32 rounding. :class:`.fused_adam.FusedAdam` is given the clip as its
+    ``max_grad_norm`` for the step and, on CPU, computes the norm and the factor inside its
+    native update. ``clip`` <= 0 is a ``ValueError``.
 
     ``loss(out, points, lengths, cfg)`` gives the terms (``setvae_loss`` with a
     :class:`LossConfig`, or :func:`.authors.authors_loss` with its own config).
@@ -128,8 +129,18 @@ def train_step(
     terms["loss"].backward()
     if clip is None:
         optimizer.step()
+    elif isinstance(optimizer, FusedAdam):
+        own = optimizer.__dict__.get("max_grad_norm", _UNSET)  # the caller's, kept
+        optimizer.max_grad_norm = clip
+        try:
+            optimizer.step()
+        finally:
+            if own is _UNSET:
+                del optimizer.max_grad_norm
+            else:
+                optimizer.max_grad_norm = own
     elif grads := _scalable_grads(optimizer):
-        norm = _total_norm(grads)
+        norm = grad_norm(grads)
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)
         try:
             optimizer.step()
@@ -148,14 +159,7 @@ def _buffers(model: nn.Module) -> list[Tensor]:
     return [b for m in walk(model) for b in m._buffers.values() if b is not None]
 
 
-def _total_norm(grads: list[Tensor]) -> Tensor:
-    """The 2-norm of all of ``grads`` together, the norm ``clip_grad_norm_`` clips by: on CPU
-    one native call (csrc/cpu/total_norm.cpp, sums of squares in float64; about 60 us for the
-    set VAE's 120 gradients against 290 us for ``get_total_norm``'s norm per tensor), else
-    ``get_total_norm``'s. The two agree up to float32 rounding."""
-    if native.AVAILABLE and all(g.is_cpu and g.layout == torch.strided for g in grads):
-        return native.total_norm.total_norm(grads)
-    return nn.utils.get_total_norm(grads, foreach=True)
+_UNSET = object()
 
 
 def _scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
