@@ -60,6 +60,15 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "authors_point_terms_autograd(Tensor x, Tensor y, Tensor lengths, float min_dist, "
       "float neighbor_dist, int max_valency) -> (Tensor, Tensor, Tensor)");
+  // The loss's KL term of mu and log_var (B, L) and its weighted total with the point terms
+  // rec, rep and val (0-d each; csrc/cpu/authors_loss.cpp): (total, kl), 0-d each.
+  m.def(
+      "authors_kl_total(Tensor mu, Tensor log_var, Tensor rec, Tensor rep, Tensor val, "
+      "float kl_weight, float repulsion_weight, float valency_weight) -> Tensor[]");
+  // The same as one differentiable op (gradients reach mu, log_var, rec, rep and val).
+  m.def(
+      "authors_kl_total_autograd(Tensor mu, Tensor log_var, Tensor rec, Tensor rep, Tensor val, "
+      "float kl_weight, float repulsion_weight, float valency_weight) -> (Tensor, Tensor)");
   // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
   // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
   // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and

@@ -362,6 +362,60 @@ def test_native_point_terms_op_fake_kernels():
         )
 
 
+@pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_kl_and_total_match_the_loss_formula(dtype):
+    """After the native point terms, the KL term and the weighted total run as one op with one
+    C++ autograd node: the formula's values (the KL summed in float64: within rounding) and its
+    gradients with respect to mu, log_var (here strided views, as the encoder's chunks are) and
+    the three point terms, for gradients through the total, the KL, or both."""
+    torch.manual_seed(6)
+    head = torch.randn(5, 2 * 7, dtype=dtype)
+    weights = (0.003, 200.0, 200.0)
+
+    def inputs():
+        h = head.clone().requires_grad_(True)
+        terms = [torch.rand((), dtype=dtype).requires_grad_(True) for _ in range(3)]
+        return h, terms
+
+    def formula(mu, log_var, rec, rep, val):
+        kl = -0.5 * (1 + log_var - mu**2 - log_var.exp()).sum()
+        return rec + weights[0] * kl + weights[1] * rep + weights[2] * val, kl
+
+    def native_op(mu, log_var, rec, rep, val):
+        return torch.ops.topn_kernels.authors_kl_total_autograd(
+            mu, log_var, rec, rep, val, *weights
+        )
+
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    for upstream in ((1.0, 0.0), (0.0, 1.0), (0.7, -1.3)):
+        results = []
+        for fn in (formula, native_op):
+            torch.manual_seed(7)
+            h, terms = inputs()
+            total, kl = fn(*h.chunk(2, dim=-1), *terms)
+            (upstream[0] * total + upstream[1] * kl).backward()
+            results.append([total, kl, h.grad, *(t.grad for t in terms)])
+        for expected, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, expected, **tol)
+    mu, log_var = head.chunk(2, dim=-1)
+    args = (mu, log_var, *(torch.rand((), dtype=dtype) for _ in range(3)), *weights)
+    torch.library.opcheck(
+        torch.ops.topn_kernels.authors_kl_total.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    h, terms = inputs()
+    total, _ = native_op(*h.chunk(2, dim=-1), *terms)
+    assert "AuthorsKlTotal" in total.grad_fn.name()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(total, h, create_graph=True)
+    model = AuthorsSetVAE(AuthorsConfig(), native=True).to(dtype)
+    points, lengths = torch.randn(4, 6, 3, dtype=dtype), torch.tensor([6, 6, 6, 6])
+    loss = authors_loss(model(points, lengths), points, lengths, AuthorsLossConfig())["loss"]
+    assert "AuthorsKlTotal" in loss.grad_fn.name()
+
+
 @pytest.mark.parametrize("creation", ["topn", "firstn", "iid", "mlp"])
 def test_mixed_sizes_run_each_size_alone(creation):
     """In eval, a batch of several sizes gives each set what a batch of its size alone gives,

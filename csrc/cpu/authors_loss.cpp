@@ -13,6 +13,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -105,15 +108,132 @@ std::tuple<Tensor, Tensor, Tensor> authors_point_terms_no_autograd(
   return {outs[0], outs[1], outs[2]};
 }
 
+// The loss's KL term and weighted total, after the point terms: with mu and log_var (B, L),
+//
+//   kl    = -0.5 * sum (1 + log_var - mu^2 - exp(log_var))     (summed in float64, then rounded)
+//   total = ((rec + kl_w * kl) + rep_w * rep) + val_w * val      (in the dtype, in this order)
+//
+// as authors_loss writes them, in one op with one autograd node instead of about a dozen small
+// ops and nodes. Backward, with g = grad_kl + kl_w * grad_total: grad_mu = g * mu,
+// grad_log_var = g * 0.5 * (exp(log_var) - 1), and grad_total times 1, rep_w and val_w for rec,
+// rep and val.
+template <typename T>
+T kl_sum(const T* mu, const T* log_var, int64_t count) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double m = mu[i], v = log_var[i];
+    acc += (1.0 + v) - m * m - std::exp(v);
+  }
+  return static_cast<T>(-0.5 * acc);
+}
+
+std::vector<Tensor> authors_kl_total_cpu(const Tensor& mu, const Tensor& log_var,
+                                         const Tensor& rec, const Tensor& rep, const Tensor& val,
+                                         double kl_weight, double repulsion_weight,
+                                         double valency_weight) {
+  TORCH_CHECK(mu.sizes() == log_var.sizes() && mu.scalar_type() == log_var.scalar_type() &&
+                  (mu.scalar_type() == at::kFloat || mu.scalar_type() == at::kDouble),
+              "authors_kl_total: mu and log_var must be float32 or float64 tensors of one shape");
+  for (const Tensor* t : {&rec, &rep, &val})
+    TORCH_CHECK(t->dim() == 0 && t->scalar_type() == mu.scalar_type(),
+                "authors_kl_total: rec, rep and val must be 0-d tensors of mu's dtype");
+  const Tensor m = mu.contiguous(), v = log_var.contiguous();
+  Tensor kl = at::empty({}, mu.options()), total = at::empty({}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "authors_kl_total", [&] {
+    using T = scalar_t;
+    const T k = kl_sum(m.const_data_ptr<T>(), v.const_data_ptr<T>(), m.numel());
+    T t = rec.item<T>() + static_cast<T>(kl_weight) * k;
+    t = t + static_cast<T>(repulsion_weight) * rep.item<T>();
+    t = t + static_cast<T>(valency_weight) * val.item<T>();
+    *kl.mutable_data_ptr<T>() = k;
+    *total.mutable_data_ptr<T>() = t;
+  });
+  return {total, kl};
+}
+
+class AuthorsKlTotal : public torch::autograd::Function<AuthorsKlTotal> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const Tensor& mu, const Tensor& log_var,
+                                                const Tensor& rec, const Tensor& rep,
+                                                const Tensor& val, double kl_weight,
+                                                double repulsion_weight, double valency_weight) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("topn_kernels::authors_kl_total", "")
+                               .typed<decltype(authors_kl_total_cpu)>();
+    std::vector<Tensor> outs;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      outs = op.call(mu, log_var, rec, rep, val, kl_weight, repulsion_weight, valency_weight);
+    }
+    ctx->save_for_backward({mu, log_var});
+    ctx->saved_data["weights"] = std::vector<double>{kl_weight, repulsion_weight, valency_weight};
+    return {outs[0], outs[1]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    check_differentiable_once("authors_kl_total_autograd");
+    const std::vector<Tensor> saved = ctx->get_saved_variables();
+    const std::vector<double> w = ctx->saved_data["weights"].toDoubleVector();
+    const Tensor &mu = saved[0], &log_var = saved[1];
+    const Tensor zero = at::zeros({}, mu.options());
+    const Tensor g_total = grad_outputs[0].defined() ? grad_outputs[0] : zero;
+    const Tensor g_kl = grad_outputs[1].defined() ? grad_outputs[1] : zero;
+    Tensor g_mu = at::empty(mu.sizes(), mu.options()), g_lv = at::empty(mu.sizes(), mu.options());
+    Tensor g_rec = g_total.clone(), g_rep = at::empty({}, mu.options()),
+           g_val = at::empty({}, mu.options());
+    const Tensor m = mu.contiguous(), v = log_var.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "authors_kl_total_backward", [&] {
+      using T = scalar_t;
+      const T gt = g_total.item<T>();
+      const T g = g_kl.item<T>() + static_cast<T>(w[0]) * gt;
+      const T* mp = m.const_data_ptr<T>();
+      const T* vp = v.const_data_ptr<T>();
+      T *gm = g_mu.mutable_data_ptr<T>(), *gv = g_lv.mutable_data_ptr<T>();
+      for (int64_t i = 0; i < m.numel(); ++i) {
+        gm[i] = g * mp[i];
+        gv[i] = g * (T(0.5) * (std::exp(vp[i]) - T(1)));
+      }
+      *g_rep.mutable_data_ptr<T>() = static_cast<T>(w[1]) * gt;
+      *g_val.mutable_data_ptr<T>() = static_cast<T>(w[2]) * gt;
+    });
+    return {g_mu, g_lv, g_rec, g_rep, g_val, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> authors_kl_total_autograd(const Tensor& mu, const Tensor& log_var,
+                                                     const Tensor& rec, const Tensor& rep,
+                                                     const Tensor& val, double kl_weight,
+                                                     double repulsion_weight,
+                                                     double valency_weight) {
+  auto outs = AuthorsKlTotal::apply(mu, log_var, rec, rep, val, kl_weight, repulsion_weight,
+                                    valency_weight);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<Tensor, Tensor> authors_kl_total_no_autograd(const Tensor& mu, const Tensor& log_var,
+                                                        const Tensor& rec, const Tensor& rep,
+                                                        const Tensor& val, double kl_weight,
+                                                        double repulsion_weight,
+                                                        double valency_weight) {
+  auto outs = authors_kl_total_cpu(mu, log_var, rec, rep, val, kl_weight, repulsion_weight,
+                                   valency_weight);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(topn_kernels, Autograd, m) {
   m.impl("authors_point_terms_autograd", &authors_point_terms_autograd);
+  m.impl("authors_kl_total_autograd", &authors_kl_total_autograd);
 }
 
 TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
   m.impl("authors_point_terms", &authors_point_terms_cpu);
   m.impl("authors_point_terms_autograd", &authors_point_terms_no_autograd);
+  m.impl("authors_kl_total", &authors_kl_total_cpu);
+  m.impl("authors_kl_total_autograd", &authors_kl_total_no_autograd);
 }
 
 }  // namespace topn_kernels

@@ -651,11 +651,22 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     the repulsion over ordered pairs, ``V`` the valency penalty (terms unweighted). ``lengths``
     must be the sizes ``out`` was made with (``ValueError`` otherwise)."""
     lengths = check_output_lengths(out, points, lengths)
-    kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
     terms = _native_point_terms(out.recon, points, lengths, cfg)
     if terms is not None:
         rec, rep, val = terms
-    else:
+        if _native_latent(out.mu, out.log_var, rec):  # the KL and the total as one more node
+            total, kl = torch.ops.topn_kernels.authors_kl_total_autograd(
+                out.mu, out.log_var, rec, rep, val, cfg.kl, cfg.repulsion, cfg.valency
+            )
+            return {
+                "loss": total,
+                "reconstruction": rec,
+                "kl": kl,
+                "repulsion": rep,
+                "valency": val,
+            }
+    kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
+    if terms is None:
         rec = matched_distance(
             out.recon, points, lengths, lengths, backend=matched_backend(cfg.backend)
         ).sum()
@@ -670,6 +681,25 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
         rep, val = rep.sum(), val.sum()
     total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
     return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
+
+
+def _native_latent(mu: Tensor, log_var: Tensor, rec: Tensor) -> bool:
+    """Whether the KL term and the weighted total run as one native op
+    (``topn_kernels::authors_kl_total_autograd``, csrc/cpu/authors_loss.cpp: the KL summed in
+    float64, the total in the terms' dtype in the Python expression's order; the same values up
+    to rounding), after the native point terms: mu and log_var strided CPU tensors (B, L) of the
+    terms' dtype."""
+    return (
+        isinstance(mu, Tensor)
+        and isinstance(log_var, Tensor)
+        and mu.layout == torch.strided
+        and log_var.layout == torch.strided
+        and mu.is_cpu
+        and log_var.is_cpu
+        and mu.dtype == rec.dtype
+        and log_var.dtype == rec.dtype
+        and mu.shape == log_var.shape
+    )
 
 
 def _native_point_terms(
