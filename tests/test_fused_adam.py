@@ -496,3 +496,17 @@ def test_max_grad_norm_clips_float64_and_several_groups_as_clip_grad_norm_does()
             for p, q in zip(_all(ref), _all(ours), strict=True):
                 torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_zero_grad_sets_every_gradient_to_none_or_zero():
+    """zero_grad() (set_to_none, its own loop) leaves every gradient None, across groups;
+    set_to_none=False zeroes them in place as Optimizer.zero_grad does."""
+    _, ours = _pair(groups=True)
+    for p, grad in zip(_all(ours), _grads(_all(ours), 0), strict=True):
+        p.grad = grad
+    kept = [p.grad for p in _all(ours)]
+    ours.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not p.grad.any() for p, g in zip(_all(ours), kept, strict=True))
+    _all(ours)[0].grad = None  # a parameter without a gradient stays without one
+    ours.zero_grad()
+    assert all(p.grad is None for p in _all(ours))
