@@ -83,6 +83,7 @@ class FusedAdam(torch.optim.Adam):
         self.native = native
         self._lists: list[tuple] | None = None
         self._groups: tuple[dict, ...] = ()  # the param_groups the cache was built from
+        self._state_items: tuple[tuple, tuple] = ((), ())  # the state dict's keys and values
         super().__init__(params, lr=lr, fused=True, **kwargs)
 
     def __getstate__(self) -> dict:
@@ -233,7 +234,16 @@ class FusedAdam(torch.optim.Adam):
         if len(groups) != len(self._groups) or not all(map(is_, groups, self._groups)):
             self._lists = None
             return False
-        state = self.state
+        # the state dict's keys and values, the same objects in the same order: pointer
+        # comparisons mapped in C, without hashing a tensor (a Python call) per parameter
+        state, (keys, values) = self.state, self._state_items
+        if not (
+            len(state) == len(keys)
+            and all(map(is_, state.keys(), keys))
+            and all(map(is_, state.values(), values))
+        ):
+            self._lists = None
+            return False
         for group, params, exp_avgs, exp_avg_sqs, steps, _, states, impls, _ in self._lists:
             now = group["params"]
             # identity checks mapped in C: this runs at every step; the C++ tensors too, which
@@ -243,7 +253,6 @@ class FusedAdam(torch.optim.Adam):
                 len(now) == len(params)
                 and all(map(is_, now, params))
                 and list(map(_impl, params)) == impls
-                and all(map(is_, map(state.get, params), states))
                 and all(map(is_, map(itemgetter("exp_avg"), states), exp_avgs))
                 and all(map(is_, map(itemgetter("exp_avg_sq"), states), exp_avg_sqs))
                 and all(map(is_, map(itemgetter("step"), states), steps))
@@ -290,6 +299,7 @@ class FusedAdam(torch.optim.Adam):
                 )
             )
         self._lists, self._groups = lists, tuple(self.param_groups)
+        self._state_items = (tuple(self.state.keys()), tuple(self.state.values()))
         return True
 
     def _native_state(self, params, exp_avgs, exp_avg_sqs, steps):
