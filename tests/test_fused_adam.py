@@ -480,9 +480,10 @@ def test_max_grad_norm_is_the_norm_and_scale_of_train_step_bit_for_bit(native, m
 
 
 def test_max_grad_norm_clips_float64_and_several_groups_as_clip_grad_norm_does():
-    """Where the norm cannot be the fused update's scale (float64 parameters) or the native step
-    cannot take it (two groups: the norm is over both), the step is clip_grad_norm_ then the
-    plain step."""
+    """Where the norm cannot be the fused update's scale (float64 parameters: clip_grad_norm_,
+    then the plain step) or the native step cannot take it (two groups, the norm over both: the
+    factor computed in Python, as grad_scale), the step clips as clip_grad_norm_ does, up to
+    rounding; a max_grad_norm that is not positive is refused, and a copy keeps it."""
     for dtype, groups in ((torch.float64, False), (torch.float32, True)):
         ref, ours = _pair(dtype, groups=groups, native=native_ext.AVAILABLE)
         for seed in range(2):
@@ -496,6 +497,11 @@ def test_max_grad_norm_clips_float64_and_several_groups_as_clip_grad_norm_does()
             for p, q in zip(_all(ref), _all(ours), strict=True):
                 torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+    assert copy.deepcopy(ours).max_grad_norm == 0.5
+    for bad in (0.0, -1.0, float("nan")):
+        ours.max_grad_norm = bad
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            ours.step()
 
 
 def test_zero_grad_sets_every_gradient_to_none_or_zero():

@@ -166,6 +166,7 @@ class AuthorsKlTotal : public torch::autograd::Function<AuthorsKlTotal> {
       at::AutoDispatchBelowADInplaceOrView guard;
       outs = op.call(mu, log_var, rec, rep, val, kl_weight, repulsion_weight, valency_weight);
     }
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined
     ctx->save_for_backward({mu, log_var});
     ctx->saved_data["weights"] = std::vector<double>{kl_weight, repulsion_weight, valency_weight};
     return {outs[0], outs[1]};
@@ -198,6 +199,7 @@ class AuthorsKlTotal : public torch::autograd::Function<AuthorsKlTotal> {
       *g_rep.mutable_data_ptr<T>() = static_cast<T>(w[1]) * gt;
       *g_val.mutable_data_ptr<T>() = static_cast<T>(w[2]) * gt;
     });
+    if (!grad_outputs[0].defined()) g_rec = g_rep = g_val = Tensor();  // the total unused
     return {g_mu, g_lv, g_rec, g_rep, g_val, Tensor(), Tensor(), Tensor()};
   }
 };

@@ -370,6 +370,7 @@ class MLPCreation(nn.Module):
         if (
             self.native
             and n < self.shape[0]
+            and type(mlp) is AuthorsMLP
             and mlp.modulation is None
             and not (mlp.residual_start or mlp.residual_end or len(mlp.hidden))
             and type(mlp.lin1) is nn.Linear

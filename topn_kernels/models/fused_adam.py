@@ -87,7 +87,10 @@ class FusedAdam(torch.optim.Adam):
         super().__init__(params, lr=lr, fused=True, **kwargs)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "native": self.native}
+        state = {**super().__getstate__(), "native": self.native}
+        if "max_grad_norm" in self.__dict__:
+            state["max_grad_norm"] = self.max_grad_norm
+        return state
 
     def __setstate__(self, state: dict) -> None:  # copies and pickles keep no cache
         super().__setstate__(state)
@@ -99,6 +102,8 @@ class FusedAdam(torch.optim.Adam):
         max_norm = self.max_grad_norm
         if max_norm is None:
             return self._step(closure)
+        if not max_norm > 0:
+            raise ValueError(f"FusedAdam: max_grad_norm must be > 0 or None, got {max_norm}")
         if closure is not None:
             raise ValueError("FusedAdam: a closure cannot be clipped (max_grad_norm is set)")
         if self._native_clipped_step(max_norm):

@@ -132,7 +132,7 @@ def train_step(
     terms["loss"].backward()
     if clip is None:
         optimizer.step()
-    elif isinstance(optimizer, FusedAdam):
+    elif type(optimizer) is FusedAdam:  # a subclass may step otherwise: the general path
         own = optimizer.__dict__.get("max_grad_norm", _UNSET)  # the caller's, kept
         optimizer.max_grad_norm = clip
         try:
@@ -172,7 +172,7 @@ def _scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     float64 factor), with no scale set by anyone else (a GradScaler), and some gradient."""
     groups = optimizer.param_groups
     if (
-        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, FusedAdam)
+        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
         or not all(g.get("fused") for g in groups)
         or getattr(optimizer, "grad_scale", None) is not None
         or getattr(optimizer, "found_inf", None) is not None
