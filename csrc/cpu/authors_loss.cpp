@@ -177,30 +177,28 @@ class AuthorsKlTotal : public torch::autograd::Function<AuthorsKlTotal> {
     check_differentiable_once("authors_kl_total_autograd");
     const std::vector<Tensor> saved = ctx->get_saved_variables();
     const std::vector<double> w = ctx->saved_data["weights"].toDoubleVector();
-    const Tensor &mu = saved[0], &log_var = saved[1];
-    const Tensor zero = at::zeros({}, mu.options());
-    const Tensor g_total = grad_outputs[0].defined() ? grad_outputs[0] : zero;
-    const Tensor g_kl = grad_outputs[1].defined() ? grad_outputs[1] : zero;
-    Tensor g_mu = at::empty(mu.sizes(), mu.options()), g_lv = at::empty(mu.sizes(), mu.options());
-    Tensor g_rec = g_total.clone(), g_rep = at::empty({}, mu.options()),
-           g_val = at::empty({}, mu.options());
-    const Tensor m = mu.contiguous(), v = log_var.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "authors_kl_total_backward", [&] {
+    const Tensor &g_total = grad_outputs[0], &g_kl = grad_outputs[1];  // undefined: unused
+    const Tensor m = saved[0].contiguous(), v = saved[1].contiguous();
+    Tensor g_mu = at::empty(saved[0].sizes(), m.options()), g_lv = at::empty_like(g_mu);
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "authors_kl_total_backward", [&] {
       using T = scalar_t;
-      const T gt = g_total.item<T>();
-      const T g = g_kl.item<T>() + static_cast<T>(w[0]) * gt;
-      const T* mp = m.const_data_ptr<T>();
-      const T* vp = v.const_data_ptr<T>();
+      const T gt = g_total.defined() ? g_total.item<T>() : T(0);
+      const T g = (g_kl.defined() ? g_kl.item<T>() : T(0)) + static_cast<T>(w[0]) * gt;
+      const T *mp = m.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
       T *gm = g_mu.mutable_data_ptr<T>(), *gv = g_lv.mutable_data_ptr<T>();
       for (int64_t i = 0; i < m.numel(); ++i) {
         gm[i] = g * mp[i];
         gv[i] = g * (T(0.5) * (std::exp(vp[i]) - T(1)));
       }
-      *g_rep.mutable_data_ptr<T>() = static_cast<T>(w[1]) * gt;
-      *g_val.mutable_data_ptr<T>() = static_cast<T>(w[2]) * gt;
     });
-    if (!grad_outputs[0].defined()) g_rec = g_rep = g_val = Tensor();  // the total unused
-    return {g_mu, g_lv, g_rec, g_rep, g_val, Tensor(), Tensor(), Tensor()};
+    torch::autograd::variable_list grads = {g_mu, g_lv, Tensor(), Tensor(), Tensor(),
+                                            Tensor(), Tensor(), Tensor()};
+    if (g_total.defined()) {  // the total's products by the weights, as `weight * term` gives
+      grads[2] = g_total.clone();
+      grads[3] = g_total * w[1];
+      grads[4] = g_total * w[2];
+    }
+    return grads;
   }
 };
 

@@ -655,19 +655,7 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
     terms = _native_point_terms(out.recon, points, lengths, cfg)
     if terms is not None:
         rec, rep, val = terms
-        if _native_latent(out.mu, out.log_var, rec):  # the KL and the total as one more node
-            total, kl = torch.ops.topn_kernels.authors_kl_total_autograd(
-                out.mu, out.log_var, rec, rep, val, cfg.kl, cfg.repulsion, cfg.valency
-            )
-            return {
-                "loss": total,
-                "reconstruction": rec,
-                "kl": kl,
-                "repulsion": rep,
-                "valency": val,
-            }
-    kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
-    if terms is None:
+    else:
         rec = matched_distance(
             out.recon, points, lengths, lengths, backend=matched_backend(cfg.backend)
         ).sum()
@@ -680,7 +668,13 @@ def authors_loss(out: VAEOutput, points: Tensor, lengths: Tensor, cfg: AuthorsLo
             backend=cfg.backend,
         )
         rep, val = rep.sum(), val.sum()
-    total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
+    if terms is not None and _native_latent(out.mu, out.log_var, rec):  # one more node
+        total, kl = torch.ops.topn_kernels.authors_kl_total_autograd(
+            out.mu, out.log_var, rec, rep, val, cfg.kl, cfg.repulsion, cfg.valency
+        )
+    else:
+        kl = -0.5 * (1 + out.log_var - out.mu**2 - out.log_var.exp()).sum()
+        total = rec + cfg.kl * kl + cfg.repulsion * rep + cfg.valency * val
     return {"loss": total, "reconstruction": rec, "kl": kl, "repulsion": rep, "valency": val}
 
 
@@ -691,9 +685,7 @@ def _native_latent(mu: Tensor, log_var: Tensor, rec: Tensor) -> bool:
     to rounding), after the native point terms: mu and log_var strided CPU tensors (B, L) of the
     terms' dtype."""
     return (
-        isinstance(mu, Tensor)
-        and isinstance(log_var, Tensor)
-        and mu.layout == torch.strided
+        mu.layout == torch.strided
         and log_var.layout == torch.strided
         and mu.is_cpu
         and log_var.is_cpu

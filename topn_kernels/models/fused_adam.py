@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .. import native
 
-__all__ = ["FusedAdam", "grad_norm"]
+__all__ = ["FusedAdam", "clip_scale", "grad_norm", "scalable_grads"]
 
 
 class FusedAdam(torch.optim.Adam):
@@ -131,27 +131,17 @@ class FusedAdam(torch.optim.Adam):
         return state.step_clipped(*_hyperparameters(group), float(max_norm))
 
     def _clipped_step(self, max_norm: float):
-        """The clipping elsewhere: as the update's gradient scale (one norm over all gradients,
-        ``(norm + 1e-6) / max_norm`` where that is above 1) where every group is fused over
-        float32 parameters and no scale is set by anyone else, else ``clip_grad_norm_`` first."""
-        groups = self.param_groups
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return self._step(None)
-        if (
-            getattr(self, "grad_scale", None) is not None
-            or getattr(self, "found_inf", None) is not None
-            or not all(g.get("fused") for g in groups)
-            or any(p.dtype != torch.float32 for g in groups for p in g["params"])
-        ):
-            params = [p for g in groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            return self._step(None)
-        self.grad_scale = torch.clamp((grad_norm(grads) + 1e-6) / max_norm, min=1.0)
-        try:
-            return self._step(None)
-        finally:
-            del self.grad_scale
+        """The clipping elsewhere: as the update's gradient scale (:func:`clip_scale`) where
+        :func:`scalable_grads` allows it, else ``clip_grad_norm_`` first."""
+        if grads := scalable_grads(self):
+            self.grad_scale = clip_scale(grads, max_norm)
+            try:
+                return self._step(None)
+            finally:
+                del self.grad_scale
+        params = [p for g in self.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return self._step(None)
 
     def _step(self, closure):
         """The step without clipping."""
@@ -326,6 +316,30 @@ def grad_norm(grads: list[Tensor]) -> Tensor:
     if native.AVAILABLE and all(g.is_cpu and g.layout == torch.strided for g in grads):
         return native.total_norm.total_norm(grads)
     return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients of ``optimizer``'s parameters when it can take the clipping as its
+    gradient scale, else []: a fused Adam (every parameter group fused; ``torch.optim.Adam``,
+    ``AdamW`` or :class:`FusedAdam` itself) over float32 parameters (the fused kernels take a
+    float32 scale; float64 keeps clip_grad_norm_'s float64 factor), with no scale set by anyone
+    else (a GradScaler), and some gradient."""
+    groups = optimizer.param_groups
+    if (
+        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, FusedAdam)
+        or not all(g.get("fused") for g in groups)
+        or getattr(optimizer, "grad_scale", None) is not None
+        or getattr(optimizer, "found_inf", None) is not None
+        or any(p.dtype != torch.float32 for g in groups for p in g["params"])
+    ):
+        return []
+    return [p.grad for g in groups for p in g["params"] if p.grad is not None]
+
+
+def clip_scale(grads: list[Tensor], max_norm: float) -> Tensor:
+    """``clip_grad_norm_``'s clipping as a fused update's gradient scale (it divides by it):
+    ``max((norm + 1e-6) / max_norm, 1)``, ``norm`` the :func:`grad_norm` of ``grads``."""
+    return torch.clamp((grad_norm(grads) + 1e-6) / max_norm, min=1.0)
 
 
 def _hyperparameters(group: dict) -> tuple:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..ops import repulsion_penalty, sinkhorn_loss, valency_penalty
 from ._hooks import walk
-from .fused_adam import FusedAdam, grad_norm
+from .fused_adam import FusedAdam, clip_scale, scalable_grads
 from .setvae import VAEOutput, check_output_lengths
 
 __all__ = ["LOSS_TERMS", "LossConfig", "make_adam", "setvae_loss", "train_step"]
@@ -133,18 +133,17 @@ def train_step(
     if clip is None:
         optimizer.step()
     elif type(optimizer) is FusedAdam:  # a subclass may step otherwise: the general path
-        own = optimizer.__dict__.get("max_grad_norm", _UNSET)  # the caller's, kept
+        own = optimizer.max_grad_norm  # the caller's (None: the class default), kept
         optimizer.max_grad_norm = clip
         try:
             optimizer.step()
         finally:
-            if own is _UNSET:
+            if own is None:
                 del optimizer.max_grad_norm
             else:
                 optimizer.max_grad_norm = own
-    elif grads := _scalable_grads(optimizer):
-        norm = grad_norm(grads)
-        optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)
+    elif grads := scalable_grads(optimizer):
+        optimizer.grad_scale = clip_scale(grads, clip)
         try:
             optimizer.step()
         finally:
@@ -160,23 +159,3 @@ def _buffers(model: nn.Module) -> list[Tensor]:
     ``model.buffers()``, in about two thirds of its time (50 us against 80 us for the set VAE's
     100 modules)."""
     return [b for m in walk(model) for b in m._buffers.values() if b is not None]
-
-
-_UNSET = object()
-
-
-def _scalable_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The gradients of ``optimizer``'s parameters when it can take the clipping as its
-    gradient scale, else []: a fused Adam (every parameter group fused) over float32
-    parameters (the fused kernels take a float32 scale; float64 keeps clip_grad_norm_'s
-    float64 factor), with no scale set by anyone else (a GradScaler), and some gradient."""
-    groups = optimizer.param_groups
-    if (
-        type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW)
-        or not all(g.get("fused") for g in groups)
-        or getattr(optimizer, "grad_scale", None) is not None
-        or getattr(optimizer, "found_inf", None) is not None
-        or any(p.dtype != torch.float32 for g in groups for p in g["params"])
-    ):
-        return []
-    return [p.grad for g in groups for p in g["params"] if p.grad is not None]
