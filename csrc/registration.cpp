@@ -75,6 +75,21 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   // bias, linear2 weight (C, F) and bias, norm2 weight and bias. Returns the output (B, n, C)
   // and the 11 intermediates the backward takes as `saved`; the backward returns the gradients
   // of x and of the 12 weights.
+  // The per-point loops of the native layers (csrc/cpu/point_rows.h), as ops for their tests:
+  // the layer norm over the C channels of x (M, C) -> (out, mean (M, 1), rstd (M, 1)) and its
+  // backward -> (grad_x, grad_weight, grad_bias, grad_x's column sums); the batch norm over the
+  // M points in training -> (out, save_mean, save_invstd), running statistics updated in place,
+  // and its backward -> (grad_x, grad_weight, grad_bias).
+  m.def("point_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor[]");
+  m.def(
+      "point_layer_norm_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
+      "Tensor weight) -> Tensor[]");
+  m.def(
+      "point_batch_norm(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, float momentum, float eps) -> Tensor[]");
+  m.def(
+      "point_batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor save_mean, "
+      "Tensor save_invstd) -> Tensor[]");
   m.def("set_transformer_layer(Tensor x, Tensor[] weights, int heads, float eps) -> Tensor[]");
   m.def(
       "set_transformer_layer_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "

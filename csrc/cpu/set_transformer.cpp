@@ -7,14 +7,15 @@
 //   s1  = x + (a Wo^T + bo),   h1 = LayerNorm1(s1)
 //   u   = relu(h1 W1^T + b1),  s2 = h1 + (u W2^T + b2),   out = LayerNorm2(s2)
 //
-// The matrix products and layer norms are ATen's; the attention of every (set, head) pair is a
-// loop here, in parallel over the pairs: with sets of a few dozen points and heads of width 16,
-// ATen's attention kernels cost far more than the arithmetic. One call does the whole layer, so a
+// The matrix products are ATen's; the layer norms (and the bias gradients, column sums taken in
+// the passes that make them) are this library's loops (point_rows.h); the attention of every
+// (set, head) pair is a loop here, in parallel over the pairs: with sets of a few dozen points
+// and heads of width 16, ATen's attention kernels cost far more than the arithmetic. One call does the whole layer, so a
 // training step pays one dispatch and one autograd node per layer instead of about sixty.
 //
 // The forward returns the intermediates the backward reads (topn_kernels/native/
-// set_transformer.py saves them). The attention's sums run in a fixed order, whatever the
-// number of threads; ATen's matrix products and column sums may split theirs by thread.
+// set_transformer.py saves them). The attention's and the norms' sums run in a fixed order,
+// whatever the number of threads; ATen's matrix products may split theirs by thread.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,6 +32,7 @@
 #include "differentiable_once.h"
 #include "inplace_activation.h"
 #include "point_batch_norm.h"
+#include "point_rows.h"
 #include "set_attention.h"
 
 namespace topn_kernels {
@@ -109,11 +111,11 @@ std::vector<Tensor> set_transformer_layer_cpu(const Tensor& x_in, at::TensorList
   // the residual sums accumulate their products in place (s = x + b, then s += a W^T): no
   // broadcast copy of the bias into a fresh output and no extra pass for the residual
   Tensor s1 = at::add(x, w[3]).addmm_(a, w[2].t());
-  auto [h1, mean1, rstd1] = at::native_layer_norm(s1, {s.C}, w[4], w[5], eps);
+  auto [h1, mean1, rstd1] = layer_norm_rows(s1, w[4], w[5], eps);
   Tensor u = at::mm(h1, w[6].t());
   add_bias_relu_(u, w[7]);
   Tensor s2 = at::add(h1, w[9]).addmm_(u, w[8].t());
-  auto [out, mean2, rstd2] = at::native_layer_norm(s2, {s.C}, w[10], w[11], eps);
+  auto [out, mean2, rstd2] = layer_norm_rows(s2, w[10], w[11], eps);
   return {out.view({s.B, s.n, s.C}), qkv, probs, a, s1, mean1, rstd1, h1, u, s2, mean2, rstd2};
 }
 
@@ -144,18 +146,17 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
   const Tensor &s2 = kept[8], &mean2 = kept[9], &rstd2 = kept[10];
   const Tensor x = x_in.contiguous().view({M, s.C});
   const Tensor g = grad_out.contiguous().view({M, s.C});
-  const std::array<bool, 3> all = {true, true, true};
-
-  auto [g_s2, g_norm2_w, g_norm2_b] =
-      at::native_layer_norm_backward(g, s2, {s.C}, mean2, rstd2, w[10], w[11], all);
-  const Tensor g_lin2_w = g_s2.t().mm(u), g_lin2_b = g_s2.sum(0);
+  // each bias gradient is the column sum of a gradient, taken in the pass that makes it
+  auto [g_s2, g_norm2_w, g_norm2_b, g_lin2_b] =
+      layer_norm_rows_backward(g, s2, mean2, rstd2, w[10]);
+  const Tensor g_lin2_w = g_s2.t().mm(u);
   Tensor g_pre = g_s2.mm(w[8]);
-  mask_by_positive_(g_pre, u);  // the ReLU's backward, in place
-  const Tensor g_lin1_w = g_pre.t().mm(h1), g_lin1_b = g_pre.sum(0);
+  const Tensor g_lin1_b = mask_by_positive_sum_(g_pre, u);  // the ReLU's backward, in place
+  const Tensor g_lin1_w = g_pre.t().mm(h1);
   const Tensor g_h1 = g_s2.addmm_(g_pre, w[6]);  // g_s2 is read no more
-  auto [g_s1, g_norm1_w, g_norm1_b] =
-      at::native_layer_norm_backward(g_h1, s1, {s.C}, mean1, rstd1, w[4], w[5], all);
-  const Tensor g_out_w = g_s1.t().mm(a), g_out_b = g_s1.sum(0);
+  auto [g_s1, g_norm1_w, g_norm1_b, g_out_b] =
+      layer_norm_rows_backward(g_h1, s1, mean1, rstd1, w[4]);
+  const Tensor g_out_w = g_s1.t().mm(a);
   const Tensor g_a = g_s1.mm(w[2]);
   Tensor g_qkv = at::empty({s.B * s.n, 3 * s.C}, x.options());
   if (x.numel() > 0) {
@@ -171,7 +172,7 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
       });
     });
   }
-  const Tensor g_in_w = g_qkv.t().mm(x), g_in_b = g_qkv.sum(0);
+  const Tensor g_in_w = g_qkv.t().mm(x), g_in_b = column_sums(g_qkv);
   const Tensor g_x = g_s1.addmm_(g_qkv, w[0]).view({s.B, s.n, s.C});  // g_s1 is read no more
   return {g_x,       g_in_w,    g_in_b,   g_out_w,  g_out_b,   g_norm1_w, g_norm1_b,
           g_lin1_w,  g_lin1_b,  g_lin2_w, g_lin2_b, g_norm2_w, g_norm2_b};
@@ -180,7 +181,8 @@ std::vector<Tensor> set_transformer_layer_backward_cpu(const Tensor& grad_out, c
 // One block of the authors' set VAE: out = x + BatchNorm(relu(layer(x))), the batch norm over
 // the B n points (module BatchNorm1d with affine weights and running statistics: in training,
 // batch statistics, and running_mean and running_var updated in place with `momentum`; in eval,
-// the running statistics). The batch norm and its backward are ATen's, as the module calls them.
+// the running statistics). The batch norm and its backward are point_batch_norm.h's in
+// training, ATen's in eval, as the module calls them.
 // Outputs: out (B, n, C), then what the backward reads: r = relu(layer(x)) (B n, C), the batch
 // norm's save_mean and save_invstd (C,), and the layer's 11 intermediates.
 std::vector<Tensor> set_block_cpu(const Tensor& x, at::TensorList weights, int64_t heads,
