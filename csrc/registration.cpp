@@ -69,17 +69,12 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "authors_kl_total_autograd(Tensor mu, Tensor log_var, Tensor rec, Tensor rep, Tensor val, "
       "float kl_weight, float repulsion_weight, float valency_weight) -> (Tensor, Tensor)");
-  // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
-  // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
-  // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and
-  // bias, linear2 weight (C, F) and bias, norm2 weight and bias. Returns the output (B, n, C)
-  // and the 11 intermediates the backward takes as `saved`; the backward returns the gradients
-  // of x and of the 12 weights.
   // The per-point loops of the native layers (csrc/cpu/point_rows.h), as ops for their tests:
   // the layer norm over the C channels of x (M, C) -> (out, mean (M, 1), rstd (M, 1)) and its
   // backward -> (grad_x, grad_weight, grad_bias, grad_x's column sums); the batch norm over the
   // M points in training -> (out, save_mean, save_invstd), running statistics updated in place,
-  // and its backward -> (grad_x, grad_weight, grad_bias).
+  // and its backward -> (grad_x, grad_weight, grad_bias); ReLU's backward on grad (M, F) given
+  // the ReLU's output u -> (the masked gradient, its column sums); the column sums of x.
   m.def("point_layer_norm(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor[]");
   m.def(
       "point_layer_norm_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "
@@ -90,6 +85,14 @@ TORCH_LIBRARY_FRAGMENT(topn_kernels, m) {
   m.def(
       "point_batch_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor save_mean, "
       "Tensor save_invstd) -> Tensor[]");
+  m.def("point_relu_backward_sum(Tensor grad, Tensor u) -> Tensor[]");
+  m.def("point_column_sums(Tensor x) -> Tensor");
+  // One transformer encoder layer (post-norm, ReLU, no dropout) on B equal-size sets
+  // (csrc/cpu/set_transformer.cpp): x (B, n, C); weights in_proj_weight (3C, C), in_proj_bias,
+  // out_proj_weight (C, C), out_proj_bias, norm1 weight and bias, linear1 weight (F, C) and
+  // bias, linear2 weight (C, F) and bias, norm2 weight and bias. Returns the output (B, n, C)
+  // and the 11 intermediates the backward takes as `saved`; the backward returns the gradients
+  // of x and of the 12 weights.
   m.def("set_transformer_layer(Tensor x, Tensor[] weights, int heads, float eps) -> Tensor[]");
   m.def(
       "set_transformer_layer_backward(Tensor grad_out, Tensor x, Tensor[] weights, int heads, "

@@ -1,8 +1,9 @@
 """The per-point loops of the native layers (csrc/cpu/point_rows.h): the transformer layer's
-layer norm and the blocks' and stems' batch norm, forward and backward, through their test ops
-``torch.ops.topn_kernels.point_layer_norm`` and ``point_batch_norm`` (and backwards): against
-ATen's formulas in float64, the same bits at any thread count and in both builds of the loops
-(portable and AVX2)."""
+layer norm, ReLU backward and bias sums, and the blocks' and stems' batch norm, forward and
+backward, through their test ops (``torch.ops.topn_kernels.point_layer_norm``,
+``point_batch_norm``, their backwards, ``point_relu_backward_sum``, ``point_column_sums``):
+against ATen's formulas in float64, the same bits at any thread count and in both builds of the
+loops (portable and AVX2)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,35 @@ def _batch_norm_all(x, w, b, up):
     return [out, mean, invstd, *running, *OPS.point_batch_norm_backward(up, x, w, mean, invstd)]
 
 
+def _relu_inputs(M, C, dtype, seed=0):
+    """A ReLU's output u (M, C) with zeros, negative zeros and NaNs in every column, the tail
+    columns too, and an upstream gradient."""
+    x, _, _, up = _inputs(M, C, dtype, seed)
+    u = x.clamp_min(0)
+    u[::3] = 0.0
+    u[1::5] = -0.0
+    u[2::7] = float("nan")
+    return up, u
+
+
+def _relu_sums_all(up, u):
+    return [*OPS.point_relu_backward_sum(up, u), OPS.point_column_sums(up)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize(("M", "C"), SHAPES)
+def test_relu_backward_and_column_sums_match_aten(M, C, dtype):
+    """ReLU's backward (threshold_backward's rule: 0 where u <= 0, NaN u keeps the gradient)
+    with its column sums, and plain column sums."""
+    up, u = _relu_inputs(M, C, dtype)
+    masked, sums, column = _relu_sums_all(up, u)
+    want = torch.ops.aten.threshold_backward(up, u, 0)
+    assert torch.equal(masked, want)
+    for got, exact in ((sums, want.to(F64).sum(0)), (column, up.to(F64).sum(0))):
+        assert got.dtype == dtype and got.shape == (C,)
+        torch.testing.assert_close(got.to(F64), exact, **_tol(dtype, exact))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize(("M", "C"), SHAPES)
 def test_layer_norm_matches_aten_in_float64(M, C, dtype):
@@ -82,9 +112,32 @@ def test_batch_norm_matches_aten_in_float64(M, C, dtype):
         torch.testing.assert_close(a.to(F64), e.detach(), **_tol(dtype, e), msg=name)
 
 
-@pytest.mark.parametrize("norm", [_layer_norm_all, _batch_norm_all])
+def test_backwards_take_atens_saved_statistics():
+    """Either forward's saved statistics work with either backward (the native layers fall
+    back to ATen's for inputs the loops do not take)."""
+    x, w, b, up = _inputs(300, 67, F64)
+    _, mean, rstd = torch.native_layer_norm(x, [67], w, b, 1e-5)
+    want = torch.ops.aten.native_layer_norm_backward(up, x, [67], mean, rstd, w, b, [True] * 3)
+    got = OPS.point_layer_norm_backward(up, x, mean, rstd, w)
+    for a, e in zip(got, want, strict=False):
+        torch.testing.assert_close(a, e, **_tol(F64, e))
+    running = [torch.zeros(67, dtype=F64), torch.ones(67, dtype=F64)]
+    _, mean, invstd = torch.native_batch_norm(x, w, b, *running, True, 0.1, 1e-5)
+    want = torch.ops.aten.native_batch_norm_backward(
+        up, x, w, *running, mean, invstd, True, 1e-5, [True] * 3
+    )
+    got = OPS.point_batch_norm_backward(up, x, w, mean, invstd)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, **_tol(F64, e))
+
+
+def _relu_sums_of(x, w, b, up):
+    return _relu_sums_all(*_relu_inputs(*x.shape, x.dtype))
+
+
+@pytest.mark.parametrize("norm", [_layer_norm_all, _batch_norm_all, _relu_sums_of])
 def test_results_do_not_depend_on_the_thread_count(norm):
-    inputs = _inputs(1000, 64, torch.float32)
+    inputs = _inputs(1000, 67, torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -109,9 +162,18 @@ def test_inputs_the_loops_cannot_take_are_refused():
         OPS.point_batch_norm(x[:1], w, b, torch.zeros(16), torch.ones(16), 0.1, 1e-5)
 
 
+def _has_avx2_and_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.skipif(not _has_avx2_and_fma(), reason="one build only: no AVX2 and FMA here")
 def test_every_cpu_build_gives_the_same_bits(tmp_path):
-    """The portable build (TOPN_KERNELS_PORTABLE=1) against this CPU's, in a fresh interpreter:
-    every sum in the same order, so the same bits."""
+    """The portable build (TOPN_KERNELS_PORTABLE=1) against the AVX2 one, in a fresh
+    interpreter: every sum in the same order, so the same bits."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -121,6 +183,7 @@ def test_every_cpu_build_gives_the_same_bits(tmp_path):
         for M, C in t.SHAPES:
             for dtype in (torch.float32, torch.float64):
                 out += t._layer_norm_all(*t._inputs(M, C, dtype))
+                out += t._relu_sums_all(*t._relu_inputs(M, C, dtype))
                 if M >= 2:
                     out += t._batch_norm_all(*t._inputs(M, C, dtype))
         torch.save(out, sys.argv[1])

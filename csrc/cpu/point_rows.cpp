@@ -316,6 +316,14 @@ std::vector<Tensor> point_batch_norm_backward_op(const Tensor& g, const Tensor& 
   return {gx, gw, gb};
 }
 
+std::vector<Tensor> point_relu_backward_sum_op(const Tensor& grad, const Tensor& u) {
+  Tensor masked = grad.contiguous().clone();
+  Tensor sums = mask_by_positive_sum_(masked, u.contiguous());
+  return {masked, sums};
+}
+
+Tensor point_column_sums_op(const Tensor& x) { return column_sums(x.contiguous()); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
@@ -323,6 +331,8 @@ TORCH_LIBRARY_IMPL(topn_kernels, CPU, m) {
   m.impl("point_layer_norm_backward", &point_layer_norm_backward_op);
   m.impl("point_batch_norm", &point_batch_norm_op);
   m.impl("point_batch_norm_backward", &point_batch_norm_backward_op);
+  m.impl("point_relu_backward_sum", &point_relu_backward_sum_op);
+  m.impl("point_column_sums", &point_column_sums_op);
 }
 
 }  // namespace topn_kernels
