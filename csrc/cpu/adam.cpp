@@ -136,13 +136,7 @@ struct AdamState : torch::CustomClassHolder {
       grads[i] = params[i].grad().const_data_ptr<float>();
       sizes[i] = params[i].numel();
     }
-    std::vector<double> sums(count, 0.0);
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) sums[i] = sum_of_squares(grads[i], sizes[i]);
-    });
-    double total = 0.0;
-    for (const double s : sums) total += s;
-    const Tensor norm = at::scalar_tensor(std::sqrt(total), params[0].options());
+    const Tensor norm = at::scalar_tensor(norm_of_all(grads, sizes), params[0].options());
     const Tensor scale = at::clamp(at::div(at::add(norm, 1e-6), max_norm), 1.0, std::nullopt);
     update(lr, beta1, beta2, weight_decay, eps, maximize, scale);
     return true;

@@ -56,28 +56,42 @@ int64_t chunk_grain(int64_t C) {
   return std::max<int64_t>(1, kElementsPerTask / (kChunkRows * std::max<int64_t>(1, C)));
 }
 
-// Column j of `part` (chunks, k C) summed over the chunks in order, for j < k C.
-std::vector<double> chunk_totals(const std::vector<double>& part, int64_t chunks, int64_t k,
-                                 int64_t C) {
+int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, C));
+}
+
+// The chunks' sums of `kernel` (kernel(begin, end, part, scratch) writes k C sums a chunk),
+// column j summed over the chunks in order, for j < k C.
+template <typename T, typename Kernel>
+std::vector<double> chunk_sums(int64_t M, int64_t C, int64_t k, const Kernel& kernel) {
+  const int64_t chunks = chunks_of(M);
+  std::vector<double> part(chunks * k * C);
+  at::parallel_for(0, chunks, chunk_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(k * C);
+    kernel(begin, end, part.data(), scratch.data());
+  });
   std::vector<double> total(k * C, 0.0);
   for (int64_t c = 0; c < chunks; ++c)
     for (int64_t j = 0; j < k * C; ++j) total[j] += part[c * k * C + j];
   return total;
 }
 
-// chunk_totals as k (C,) tensors of type T.
+// Entries [t C, t C + C) of `total` as a (C,) tensor of type T.
 template <typename T>
-std::vector<Tensor> add_chunks(const std::vector<double>& part, int64_t chunks, int64_t k,
-                               int64_t C, const at::TensorOptions& options) {
-  const std::vector<double> total = chunk_totals(part, chunks, k, C);
-  std::vector<Tensor> out;
-  for (int64_t t = 0; t < k; ++t) {
-    Tensor s = at::empty({C}, options);
-    T* sp = s.mutable_data_ptr<T>();
-    for (int64_t j = 0; j < C; ++j) sp[j] = static_cast<T>(total[t * C + j]);
-    out.push_back(s);
+Tensor column_tensor(const std::vector<double>& total, int64_t t, int64_t C,
+                     const at::TensorOptions& options) {
+  Tensor s = at::empty({C}, options);
+  T* sp = s.mutable_data_ptr<T>();
+  for (int64_t j = 0; j < C; ++j) sp[j] = static_cast<T>(total[t * C + j]);
+  return s;
+}
+
+void check_per_channel(std::initializer_list<const Tensor*> tensors, const Tensor& x,
+                       const char* op) {
+  for (const Tensor* t : tensors) {
+    check_like(*t, x, {x.size(1)}, op, "a per-channel tensor");
+    TORCH_CHECK(t->is_contiguous(), op, ": per-channel tensors must be contiguous");
   }
-  return out;
 }
 
 }  // namespace
@@ -97,10 +111,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_rows(const Tensor& x, const Tensor
     const T *xp = x.const_data_ptr<T>(), *wp = wc.const_data_ptr<T>(), *bp = bc.const_data_ptr<T>();
     T *op = out.mutable_data_ptr<T>(), *mp = mean.mutable_data_ptr<T>(),
       *rp = rstd.mutable_data_ptr<T>();
-    at::parallel_for(0, M, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, C)),
-                     [&](int64_t begin, int64_t end) {
-                       kernels.layer_norm(xp, wp, bp, eps, C, begin, end, op, mp, rp);
-                     });
+    at::parallel_for(0, M, row_grain(C), [&](int64_t begin, int64_t end) {
+      kernels.layer_norm(xp, wp, bp, eps, C, begin, end, op, mp, rp);
+    });
   });
   return {out, mean, rstd};
 }
@@ -118,25 +131,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_rows_backward(const Tensor
   check_like(w, x, {C}, "layer_norm_rows_backward", "w");
   const Tensor gc = g.contiguous(), mc = mean.contiguous(), rc = rstd.contiguous(),
                wc = w.contiguous();
-  Tensor gx = at::empty_like(x);
-  std::vector<Tensor> sums;
+  Tensor gx = at::empty_like(x), grad_w, grad_b, gx_sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "layer_norm_rows_backward", [&] {
     using T = scalar_t;
     const auto kernels = point_rows_kernels<T>();
-    const int64_t chunks = chunks_of(M);
-    std::vector<double> part(chunks * 3 * C);
     const T *gp = gc.const_data_ptr<T>(), *xp = x.const_data_ptr<T>(),
             *mp = mc.const_data_ptr<T>(), *rp = rc.const_data_ptr<T>(),
             *wp = wc.const_data_ptr<T>();
     T* gxp = gx.mutable_data_ptr<T>();
-    at::parallel_for(0, chunks, chunk_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(3 * C);
-      kernels.layer_norm_backward(gp, xp, mp, rp, wp, M, C, begin, end, gxp, part.data(),
-                                  scratch.data());
+    const std::vector<double> total = chunk_sums<T>(M, C, 3, [&](int64_t s, int64_t e, double* p, T* t) {
+      kernels.layer_norm_backward(gp, xp, mp, rp, wp, M, C, s, e, gxp, p, t);
     });
-    sums = add_chunks<T>(part, chunks, 3, C, x.options());
+    grad_w = column_tensor<T>(total, 0, C, x.options());
+    grad_b = column_tensor<T>(total, 1, C, x.options());
+    gx_sums = column_tensor<T>(total, 2, C, x.options());
   });
-  return {gx, sums[0], sums[1], sums[2]};
+  return {gx, grad_w, grad_b, gx_sums};
 }
 
 Tensor mask_by_positive_sum_(Tensor& g, const Tensor& u) {
@@ -144,69 +154,35 @@ Tensor mask_by_positive_sum_(Tensor& g, const Tensor& u) {
   const int64_t M = g.size(0), C = g.size(1);
   check_like(u, g, {M, C}, "mask_by_positive_sum_", "u");
   TORCH_CHECK(u.is_contiguous(), "mask_by_positive_sum_: u must be contiguous");
-  std::vector<Tensor> sums;
+  Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mask_by_positive_sum_", [&] {
     using T = scalar_t;
     const auto kernels = point_rows_kernels<T>();
-    const int64_t chunks = chunks_of(M);
-    std::vector<double> part(chunks * C);
     T* gp = g.mutable_data_ptr<T>();
     const T* up = u.const_data_ptr<T>();
-    at::parallel_for(0, chunks, chunk_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(C);
-      kernels.mask_sum(gp, up, M, C, begin, end, part.data(), scratch.data());
+    const std::vector<double> total = chunk_sums<T>(M, C, 1, [&](int64_t s, int64_t e, double* p, T* t) {
+      kernels.mask_sum(gp, up, M, C, s, e, p, t);
     });
-    sums = add_chunks<T>(part, chunks, 1, C, g.options());
+    sums = column_tensor<T>(total, 0, C, g.options());
   });
-  return sums[0];
+  return sums;
 }
 
 Tensor column_sums(const Tensor& x) {
   check_rows(x, "column_sums");
   const int64_t M = x.size(0), C = x.size(1);
-  std::vector<Tensor> sums;
+  Tensor sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "column_sums", [&] {
     using T = scalar_t;
     const auto kernels = point_rows_kernels<T>();
-    const int64_t chunks = chunks_of(M);
-    std::vector<double> part(chunks * C);
     const T* xp = x.const_data_ptr<T>();
-    at::parallel_for(0, chunks, chunk_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(C);
-      kernels.column_sum(xp, M, C, begin, end, part.data(), scratch.data());
+    const std::vector<double> total = chunk_sums<T>(M, C, 1, [&](int64_t s, int64_t e, double* p, T* t) {
+      kernels.column_sum(xp, M, C, s, e, p, t);
     });
-    sums = add_chunks<T>(part, chunks, 1, C, x.options());
+    sums = column_tensor<T>(total, 0, C, x.options());
   });
-  return sums[0];
+  return sums;
 }
-
-namespace {
-
-// The chunks' sums of `kernel` (k C a chunk), added up in order.
-template <typename T, typename Kernel>
-std::vector<double> chunk_sums(int64_t M, int64_t C, int64_t k, const Kernel& kernel) {
-  const int64_t chunks = chunks_of(M);
-  std::vector<double> part(chunks * k * C);
-  at::parallel_for(0, chunks, chunk_grain(C), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(k * C);
-    kernel(begin, end, part.data(), scratch.data());
-  });
-  return chunk_totals(part, chunks, k, C);
-}
-
-void check_per_channel(std::initializer_list<const Tensor*> tensors, const Tensor& x,
-                       const char* op) {
-  for (const Tensor* t : tensors) {
-    check_like(*t, x, {x.size(1)}, op, "a per-channel tensor");
-    TORCH_CHECK(t->is_contiguous(), op, ": per-channel tensors must be contiguous");
-  }
-}
-
-int64_t row_grain(int64_t C) {
-  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, C));
-}
-
-}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_rows(const Tensor& x, const Tensor& w,
                                                    const Tensor& b, Tensor& running_mean,

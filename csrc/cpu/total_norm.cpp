@@ -6,10 +6,8 @@
 // on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "sum_of_squares.h"
@@ -31,17 +29,17 @@ Tensor total_norm_cpu(at::TensorList tensors) {
                 "total_norm: tensors must be strided CPU tensors of one dtype");
     dense.push_back(t.contiguous());
   }
-  const int64_t count = static_cast<int64_t>(dense.size());
-  std::vector<double> sums(count, 0.0);
+  double norm = 0.0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "total_norm", [&] {
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        sums[i] = sum_of_squares(dense[i].const_data_ptr<scalar_t>(), dense[i].numel());
-    });
+    std::vector<const scalar_t*> data;
+    std::vector<int64_t> sizes;
+    for (const Tensor& t : dense) {
+      data.push_back(t.const_data_ptr<scalar_t>());
+      sizes.push_back(t.numel());
+    }
+    norm = norm_of_all(data, sizes);
   });
-  double total = 0.0;
-  for (const double s : sums) total += s;
-  return at::scalar_tensor(std::sqrt(total), tensors[0].options());
+  return at::scalar_tensor(norm, tensors[0].options());
 }
 
 }  // namespace
